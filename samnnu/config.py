@@ -1,0 +1,79 @@
+"""The one place where samnnu reads environment variables.
+
+nnU-Net finds its three folders through ``nnUNet_raw``, ``nnUNet_preprocessed`` and
+``nnUNet_results``. samnnu never crashes because they are unset: :func:`setup_environment` fills in
+defaults under a data root (``--data-root`` on the command line, else ``SAMNNU_DATA_ROOT``, else
+``~/samnnu_data``) and says so once. It also points ``nnUNet_extTrainer`` at samnnu's trainers so
+that nnU-Net's own ``nnUNetv2_predict`` can find them again by name, and picks worker counts that
+suit the machine. Call it before importing anything from nnunetv2 (``nnunetv2.configuration``
+reads ``nnUNet_def_n_proc`` at import time).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+_announced = False
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: Path
+    preprocessed: Path
+    results: Path
+
+
+def trainers_folder() -> Path:
+    """Folder holding samnnu's trainer modules (the installed ``samnnu.trainers`` package)."""
+    import samnnu.trainers
+
+    return Path(samnnu.trainers.__file__).resolve().parent
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("SAMNNU_DATA_ROOT", str(Path.home() / "samnnu_data"))).expanduser()
+
+
+def setup_environment(data_root: str | os.PathLike | None = None, quiet: bool = False) -> Paths:
+    """Make nnU-Net's folders and settings usable; return the three folders.
+
+    Args:
+        data_root: when given, the three folders are put under it, overriding the environment.
+            Otherwise variables that are already set are kept and only missing ones get defaults.
+        quiet: do not print which defaults were chosen.
+    """
+    global _announced
+    root = Path(data_root).expanduser().resolve() if data_root is not None else default_data_root()
+    chosen = []
+    for name in _FOLDERS:
+        if data_root is not None or not os.environ.get(name):
+            os.environ[name] = str(root / name)
+            chosen.append(name)
+    for name in _FOLDERS:
+        Path(os.environ[name]).mkdir(parents=True, exist_ok=True)
+    if chosen and data_root is None and not quiet and not _announced:
+        print(f"samnnu: {', '.join(chosen)} not set; using folders under {root}", file=sys.stderr)
+        _announced = True
+
+    trainers = str(trainers_folder())
+    ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if trainers not in ext:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join(ext + [trainers])
+
+    cpus = os.cpu_count() or 1
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(cpus, 8))))
+    # nnU-Net's augmentation workers: on a small CPU-only machine, worker processes only compete
+    # with the network for the same cores.
+    os.environ.setdefault("nnUNet_n_proc_DA", "0" if cpus <= 4 else str(min(cpus - 2, 12)))
+    return current_paths()
+
+
+def current_paths() -> Paths:
+    return Paths(*(Path(os.environ[name]) for name in _FOLDERS))
+
+
+def num_processes() -> int:
+    return int(os.environ.get("nnUNet_def_n_proc", "1"))
