@@ -1,0 +1,104 @@
+"""``samnnu_convert``: write an nnU-Net v2 raw dataset from source data.
+
+    samnnu_convert hippocampus SRC -d ID [--overwrite] [--data-root DIR]
+    samnnu_convert folder IMAGES LABELS -d ID -n NAME --labels background=0,liver=1
+                   [--channels MRI] [--overwrite] [--data-root DIR]
+
+Each subcommand parses its arguments and calls one API function
+(:func:`~samnnu.dataset_conversion.hippocampus.convert_hippocampus`,
+:func:`~samnnu.dataset_conversion.folder.convert_folder`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from samnnu.errors import SamnnuError
+
+PROG = "samnnu_convert"
+
+
+def parse_labels(text: str) -> dict[str, int]:
+    """``"background=0,liver=1"`` -> ``{"background": 0, "liver": 1}``; SamnnuError if malformed."""
+    labels: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().lstrip("-").isdigit():
+            raise SamnnuError(f"--labels {text!r}: expected name=integer pairs, e.g. background=0,liver=1")
+        if name.strip() in labels:
+            raise SamnnuError(f"--labels {text!r}: label {name.strip()!r} given twice")
+        labels[name.strip()] = int(value)
+    return labels
+
+
+def parse_channels(text: str | None) -> list[str] | None:
+    """``"T1,T2"`` -> ``["T1", "T2"]``; None stays None (the converter picks defaults)."""
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Write an nnU-Net v2 raw dataset (DatasetNNN_Name).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    hippo = sub.add_parser("hippocampus", help="MSD Task04 hippocampus (images/+labels/ or imagesTr/+labelsTr/)")
+    hippo.add_argument("src", help="source folder")
+    hippo.add_argument("-d", "--dataset-id", type=int, default=4, help="dataset ID (default 4)")
+
+    folder = sub.add_parser("folder", help="any images/labels folder pair (NIfTI, NRRD, PNG, JPEG, TIFF)")
+    folder.add_argument("images", help="folder of images")
+    folder.add_argument("labels_dir", metavar="LABELS", help="folder of label files with matching names")
+    folder.add_argument("-d", "--dataset-id", type=int, required=True, help="dataset ID (1..999)")
+    folder.add_argument("-n", "--name", required=True, help="dataset name, e.g. Liver")
+    folder.add_argument("--labels", required=True, help="labels map, e.g. background=0,liver=1")
+    folder.add_argument("--channels", default=None, help="channel names, comma separated, e.g. T1,T2")
+
+    for p in (hippo, folder):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+        p.add_argument("--data-root", default=None, help="folder holding nnUNet_raw etc. (overrides env)")
+    return parser
+
+
+def run(args: argparse.Namespace):
+    """Call the converter that ``args.command`` names; return its ConversionResult."""
+    from samnnu.config import setup_environment
+
+    raw_root = setup_environment(args.data_root).raw
+    if args.command == "hippocampus":
+        from samnnu.dataset_conversion.hippocampus import convert_hippocampus
+
+        return convert_hippocampus(args.src, args.dataset_id, raw_root=raw_root, overwrite=args.overwrite)
+    from samnnu.dataset_conversion.folder import convert_folder
+
+    return convert_folder(
+        args.images,
+        args.labels_dir,
+        args.dataset_id,
+        args.name,
+        parse_labels(args.labels),
+        channel_names=parse_channels(args.channels),
+        raw_root=raw_root,
+        overwrite=args.overwrite,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``samnnu_convert``; returns the exit status (0 ok, 1 user error, 2 usage)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        result = run(args)
+    except SamnnuError as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    for line in result.summary_lines():
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
