@@ -8,6 +8,7 @@ setup(
     packages=[
         "samnnu",
         "samnnu.networks",
+        "samnnu.demo_data",
         "samnnu.plans",
         "samnnu.trainers",
         "samnnu.dataset_conversion",
@@ -18,7 +19,8 @@ setup(
         "samnnu.trainers": "trainers",
         "samnnu.dataset_conversion": "dataset_conversion",
     },
-    package_data={"samnnu": ["demo_data/*", "demo_data/*/*"]},
+    package_data={"samnnu.demo_data": ["hippocampus/README.md", "hippocampus/images/*.nii.gz",
+                                         "hippocampus/labels/*.nii.gz"]},
     install_requires=[
         "torch",
         "nnunetv2>=2.8.1,<2.9",

@@ -65,9 +65,9 @@ def setup_environment(data_root: str | os.PathLike | None = None, quiet: bool = 
 
     cpus = os.cpu_count() or 1
     os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(cpus, 8))))
-    # nnU-Net's augmentation workers: on a small CPU-only machine, worker processes only compete
-    # with the network for the same cores.
-    os.environ.setdefault("nnUNet_n_proc_DA", "0" if cpus <= 4 else str(min(cpus - 2, 12)))
+    # nnU-Net's augmentation workers: on a small machine they compete with the network for the same
+    # cores, so keep them few (nnU-Net needs at least one).
+    os.environ.setdefault("nnUNet_n_proc_DA", str(max(1, min(cpus // 2, 12))))
     return current_paths()
 
 

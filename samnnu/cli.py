@@ -1,0 +1,160 @@
+"""Command-line entry points: each parses its arguments and calls one API function.
+
+A :class:`~samnnu.errors.SamnnuError` (bad input, missing files, unknown names) is printed as one
+line, ``<command>: error: <message>``, and the command exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from samnnu.errors import SamnnuError
+
+
+def _run(prog: str, fn: Callable[[], object]) -> int:
+    try:
+        fn()
+    except SamnnuError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _data_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding nnUNet_raw, nnUNet_preprocessed and nnUNet_results (overrides the "
+                             "nnUNet_* environment variables; default: those variables, else ~/samnnu_data)")
+
+
+def _setup(args) -> None:
+    from samnnu.config import setup_environment
+
+    setup_environment(args.data_root)
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    from samnnu.dataset_conversion.cli import main
+
+    return main(argv)
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    from samnnu.evaluation import main
+
+    return main(argv)
+
+
+def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_plan_and_preprocess",
+                                description="Fingerprint a converted dataset, plan SAM configurations from it and "
+                                            "preprocess the data.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (DatasetNNN_Name)")
+    p.add_argument("-c", "--configurations", nargs="+", default=["2d"], help="configurations to preprocess")
+    p.add_argument("--encoder", default="litemedsam", help="SAM encoder (see samnnu.encoders.ENCODERS)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device the plans are made for (default: cuda if visible, else cpu)")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory budget for training (default: the GPU's memory, or half the RAM up to 16 GB)")
+    p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's dataset checks first")
+    p.add_argument("-np", type=int, default=None, help="worker processes")
+    p.add_argument("--nnunet-baseline-plans", action="store_true",
+                   help="also plan and preprocess with nnU-Net's own planner (nnUNetPlans) for baselines")
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.planning import plan_and_preprocess
+
+        plan_and_preprocess(args.dataset, configurations=tuple(args.configurations), encoder=args.encoder,
+                            device_type=args.device, device_memory_gb=args.device_memory_gb,
+                            verify_dataset_integrity=args.verify_dataset_integrity, processes=args.np,
+                            nnunet_baseline_plans=args.nnunet_baseline_plans)
+
+    return _run(p.prog, go)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_train", description="Train one fold, then validate, postprocess, "
+                                                                  "evaluate and write the fold report.")
+    p.add_argument("dataset", help="dataset ID or name")
+    p.add_argument("fold", help="fold 0-4, or 'all'")
+    p.add_argument("-tr", "--trainer", default="SAMedLoRATrainer", help="trainer class name")
+    p.add_argument("-c", "--configuration", default="2d", help="configuration from the plans")
+    p.add_argument("-p", "--plans", default=None, help="plans name (default samnnuPlans; nnUNetPlans for "
+                                                        "nnU-Net's own trainers)")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="training iterations per epoch")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from the fold's last checkpoint")
+    p.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring in validation/prediction")
+    p.add_argument("--no-chain", action="store_true", help="train only: skip validation, evaluation and report")
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.training import train
+
+        result = train(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
+                       plans=args.plans, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+                       device=args.device, continue_training=args.continue_training,
+                       mirroring=not args.no_mirroring, run_chain=not args.no_chain)
+        if "dice" in result:
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items())
+            print(f"validation Dice: {dice}\nreport: {result['report']}")
+
+    return _run(p.prog, go)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_predict", description="Segment a folder of volumes with a trained "
+                                                                    "model (folds are ensembled).")
+    p.add_argument("-i", "--input", required=True, help="folder of images (CASE.nii.gz or CASE_0000.nii.gz ...)")
+    p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input folder)")
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default: 0)")
+    p.add_argument("-tr", "--trainer", default="SAMedLoRATrainer")
+    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-p", "--plans", default=None)
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
+    p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.prediction import predict
+
+        written = predict(args.input, args.output, args.dataset, folds=tuple(args.folds), trainer=args.trainer,
+                          configuration=args.configuration, plans=args.plans, device=args.device,
+                          checkpoint=args.checkpoint, mirroring=not args.disable_tta,
+                          postprocess=not args.no_postprocessing)
+        print(f"wrote {len(written)} segmentations to {args.output}")
+
+    return _run(p.prog, go)
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_demo", description="The whole chain on the hippocampus cases shipped "
+                                                                 "with samnnu: convert, plan, preprocess, train, "
+                                                                 "predict, evaluate, report.")
+    p.add_argument("--output", default=None, help="work folder (default: ./samnnu_demo_output)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: a few minutes' worth)")
+    p.add_argument("--encoder", default="litemedsam")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+
+    def go():
+        from samnnu.demo import run_demo
+
+        run_demo(args.output, iterations=args.iterations, encoder=args.encoder, device=args.device)
+
+    return _run(p.prog, go)

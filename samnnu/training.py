@@ -1,0 +1,141 @@
+"""Train one fold, then run the fixed chain: validation -> postprocessing -> evaluation -> report."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+
+from samnnu.config import current_paths, num_processes, setup_environment
+from samnnu.datasets import dataset_name, load_json_file
+from samnnu.errors import SamnnuError
+
+# samnnu's trainers by their stable names (they are written into checkpoints and folder names)
+SAMNNU_TRAINERS = {
+    "SAMedLoRATrainer": "samnnu.trainers.samed_lora",
+}
+DEFAULT_TRAINER = "SAMedLoRATrainer"
+DEFAULT_CONFIGURATION = "2d"
+RUN_SETTINGS = "samnnu_training.json"
+
+
+def get_trainer_class(name: str):
+    """A samnnu trainer, or any trainer nnU-Net itself can find, by class name."""
+    if name in SAMNNU_TRAINERS:
+        return getattr(importlib.import_module(SAMNNU_TRAINERS[name]), name)
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError):
+        raise SamnnuError(f"unknown trainer '{name}'; samnnu trainers: {', '.join(SAMNNU_TRAINERS)} "
+                          f"(or any nnU-Net trainer such as nnUNetTrainer)") from None
+
+
+def pick_device(device: str | None):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda", "mps"):
+        raise SamnnuError(f"unknown device '{device}' (use cpu, cuda or mps)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SamnnuError("--device cuda was asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def _resume(trainer, fold_dir: Path) -> bool:
+    """Load the newest checkpoint of an interrupted run; True when training had already finished."""
+    for fname in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        if (fold_dir / fname).is_file():
+            trainer.load_checkpoint(str(fold_dir / fname))
+            print(f"samnnu: resuming from {fold_dir / fname} (epoch {trainer.current_epoch})")
+            return fname == "checkpoint_final.pth"
+    print(f"samnnu: no checkpoint in {fold_dir}; starting a new training")
+    return False
+
+
+def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER,
+          configuration: str = DEFAULT_CONFIGURATION, plans: str | None = None, epochs: int | None = None,
+          iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
+          mirroring: bool = True, run_chain: bool = True) -> dict:
+    """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
+
+    Args:
+        plans: plans name; default ``samnnuPlans`` for samnnu trainers, ``nnUNetPlans`` otherwise.
+        epochs, iters_per_epoch: training budget; validation iterations per epoch are a fifth of the
+            training ones. With ``continue_training`` they default to the interrupted run's.
+        mirroring: test-time mirroring in validation (stored in the checkpoint for prediction too).
+    Returns a dict with the fold folder, wall times and the evaluation summary.
+    """
+    setup_environment()
+    import torch
+
+    from samnnu.plans.samnnu_planner import PLANS_NAME
+
+    name = dataset_name(dataset)
+    plans_name = plans or (PLANS_NAME if trainer in SAMNNU_TRAINERS else "nnUNetPlans")
+    pre = current_paths().preprocessed / name
+    plans_dict = load_json_file(pre / f"{plans_name}.json", f"plans file (run samnnu_plan_and_preprocess -d {dataset})")
+    dataset_json = load_json_file(pre / "dataset.json", "dataset.json of the preprocessed dataset")
+    if configuration not in plans_dict["configurations"]:
+        raise SamnnuError(f"{pre / (plans_name + '.json')}: no configuration '{configuration}' "
+                          f"(available: {', '.join(plans_dict['configurations'])})")
+    trainer_class = get_trainer_class(trainer)
+    fold = fold if fold == "all" else int(fold)
+    dev = pick_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    plans_dict["continue_training"] = continue_training  # nnunetv2 2.8 passes this flag inside the plans
+    t = trainer_class(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                      device=dev)
+    fold_dir = Path(t.output_folder)
+    settings_file = fold_dir / RUN_SETTINGS
+    previous = json.loads(settings_file.read_text()) if continue_training and settings_file.is_file() else {}
+    epochs = epochs or previous.get("epochs")
+    iters_per_epoch = iters_per_epoch or previous.get("iters_per_epoch")
+    if epochs:
+        t.num_epochs = int(epochs)
+    if iters_per_epoch:
+        t.num_iterations_per_epoch = int(iters_per_epoch)
+        t.num_val_iterations_per_epoch = max(1, int(iters_per_epoch) // 5)
+    t.save_every = 1
+    _atomic_write_json(settings_file, {"epochs": t.num_epochs, "iters_per_epoch": t.num_iterations_per_epoch,
+                                       "trainer": trainer, "plans": plans_name, "configuration": configuration,
+                                       "device": str(dev), "mirroring": mirroring})
+
+    finished = _resume(t, fold_dir) if continue_training else False
+    start = time.time()
+    if not finished:
+        if not mirroring:
+            _disable_mirroring(t)
+        t.run_training()
+    train_seconds = time.time() - start
+    result = {"fold_dir": str(fold_dir), "train_seconds": train_seconds, "trainer": trainer, "plans": plans_name,
+              "configuration": configuration, "fold": fold, "device": str(dev)}
+    if run_chain:
+        from samnnu.chain import run_fold_chain
+
+        result.update(run_fold_chain(t, train_seconds=train_seconds))
+    return result
+
+
+def _disable_mirroring(trainer) -> None:
+    """Keep nnU-Net's mirroring augmentation in training but switch test-time mirroring off."""
+    original = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+
+    def configure():
+        out = original()
+        trainer.inference_allowed_mirroring_axes = None
+        return out
+
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = configure
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
