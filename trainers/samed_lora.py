@@ -22,6 +22,22 @@ from samnnu.networks.common import count_parameters
 from samnnu.networks.samed import SAMedNet
 
 
+def load_sam_pretrained(trainer: nnUNetTrainer) -> None:
+    """Load the SAM encoder's pretrained weights into ``trainer.network`` (after initialize, training only).
+
+    The checkpoint is the plans' ``sam.sam_checkpoint`` (the user's file, for ``vit_*``/``mobilesam``);
+    encoders without pretrained weights (``tiny``) keep their initialisation.
+    """
+    net = trainer.network
+    checkpoint = trainer.configuration_manager.configuration["sam"].get("sam_checkpoint")
+    if trainer.load_pretrained_weights and get_encoder_spec(net.encoder_name).pretrained is not None:
+        net.load_pretrained(checkpoint=checkpoint)
+        trainer.print_to_log_file(f"Loaded pretrained {net.encoder_name} weights"
+                                  + (f" from {checkpoint}" if checkpoint else ""))
+    trainer.print_to_log_file(f"Parameters: {count_parameters(net)} total, "
+                              f"{count_parameters(net, trainable_only=True)} trainable")
+
+
 class WarmupPolyLR:
     """Linear warm-up over the first ``warmup`` iterations, then lr * (1 - t)^0.9 (t: fraction of the rest)."""
 
@@ -92,12 +108,7 @@ class SAMedLoRATrainer(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
-        net = self.network
-        if self.load_pretrained_weights and get_encoder_spec(net.encoder_name).pretrained is not None:
-            net.load_pretrained()
-            self.print_to_log_file(f"Loaded pretrained {net.encoder_name} weights")
-        self.print_to_log_file(f"Parameters: {count_parameters(net)} total, "
-                               f"{count_parameters(net, trainable_only=True)} trainable")
+        load_sam_pretrained(self)
 
     def _set_batch_size_and_oversample(self):
         self.batch_size = int(self.configuration_manager.configuration["sam"]["batch_size"])

@@ -41,10 +41,13 @@ class SAMedNet(nn.Module):
         for name, p in self.mask_decoder.named_parameters():
             p.requires_grad = not name.startswith("iou_prediction_head")
 
-    def load_pretrained(self) -> dict[str, list[str]]:
-        """Load the encoder's pretrained SAM weights (training start only); LoRA stays at its init."""
+    def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
+        """Load the encoder's pretrained SAM weights (training start only); LoRA stays at its init.
+
+        checkpoint: the user's SAM checkpoint file (``vit_*``, ``mobilesam``); None for bundled weights.
+        """
         parts = SAMParts(self.image_encoder, self.prompt_encoder, self.mask_decoder, self.input_size, 0, 0)
-        left = load_pretrained(self.encoder_name, parts)
+        left = load_pretrained(self.encoder_name, parts, checkpoint=checkpoint)
         not_lora = [k for k in left["image_encoder"] if not is_lora_parameter(k)]
         if not_lora or left["prompt_encoder"] or left["mask_decoder"]:
             raise RuntimeError(f"pretrained weights left modules uninitialised: {not_lora[:3]} "

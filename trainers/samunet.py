@@ -1,0 +1,30 @@
+"""SAMUNetTrainer: frozen SAM encoder + full-resolution conv branch + fusion decoder (SAM-UNet's idea).
+
+Recipe of :class:`~samnnu.trainers.samed_lora.SAMedLoRATrainer` (AdamW on the trainable parameters,
+warm-up + poly, no deep supervision, batch size from the ``sam`` block) with an equal CE/Dice loss,
+since most of the network (conv branch, decoder) trains from scratch.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from samnnu.networks.samunet import SAMUNet
+from samnnu.trainers.samed_lora import SAMedLoRATrainer
+
+
+class SAMUNetTrainer(SAMedLoRATrainer):
+    """SAM-UNet: the SAM encoder frozen; a ResNet-like conv branch and a multi-scale decoder trained."""
+
+    base_width = 32
+    max_width = 256
+    loss_weights = (1.0, 1.0)  # (cross-entropy, Dice)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = False) -> torch.nn.Module:
+        sam = configuration_manager.configuration["sam"]
+        return SAMUNet(encoder=sam["encoder"], input_size=sam["input_size"], in_channels=num_input_channels,
+                       num_classes=num_output_channels, intensity_windows=sam["intensity_windows"],
+                       base_width=cls.base_width, max_width=cls.max_width)
