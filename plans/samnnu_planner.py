@@ -1,30 +1,42 @@
-"""samnnu's experiment planner: nnU-Net's plans plus, per 2D configuration, a ``sam`` block.
+"""samnnu's experiment planner: nnU-Net's plans plus a ``sam`` block per configuration.
 
-nnU-Net's own rules choose target spacing, transpose, patch size and normalisation (so that
-nnU-Net's ``nnUNetTrainer`` can still train on the same plans as a baseline). On top, for each 2D
-configuration the planner decides, from the dataset and the device:
+nnU-Net's own rules choose target spacing, transpose, patch size and normalisation (so nnU-Net's
+``nnUNetTrainer`` can still train on the same plans as a baseline). On top, for each configuration
+the planner decides, from the dataset fingerprint and the device (every rule is a small pure
+function below, documented with worked examples in docs/plans.md):
 
-- ``input_size``: the SAM encoder's square input. The patch is scaled so its longer side fills the
-  input; the input is the patch's longer side rounded up to the encoder's size divisor, at least
-  ``MIN_INPUT_SIZE`` and at most the encoder's native size (never a fixed 1024 or 256).
+- ``input_size`` (:func:`plan_input_size`): the SAM encoder's square input for one (2D) slice. The
+  patch is scaled so its longer side fills it. It is the longer side rounded up to the encoder's
+  size divisor, at least ``MIN_INPUT_SIZE`` and at most the encoder's native size: small
+  structures are not upsampled beyond that (upsampling costs the square of the factor and has not
+  been shown to help), large patches are downsampled to the native size.
+- on a CPU, when even a batch of ``MIN_BATCH_SIZE`` would exceed ``CPU_GFLOP_PER_ITERATION``, the
+  input is reduced step by step (:func:`fit_input_to_cpu`) so that training stays feasible.
 - ``intensity_windows``: per channel, the 0.5th-99.5th percentile of intensities *after* nnU-Net's
-  normalisation, pooled over up to ``WINDOW_CASES`` training cases. The network clips each channel to
-  its window and scales it to [0, 1], the range SAM encoders were trained on, so every case looks
-  alike to the encoder whatever its raw intensity scale.
-- ``batch_size``: the largest batch whose estimated training memory fits the device memory target;
-  on a CPU also at most ``CPU_GFLOP_PER_ITERATION`` of encoder work per iteration; then nnU-Net's
-  bounds (at most 5 % of the dataset's voxels per batch, at least 2).
+  normalisation (CT: clip to foreground percentiles and z-score with dataset statistics; other
+  modalities: per-image z-score), pooled over up to ``WINDOW_CASES`` training cases. The network
+  clips each channel to its window and scales it to [0, 1], the range SAM encoders were trained on,
+  so every case looks alike to the encoder whatever its raw intensity scale.
+- ``batch_size`` (:func:`plan_batch_size`): the largest batch whose estimated training memory fits
+  the device memory target; on a CPU also at most ``CPU_GFLOP_PER_ITERATION`` of encoder work per
+  iteration; then nnU-Net's bounds (at most 5 % of the dataset's voxels per batch, at least 2).
+  For 3D patches one sample is ``depth`` slices.
+- the encoder: ``litemedsam`` unless the user names one; with ``--sam-checkpoint`` the ViT/MobileSAM
+  variant is read from the checkpoint itself (:func:`encoder_for_checkpoint`).
+- the recommended configuration, 2D or 3D (:func:`recommend_configuration`).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Tuple, Union
+from pathlib import Path
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
-from samnnu.encoders import EncoderSpec, get_encoder_spec
+from samnnu.encoders import ENCODERS, EncoderSpec, checkpoint_variant, get_encoder_spec, read_checkpoint
+from samnnu.errors import SamnnuError
 
 PLANS_NAME = "samnnuPlans"
 MIN_INPUT_SIZE = 64
@@ -32,52 +44,117 @@ WINDOW_CASES = 16
 WINDOW_PERCENTILES = (0.5, 99.5)
 CPU_GFLOP_PER_ITERATION = 150.0
 MIN_BATCH_SIZE = 2
+MAX_DATASET_FRACTION = 0.05
+# 2D/3D recommendation thresholds (see recommend_configuration)
+ANISOTROPY_FOR_2D = 3.0
+MIN_SLICES_FOR_3D = 16
+MIN_CASES_FOR_3D = 20
 
 
-def plan_input_size(patch_size: Tuple[int, ...], spec: EncoderSpec) -> int:
-    """Square encoder input for a 2D patch: longer side rounded up to the divisor, within bounds."""
+def plan_input_size(patch_size: Sequence[int], spec: EncoderSpec) -> int:
+    """Square encoder input for a 2D patch (in-plane axes): longer side rounded up to the divisor, within bounds."""
     side = max(patch_size)
     size = int(math.ceil(side / spec.size_divisor) * spec.size_divisor)
     lowest = int(math.ceil(MIN_INPUT_SIZE / spec.size_divisor) * spec.size_divisor)
     return int(min(max(size, lowest), spec.native_size))
 
 
-def estimate_training_memory_gb(spec: EncoderSpec, input_size: int, batch_size: int) -> float:
-    """Training memory (weights, optimiser state, activations) from the encoder's measured coefficients."""
-    per_sample = spec.memory_per_sample_gb_at_native * (input_size / spec.native_size) ** 2
-    return spec.memory_fixed_gb + batch_size * per_sample
+def estimate_training_memory_gb(spec: EncoderSpec, input_size: int, batch_size: int, slices: int = 1) -> float:
+    """Training memory (weights, optimiser state, activations) from the encoder's coefficients.
+
+    ``slices``: 2D images per sample (the depth of a 3D patch run slice by slice through the encoder).
+    """
+    per_image = spec.memory_per_sample_gb_at_native * (input_size / spec.native_size) ** 2
+    return spec.memory_fixed_gb + batch_size * slices * per_image
 
 
-def training_gflop_per_sample(spec: EncoderSpec, input_size: int) -> float:
+def training_gflop_per_sample(spec: EncoderSpec, input_size: int, slices: int = 1) -> float:
     """Forward + backward encoder work for one sample (backward taken as twice the forward)."""
-    return 3.0 * spec.gflop_at_native * (input_size / spec.native_size) ** 2
+    return 3.0 * slices * spec.gflop_at_native * (input_size / spec.native_size) ** 2
 
 
-def plan_batch_size(spec: EncoderSpec, input_size: int, patch_size: Tuple[int, ...], n_voxels_dataset: float,
-                    device_type: str, memory_gb: float) -> Tuple[int, dict]:
+def fit_input_to_cpu(spec: EncoderSpec, input_size: int, slices: int = 1) -> int:
+    """On a CPU, shrink the input until a minimum batch stays within the per-iteration work budget."""
+    lowest = int(math.ceil(MIN_INPUT_SIZE / spec.size_divisor) * spec.size_divisor)
+    while (input_size > lowest
+           and MIN_BATCH_SIZE * training_gflop_per_sample(spec, input_size, slices) > CPU_GFLOP_PER_ITERATION):
+        input_size -= spec.size_divisor
+    return input_size
+
+
+def plan_batch_size(spec: EncoderSpec, input_size: int, patch_size: Sequence[int], n_voxels_dataset: float,
+                    device_type: str, memory_gb: float, slices: int = 1) -> Tuple[int, dict]:
     """Batch size and the numbers behind it (see the module docstring for the rule)."""
-    per_sample = estimate_training_memory_gb(spec, input_size, 1) - spec.memory_fixed_gb
+    per_sample = estimate_training_memory_gb(spec, input_size, 1, slices) - spec.memory_fixed_gb
     by_memory = int((memory_gb - spec.memory_fixed_gb) // per_sample)
-    by_dataset = int(round(n_voxels_dataset * 0.05 / float(np.prod(patch_size, dtype=np.float64))))
+    by_dataset = int(round(n_voxels_dataset * MAX_DATASET_FRACTION / float(np.prod(patch_size, dtype=np.float64))))
     limits = {"memory": by_memory, "dataset_5_percent": by_dataset}
     if device_type == "cpu":
-        limits["cpu_compute"] = int(CPU_GFLOP_PER_ITERATION // training_gflop_per_sample(spec, input_size))
+        limits["cpu_compute"] = int(CPU_GFLOP_PER_ITERATION // training_gflop_per_sample(spec, input_size, slices))
     batch = max(MIN_BATCH_SIZE, min(limits.values()))
     binding = min(limits, key=limits.get) if min(limits.values()) >= MIN_BATCH_SIZE else "minimum"
     return batch, {"limits": limits, "binding": binding}
 
 
+def recommend_configuration(spacing: Sequence[float], median_shape: Sequence[float], n_cases: int,
+                            has_3d: bool) -> Tuple[str, str]:
+    """2D or 3D SAM adaptation, from the target spacing and median shape (transposed: axis 0 = slices).
+
+    Rule, first match wins:
+    1. 2D data -> ``2d``.
+    2. slice thickness > ANISOTROPY_FOR_2D x the in-plane spacing -> ``2d`` (thick slices: little
+       through-plane context, and 2D matches SAM's pretraining).
+    3. fewer than MIN_SLICES_FOR_3D slices in the median volume -> ``2d`` (too thin a stack).
+    4. fewer than MIN_CASES_FOR_3D training cases -> ``2d`` (few volumes give many more 2D samples).
+    5. otherwise -> ``3d_fullres`` (isotropic-enough volumes with enough slices and cases).
+    Cross-validation of both, where both are trained, confirms or overturns it.
+    """
+    if not has_3d:
+        return "2d", "the data are 2D"
+    anisotropy = float(spacing[0]) / float(max(spacing[1:]))
+    if anisotropy > ANISOTROPY_FOR_2D:
+        return "2d", (f"slices are {anisotropy:.1f}x thicker than the in-plane spacing "
+                      f"(> {ANISOTROPY_FOR_2D}): little through-plane context")
+    if median_shape[0] < MIN_SLICES_FOR_3D:
+        return "2d", f"only {int(median_shape[0])} slices in the median volume (< {MIN_SLICES_FOR_3D})"
+    if n_cases < MIN_CASES_FOR_3D:
+        return "2d", f"only {n_cases} training cases (< {MIN_CASES_FOR_3D}): 2D slices give more samples"
+    return "3d_fullres", (f"near-isotropic ({anisotropy:.1f}x), {int(median_shape[0])} slices, {n_cases} cases: "
+                          f"3D context is available and there are enough volumes")
+
+
+def encoder_for_checkpoint(path: Union[str, Path]) -> str:
+    """Which registered encoder a user's SAM checkpoint belongs to (one-line SamnnuError if none)."""
+    state = read_checkpoint(path)
+    encoder_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+    found = checkpoint_variant(encoder_state)
+    for name, spec in ENCODERS.items():
+        if spec.pretrained == "user" and spec.signature and all(found.get(k) == v for k, v in spec.signature.items()):
+            return name
+    raise SamnnuError(f"{path}: image encoder ({found or 'unknown layout'}) matches no registered SAM variant "
+                      f"({', '.join(n for n, s in ENCODERS.items() if s.pretrained == 'user')})")
+
+
 class SAMnnUPlanner(ExperimentPlanner):
-    """nnU-Net's ExperimentPlanner with samnnu's plans name and a ``sam`` block per 2D configuration."""
+    """nnU-Net's ExperimentPlanner with samnnu's plans name and a ``sam`` block per configuration."""
 
     def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = PLANS_NAME,
                  overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
-                 suppress_transpose: bool = False, *, encoder: str = "litemedsam", device_type: str = "cpu",
-                 device_memory_gb: float = 8.0):
+                 suppress_transpose: bool = False, *, encoder: str | None = None, sam_checkpoint: str | None = None,
+                 device_type: str = "cpu", device_memory_gb: float = 8.0):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
-        self.encoder_spec = get_encoder_spec(encoder)
+        if sam_checkpoint is not None:
+            found = encoder_for_checkpoint(sam_checkpoint)
+            if encoder is not None and encoder != found:
+                raise SamnnuError(f"{sam_checkpoint}: checkpoint is a '{found}' encoder, not '{encoder}'")
+            encoder = found
+            sam_checkpoint = str(Path(sam_checkpoint).resolve())
+        self.encoder_spec = get_encoder_spec(encoder or "litemedsam")
+        if self.encoder_spec.pretrained == "user" and sam_checkpoint is None:
+            raise SamnnuError(f"encoder '{self.encoder_spec.name}' needs its weights: pass --sam-checkpoint PATH")
+        self.sam_checkpoint = sam_checkpoint
         self.device_type = device_type
         self.device_memory_gb = round(float(device_memory_gb), 1)
         self._windows = None
@@ -87,7 +164,7 @@ class SAMnnUPlanner(ExperimentPlanner):
         if self._windows is not None:
             return self._windows
         reader = self.determine_reader_writer()()
-        schemes, use_mask = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        _, use_mask = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
         channel_names = self.dataset_json.get("channel_names", self.dataset_json.get("modality"))
         props = self.dataset_fingerprint["foreground_intensity_properties_per_channel"]
         keys = sorted(self.dataset)
@@ -99,52 +176,68 @@ class SAMnnUPlanner(ExperimentPlanner):
                 scheme = get_normalization_scheme(name)(use_mask_for_norm=use_mask[c],
                                                         intensityproperties=props[str(c)])
                 image = data[c].astype(np.float32, copy=True)
-                seg = np.where(image != 0, 0, -1).astype(np.int8)[None] if use_mask[c] else None
-                normed = scheme.run(image, seg[0] if seg is not None else None)
-                values = normed[image != 0] if use_mask[c] else normed.ravel()
+                inside = image != 0
+                normed = scheme.run(image.copy(), np.where(inside, 0, -1) if use_mask[c] else None)
+                values = normed[inside] if use_mask[c] else normed.ravel()
                 # a fixed-size, evenly spaced subsample keeps every case's weight equal
                 idx = np.linspace(0, values.size - 1, min(values.size, 20000)).astype(int)
                 pooled[c].append(np.sort(values)[idx])
-        self._windows = [[round(float(np.percentile(np.concatenate(v), WINDOW_PERCENTILES[0])), 4),
-                          round(float(np.percentile(np.concatenate(v), WINDOW_PERCENTILES[1])), 4)]
-                         for v in pooled]
+        self._windows = []
+        for values in pooled:
+            v = np.concatenate(values)
+            lo, hi = (round(float(np.percentile(v, q)), 4) for q in WINDOW_PERCENTILES)
+            self._windows.append([lo, hi if hi > lo else lo + 1.0])
         return self._windows
 
-    def plan_sam(self, patch_size, approximate_n_voxels_dataset: float) -> dict:
+    def plan_sam(self, patch_size: Sequence[int], approximate_n_voxels_dataset: float) -> dict:
+        """The ``sam`` block for one configuration (2D patch, or 3D patch run slice by slice)."""
         spec = self.encoder_spec
-        input_size = plan_input_size(tuple(patch_size), spec)
-        batch, why = plan_batch_size(spec, input_size, tuple(patch_size), approximate_n_voxels_dataset,
-                                     self.device_type, self.device_memory_gb)
-        return {
+        slices = int(patch_size[0]) if len(patch_size) == 3 else 1
+        in_plane = tuple(patch_size[-2:])
+        input_size = plan_input_size(in_plane, spec)
+        reduced_for_cpu = False
+        if self.device_type == "cpu":
+            fitted = fit_input_to_cpu(spec, input_size, slices)
+            reduced_for_cpu, input_size = fitted < input_size, fitted
+        batch, why = plan_batch_size(spec, input_size, patch_size, approximate_n_voxels_dataset,
+                                     self.device_type, self.device_memory_gb, slices)
+        block = {
             "encoder": spec.name,
             "input_size": input_size,
             "embedding_grid": input_size // spec.stride,
+            "slices_per_sample": slices,
             "intensity_windows": self.intensity_windows(),
             "batch_size": batch,
             "batch_size_limits": why["limits"],
             "batch_size_bound_by": why["binding"],
-            "estimated_training_memory_gb": round(estimate_training_memory_gb(spec, input_size, batch), 2),
+            "estimated_training_memory_gb": round(estimate_training_memory_gb(spec, input_size, batch, slices), 2),
+            "estimated_gflop_per_iteration": round(batch * training_gflop_per_sample(spec, input_size, slices), 1),
+            "input_reduced_for_cpu": reduced_for_cpu,
             "device_type": self.device_type,
             "device_memory_gb": self.device_memory_gb,
         }
+        if self.sam_checkpoint is not None:
+            block["sam_checkpoint"] = self.sam_checkpoint
+        return block
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
         plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
                                                    approximate_n_voxels_dataset, _cache)
-        if len(spacing) == 2:
-            plan["sam"] = self.plan_sam(plan["patch_size"], approximate_n_voxels_dataset)
+        plan["sam"] = self.plan_sam(plan["patch_size"], approximate_n_voxels_dataset)
         return plan
 
     def plan_experiment(self):
         plans = super().plan_experiment()
-        has_3d = "3d_fullres" in plans["configurations"]
-        plans["samnnu"] = {
-            "recommended_configuration": "2d",
-            "reason": ("3D SAM adaptation is not available yet; the 2D configuration applies SAM slice by slice"
-                       if has_3d else "the data are 2D"),
-            "encoder": self.encoder_spec.name,
-        }
+        fullres = plans["configurations"].get("3d_fullres")
+        n_cases = int(self.dataset_json["numTraining"])
+        if fullres is not None:
+            recommended, reason = recommend_configuration(fullres["spacing"], fullres["median_image_size_in_voxels"],
+                                                          n_cases, True)
+        else:
+            recommended, reason = recommend_configuration([1.0, 1.0], [1, 1], n_cases, False)
+        plans["samnnu"] = {"recommended_configuration": recommended, "reason": reason,
+                           "encoder": self.encoder_spec.name}
         self.plans = plans
         self.save_plans(plans)
         return plans

@@ -55,6 +55,9 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (DatasetNNN_Name)")
     p.add_argument("-c", "--configurations", nargs="+", default=["2d"], help="configurations to preprocess")
     p.add_argument("--encoder", default="litemedsam", help="SAM encoder (see samnnu.encoders.ENCODERS)")
+    p.add_argument("--sam-checkpoint", default=None,
+                   help="SAM checkpoint file for encoders whose weights are not bundled (vit_b, vit_l, vit_h, "
+                        "mobilesam); written into the plans, loaded when training starts")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device the plans are made for (default: cuda if visible, else cpu)")
     p.add_argument("--device-memory-gb", type=float, default=None,
@@ -71,9 +74,10 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
         from samnnu.planning import plan_and_preprocess
 
         plan_and_preprocess(args.dataset, configurations=tuple(args.configurations), encoder=args.encoder,
-                            device_type=args.device, device_memory_gb=args.device_memory_gb,
+                            sam_checkpoint=args.sam_checkpoint, device_type=args.device, device_memory_gb=args.device_memory_gb,
                             verify_dataset_integrity=args.verify_dataset_integrity, processes=args.np,
-                            nnunet_baseline_plans=args.nnunet_baseline_plans)
+                            nnunet_baseline_plans=args.nnunet_baseline_plans,
+                            sam_checkpoint=args.sam_checkpoint)
 
     return _run(p.prog, go)
 
@@ -94,6 +98,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                    help="resume from the fold's last checkpoint")
     p.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring in validation/prediction")
     p.add_argument("--no-chain", action="store_true", help="train only: skip validation, evaluation and report")
+    p.add_argument("--sam-checkpoint", default=None,
+                   help="SAM checkpoint file (vit_*, mobilesam); overrides the plans' sam_checkpoint")
     _data_root(p)
     args = p.parse_args(argv)
 
@@ -104,7 +110,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         result = train(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                        plans=args.plans, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                        device=args.device, continue_training=args.continue_training,
-                       mirroring=not args.no_mirroring, run_chain=not args.no_chain)
+                       mirroring=not args.no_mirroring, run_chain=not args.no_chain,
+                       sam_checkpoint=args.sam_checkpoint)
         if "dice" in result:
             dice = ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items())
             print(f"validation Dice: {dice}\nreport: {result['report']}")

@@ -23,13 +23,15 @@ def default_device() -> tuple[str, float]:
 
 
 def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] = ("2d",),
-                        encoder: str = "litemedsam", device_type: str | None = None,
+                        encoder: str | None = None, sam_checkpoint: str | None = None, device_type: str | None = None,
                         device_memory_gb: float | None = None, verify_dataset_integrity: bool = False,
-                        processes: int | None = None, nnunet_baseline_plans: bool = False) -> dict:
+                        processes: int | None = None, nnunet_baseline_plans: bool = False,
+                        sam_checkpoint: str | None = None) -> dict:
     """Extract nnU-Net's fingerprint, write samnnu's plans and preprocess the chosen configurations.
 
     With ``nnunet_baseline_plans`` nnU-Net's own planner also runs (plans ``nnUNetPlans``) and the
     same configurations are preprocessed for it, so plain nnU-Net can be trained side by side.
+    ``sam_checkpoint``: the user's SAM checkpoint (``vit_*``, ``mobilesam``), written into the ``sam`` block.
     Returns the samnnu plans.
     """
     setup_environment()
@@ -50,7 +52,8 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] =
 
     extract_fingerprint_dataset(ident, num_processes=np_, check_dataset_integrity=verify_dataset_integrity,
                                 clean=True, verbose=False)
-    planner = SAMnnUPlanner(ident, encoder=encoder, device_type=device_type, device_memory_gb=memory)
+    planner = SAMnnUPlanner(ident, encoder=encoder, device_type=device_type, device_memory_gb=memory,
+                            sam_checkpoint=sam_checkpoint)
     plans = planner.plan_experiment()
     for c in configurations:
         if c not in plans["configurations"]:
@@ -71,14 +74,17 @@ def summarize_plans(plans: dict) -> str:
         if "sam" not in c:
             continue
         sam = c["sam"]
+        per = f", {sam['slices_per_sample']} slices per sample" if sam.get("slices_per_sample", 1) > 1 else ""
+        reduced = " (reduced to keep CPU training feasible)" if sam.get("input_reduced_for_cpu") else ""
         lines += [
             f"  {cname}: spacing {c['spacing']}, patch {c['patch_size']}, normalisation {c['normalization_schemes']}",
-            f"      encoder {sam['encoder']} at input {sam['input_size']}x{sam['input_size']} "
-            f"(embedding grid {sam['embedding_grid']}x{sam['embedding_grid']})",
+            f"      encoder {sam['encoder']} at input {sam['input_size']}x{sam['input_size']}{reduced} "
+            f"(embedding grid {sam['embedding_grid']}x{sam['embedding_grid']}){per}",
             f"      intensity window(s) after normalisation {sam['intensity_windows']} -> [0, 1]",
             f"      batch size {sam['batch_size']} (bound by {sam['batch_size_bound_by']}; limits "
             f"{sam['batch_size_limits']}), estimated training memory {sam['estimated_training_memory_gb']} GB "
-            f"on {sam['device_type']} with {sam['device_memory_gb']:.1f} GB",
+            f"on {sam['device_type']} with {sam['device_memory_gb']:.1f} GB, "
+            f"{sam['estimated_gflop_per_iteration']} GFLOP per iteration",
         ]
     rec = plans.get("samnnu", {})
     if rec:

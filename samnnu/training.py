@@ -62,7 +62,7 @@ def _resume(trainer, fold_dir: Path) -> bool:
 def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER,
           configuration: str = DEFAULT_CONFIGURATION, plans: str | None = None, epochs: int | None = None,
           iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
-          mirroring: bool = True, run_chain: bool = True) -> dict:
+          mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None) -> dict:
     """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
 
     Args:
@@ -70,6 +70,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
         epochs, iters_per_epoch: training budget; validation iterations per epoch are a fifth of the
             training ones. With ``continue_training`` they default to the interrupted run's.
         mirroring: test-time mirroring in validation (stored in the checkpoint for prediction too).
+        sam_checkpoint: the user's SAM checkpoint (``vit_*``, ``mobilesam``); overrides the plans' one.
     Returns a dict with the fold folder, wall times and the evaluation summary.
     """
     setup_environment()
@@ -85,6 +86,13 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
     if configuration not in plans_dict["configurations"]:
         raise SamnnuError(f"{pre / (plans_name + '.json')}: no configuration '{configuration}' "
                           f"(available: {', '.join(plans_dict['configurations'])})")
+    if sam_checkpoint is not None:
+        if not Path(sam_checkpoint).is_file():
+            raise SamnnuError(f"{sam_checkpoint}: SAM checkpoint not found")
+        sam_block = plans_dict["configurations"][configuration].get("sam")
+        if sam_block is None:
+            raise SamnnuError(f"configuration '{configuration}' of {plans_name} has no sam block for --sam-checkpoint")
+        sam_block["sam_checkpoint"] = str(Path(sam_checkpoint).resolve())
     trainer_class = get_trainer_class(trainer)
     fold = fold if fold == "all" else int(fold)
     dev = pick_device(device)
