@@ -54,7 +54,8 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
                                             "preprocess the data.")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (DatasetNNN_Name)")
     p.add_argument("-c", "--configurations", nargs="+", default=["2d"], help="configurations to preprocess")
-    p.add_argument("--encoder", default="litemedsam", help="SAM encoder (see samnnu.encoders.ENCODERS)")
+    p.add_argument("--encoder", default=None, help="SAM encoder (see samnnu.encoders.ENCODERS; default "
+                                                    "litemedsam, or the variant of --sam-checkpoint)")
     p.add_argument("--sam-checkpoint", default=None,
                    help="SAM checkpoint file for encoders whose weights are not bundled (vit_b, vit_l, vit_h, "
                         "mobilesam); written into the plans, loaded when training starts")
@@ -74,10 +75,10 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
         from samnnu.planning import plan_and_preprocess
 
         plan_and_preprocess(args.dataset, configurations=tuple(args.configurations), encoder=args.encoder,
-                            sam_checkpoint=args.sam_checkpoint, device_type=args.device, device_memory_gb=args.device_memory_gb,
+                            sam_checkpoint=args.sam_checkpoint, device_type=args.device,
+                            device_memory_gb=args.device_memory_gb,
                             verify_dataset_integrity=args.verify_dataset_integrity, processes=args.np,
-                            nnunet_baseline_plans=args.nnunet_baseline_plans,
-                            sam_checkpoint=args.sam_checkpoint)
+                            nnunet_baseline_plans=args.nnunet_baseline_plans)
 
     return _run(p.prog, go)
 

@@ -23,10 +23,10 @@ def default_device() -> tuple[str, float]:
 
 
 def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] = ("2d",),
-                        encoder: str | None = None, sam_checkpoint: str | None = None, device_type: str | None = None,
+                        encoder: str | None = None, sam_checkpoint: str | None = None,
+                        device_type: str | None = None,
                         device_memory_gb: float | None = None, verify_dataset_integrity: bool = False,
-                        processes: int | None = None, nnunet_baseline_plans: bool = False,
-                        sam_checkpoint: str | None = None) -> dict:
+                        processes: int | None = None, nnunet_baseline_plans: bool = False) -> dict:
     """Extract nnU-Net's fingerprint, write samnnu's plans and preprocess the chosen configurations.
 
     With ``nnunet_baseline_plans`` nnU-Net's own planner also runs (plans ``nnUNetPlans``) and the
