@@ -1,0 +1,84 @@
+"""Shared fixtures: an isolated nnU-Net environment, and the shipped hippocampus demo data converted,
+planned (tiny encoder) and preprocessed once per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# nnunetv2.configuration reads nnUNet_def_n_proc once, when it is first imported (during collection,
+# before any fixture runs); its default of 8 spawned workers is far too many for this small shared
+# machine. A value the user already set is kept.
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+DEMO_SUBSET = 10  # of the 24 shipped cases: enough for a 5-fold split with 2 validation cases
+NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_n_proc_DA",
+              "SAMNNU_DATA_ROOT")
+
+
+def use_data_root(mp: pytest.MonkeyPatch, root: Path):
+    """Point samnnu and nnU-Net at folders under ``root`` for the lifetime of ``mp`` (restored on undo).
+
+    Also pins torch to one thread: samnnu's train/predict set torch's thread count to ``os.cpu_count()``,
+    and on a 2-core machine shared with another job two threads are over 10x slower than one.
+    """
+    from samnnu.config import setup_environment
+
+    for name in NNUNET_ENV:
+        mp.delenv(name, raising=False)  # records the old value; setup_environment then writes them
+    mp.setenv("nnUNet_n_proc_DA", "1")
+    mp.setattr(os, "cpu_count", lambda: 1)
+    return setup_environment(root, quiet=True)
+
+
+def demo_cases() -> list[str]:
+    """Case ids of the shipped demo data, sorted."""
+    from samnnu.demo_data import demo_dataset_path
+
+    return sorted(p.name[: -len(".nii.gz")] for p in (demo_dataset_path() / "images").glob("*.nii.gz"))
+
+
+def copy_demo_cases(dst: Path, cases: list[str]) -> Path:
+    """Copy demo cases into ``dst/images`` + ``dst/labels`` (the layout convert_hippocampus reads)."""
+    from samnnu.demo_data import demo_dataset_path
+
+    src = demo_dataset_path()
+    for sub in ("images", "labels"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            shutil.copy2(src / sub / f"{case}.nii.gz", dst / sub / f"{case}.nii.gz")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def demo_subset(tmp_path_factory) -> tuple[Path, list[str]]:
+    """(folder, case ids): the first DEMO_SUBSET demo cases in images/ + labels/."""
+    cases = demo_cases()[:DEMO_SUBSET]
+    return copy_demo_cases(tmp_path_factory.mktemp("demo_subset"), cases), cases
+
+
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory, demo_subset) -> Path:
+    """A data root holding Dataset004_Hippocampus converted from the demo subset, planned with the tiny
+    encoder for a CPU with 8 GB and preprocessed (2d). The environment is restored afterwards; tests
+    that use the root call :func:`use_data_root` themselves."""
+    from samnnu.dataset_conversion.hippocampus import convert_hippocampus
+    from samnnu.planning import plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("data_root")
+    src, cases = demo_subset
+    with pytest.MonkeyPatch.context() as mp:
+        paths = use_data_root(mp, root)
+        result = convert_hippocampus(src, 4, raw_root=paths.raw)
+        assert sorted(result.converted) == cases and not result.refused
+        plan_and_preprocess(4, encoder="tiny", configurations=("2d",), device_type="cpu", device_memory_gb=8)
+    return root
+
+
+@pytest.fixture
+def data_root(prepared_root, monkeypatch) -> Path:
+    """The prepared data root, made current for one test."""
+    use_data_root(monkeypatch, prepared_root)
+    return prepared_root
