@@ -237,6 +237,10 @@ class SAMnnUPlanner(ExperimentPlanner):
                                                           n_cases, True)
         else:
             recommended, reason = recommend_configuration([1.0, 1.0], [1, 1], n_cases, False)
+        from samnnu.training import SAMNNU_TRAINERS, TRAINERS_3D
+
+        if recommended == "3d_fullres" and not any(t in SAMNNU_TRAINERS for t in TRAINERS_3D):
+            reason += "; no 3D SAM trainer is available yet, so train 2d until one is"
         plans["samnnu"] = {"recommended_configuration": recommended, "reason": reason,
                            "encoder": self.encoder_spec.name}
         self.plans = plans

@@ -18,6 +18,8 @@ SAMNNU_TRAINERS = {
     "SAMUNetTrainer": "samnnu.trainers.samunet",
     "nnSAMTrainer": "samnnu.trainers.nnsam",
 }
+# trainers that train the 3d_fullres configuration with a SAM encoder
+TRAINERS_3D = ("SAM3DAdapterTrainer",)
 DEFAULT_TRAINER = "SAMedLoRATrainer"
 DEFAULT_CONFIGURATION = "2d"
 RUN_SETTINGS = "samnnu_training.json"
