@@ -59,8 +59,8 @@ def main(argv=None) -> int:
 
     spec = get_encoder_spec(args.encoder)
     rows = []
-    print(f"| input | batch | measured peak GB | planner estimate GB | estimate / measured |")
-    print(f"|---|---|---|---|---|")
+    print("| input | batch | measured peak GB | planner estimate GB | estimate / measured |")
+    print("|---|---|---|---|---|")
     for size in args.sizes:
         peaks = []
         for batch in args.batches:

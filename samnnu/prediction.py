@@ -68,8 +68,6 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     only once complete. Inputs are never modified.
     """
     setup_environment()
-    import torch
-
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -98,8 +96,6 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     cases = collect_cases(inp, ending, len(dataset_json["channel_names"]))
 
     dev = pick_device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=True)

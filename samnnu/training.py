@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from samnnu.config import current_paths, num_processes, setup_environment
+from samnnu.config import current_paths, setup_environment
 from samnnu.datasets import dataset_name, load_json_file
 from samnnu.errors import SamnnuError
 
@@ -76,12 +76,11 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
     Returns a dict with the fold folder, wall times and the evaluation summary.
     """
     setup_environment()
-    import torch
-
     from samnnu.plans.samnnu_planner import PLANS_NAME
 
     name = dataset_name(dataset)
     plans_name = plans or (PLANS_NAME if trainer in SAMNNU_TRAINERS else "nnUNetPlans")
+    trainer_class = get_trainer_class(trainer)
     pre = current_paths().preprocessed / name
     plans_dict = load_json_file(pre / f"{plans_name}.json", f"plans file (run samnnu_plan_and_preprocess -d {dataset})")
     dataset_json = load_json_file(pre / "dataset.json", "dataset.json of the preprocessed dataset")
@@ -95,11 +94,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
         if sam_block is None:
             raise SamnnuError(f"configuration '{configuration}' of {plans_name} has no sam block for --sam-checkpoint")
         sam_block["sam_checkpoint"] = str(Path(sam_checkpoint).resolve())
-    trainer_class = get_trainer_class(trainer)
     fold = fold if fold == "all" else int(fold)
     dev = pick_device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
 
     plans_dict["continue_training"] = continue_training  # nnunetv2 2.8 passes this flag inside the plans
     t = trainer_class(plans=plans_dict, configuration=configuration, fold=fold, dataset_json=dataset_json,
