@@ -43,6 +43,8 @@ setup(
             "samnnu_predict=samnnu.cli:predict_main",
             "samnnu_evaluate=samnnu.cli:evaluate_main",
             "samnnu_demo=samnnu.cli:demo_main",
+            "samnnu_report=samnnu.cli:report_main",
+            "samnnu_summarize=samnnu.cli:summarize_main",
         ]
     },
 )

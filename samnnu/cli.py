@@ -166,3 +166,45 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         run_demo(args.output, iterations=args.iterations, encoder=args.encoder, device=args.device)
 
     return _run(p.prog, go)
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_report", description="Rebuild a trained fold's report.html and "
+                                                                   "report.json from the files in its folder.")
+    p.add_argument("fold_dir", help="the fold's results folder, e.g. nnUNet_results/Dataset004_Hippocampus/"
+                                    "SAMedLoRATrainer__samnnuPlans__2d/fold_0")
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.report import render_fold_report
+
+        print(f"report: {render_fold_report(args.fold_dir)}")
+
+    return _run(p.prog, go)
+
+
+def summarize_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_summarize", description="Compare every trained model of a dataset "
+                                                                      "across its folds (samnnu and plain nnU-Net "
+                                                                      "models), pick the best one by cross-validation "
+                                                                      "and write summary.json and summary.html.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: nnUNet_results/DatasetXXX/summary)")
+    p.add_argument("--no-ensembles", action="store_true", help="compare single models only")
+    p.add_argument("-np", type=int, default=None, help="worker processes for evaluation")
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.summary import summarize
+
+        result = summarize(args.dataset, output_dir=args.output, ensembles=not args.no_ensembles,
+                           num_processes=args.np)
+        best = result["best"]
+        print(f"best: {best['name']} (mean foreground Dice {best['foreground_dice_mean']:.4f} over folds "
+              f"{' '.join(map(str, best['folds']))})\n{best['predict_command']}\nsummary: {result['html']}")
+
+    return _run(p.prog, go)
