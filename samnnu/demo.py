@@ -30,7 +30,7 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
     from samnnu.prediction import predict
     from samnnu.training import train
 
-    step = _steps(6)
+    step = _steps(5)
     step("converting the shipped hippocampus cases")
     conversion = convert_hippocampus(demo_dataset_path(), DEMO_DATASET_ID, raw_root=paths.raw, overwrite=True)
 
