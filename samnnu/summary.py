@@ -356,7 +356,7 @@ def _html(summary: Mapping[str, Any]) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>samnnu summary: {html.escape(summary['dataset'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>samnnu cross-validation summary: {html.escape(summary['dataset'])}</h1>",
-        f"<p>{len(summary['models'])} trained models in {html.escape(summary['results_folder'])}; "
+        f"<p>Trained models: {len(summary['models'])}, in {html.escape(summary['results_folder'])}; "
         f"created {html.escape(summary['created'])}.</p>",
         "<h2>Best model</h2>",
         f"<p><b>{html.escape(best['name'])}</b>: mean foreground Dice {_f(best['foreground_dice_mean'])} "

@@ -82,3 +82,22 @@ def data_root(prepared_root, monkeypatch) -> Path:
     """The prepared data root, made current for one test."""
     use_data_root(monkeypatch, prepared_root)
     return prepared_root
+
+
+TINY_MODEL = "SAMedLoRATrainer__samnnuPlans__2d"
+
+
+@pytest.fixture(scope="session")
+def trained_folds(prepared_root) -> Path:
+    """Folds 0 and 1 of the tiny SAMedLoRA model trained on the prepared root (1 epoch of 2 iterations,
+    chain run); the model folder. A fold that already has its evaluation.json (e.g. from
+    test_integration) is reused."""
+    from samnnu.training import train
+
+    model_dir = prepared_root / "nnUNet_results" / "Dataset004_Hippocampus" / TINY_MODEL
+    with pytest.MonkeyPatch.context() as mp:
+        use_data_root(mp, prepared_root)
+        for fold in (0, 1):
+            if not (model_dir / f"fold_{fold}" / "evaluation.json").is_file():
+                train(4, fold, epochs=1, iters_per_epoch=2, mirroring=False, device="cpu")
+    return model_dir

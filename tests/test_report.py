@@ -131,3 +131,53 @@ def test_report_with_one_epoch_and_missing_keys(fold):
     assert len(parser.images) == 11
     assert all(base64.b64decode(s.split(",", 1)[1])[:8] == PNG_SIGNATURE for s in parser.images)
     assert not [p for p in fold["fold_0"].iterdir() if p.name.endswith(".tmp")]
+
+
+def test_render_fold_report_from_disk(trained_folds, data_root, capsys):
+    """samnnu_report rebuilds a real fold's report from its files; every section, every image decodes."""
+    import torch
+
+    from samnnu.cli import report_main
+
+    fold_dir = trained_folds / "fold_0"
+    before = json.loads((fold_dir / "report.json").read_text())
+    (fold_dir / "report.html").unlink()
+    assert report_main([str(fold_dir)]) == 0
+    assert str(fold_dir / "report.html") in capsys.readouterr().out
+    report = json.loads((fold_dir / "report.json").read_text())
+    evaluation = json.loads((fold_dir / "evaluation.json").read_text())
+    logging = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    assert report["evaluation"]["mean"] == evaluation["mean"]
+    assert report["training"]["train_losses"] == pytest.approx(logging["train_losses"])
+    # the chain's plans summary (parameter counts) is kept; plans.json adds the labels
+    assert {k: report["plans_summary"][k] for k in before["plans_summary"]} == before["plans_summary"]
+    assert report["plans_summary"]["labels"] == {"background": 0, "Anterior": 1, "Posterior": 2}
+    assert report["extra"] == before["extra"]
+    assert report["images_dir"] == before["images_dir"]
+
+    text = (fold_dir / "report.html").read_text()
+    parser = ReportParser()
+    parser.feed(text)
+    assert parser.h2 == list(SECTIONS)
+    assert "SAMedLoRATrainer" in text and "tiny" in text
+    # loss, pseudo Dice, epoch time + per-case plots (at least Dice, IoU, surface Dice, volumes) + 3 overlays
+    assert len(parser.images) >= 3 + 5 + 3
+    from PIL import Image
+
+    for src in parser.images:
+        png = base64.b64decode(src.split(",", 1)[1], validate=True)
+        with Image.open(io.BytesIO(png)) as im:
+            im.load()
+            assert im.width >= 250 and im.height >= 150
+    # the overlays are drawn over the image (raw imagesTr found), not over the label map
+    assert "over the image" in text
+
+
+def test_render_fold_report_errors(tmp_path, capsys):
+    from samnnu.cli import report_main
+
+    assert report_main([str(tmp_path / "missing")]) == 1
+    assert "fold folder not found" in capsys.readouterr().err
+    assert report_main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evaluation.json: missing" in err
