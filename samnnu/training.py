@@ -17,6 +17,7 @@ SAMNNU_TRAINERS = {
     "SAMMed2DAdapterTrainer": "samnnu.trainers.sammed2d_adapter",
     "SAMUNetTrainer": "samnnu.trainers.samunet",
     "nnSAMTrainer": "samnnu.trainers.nnsam",
+    "SAM3DAdapterTrainer": "samnnu.trainers.sam3d_adapter",
 }
 # trainers that train the 3d_fullres configuration with a SAM encoder
 TRAINERS_3D = ("SAM3DAdapterTrainer",)

@@ -1,0 +1,147 @@
+"""SAM3DAdapterNet: a 2D SAM encoder made volumetric by 3D adapters, with a 3D convolutional decoder."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from samnnu.adapter3d import apply_adapters3d, is_adapter3d_parameter, norm_parameter_names, set_depth
+from samnnu.encoders import SAMParts, build_sam_parts, load_pretrained
+from samnnu.networks.common import IntensityToSAM, fit_square, freeze_batchnorm_stats, unfit_square
+
+
+class ConvBlock3d(nn.Module):
+    """3x3x3 convolution (in-plane stride ``stride``), instance norm, leaky ReLU: (B, C, D, H, W) -> (B, F, D, H', W')."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=(1, stride, stride), padding=1)
+        self.norm = nn.InstanceNorm3d(out_channels, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class FullResStem3d(nn.Module):
+    """A light 3D conv path on the square-fitted input: one stage per in-plane scale, each halving H, W.
+
+    x: (B, C, D, S, S) -> [(B, F_0, D, S, S), (B, F_1, D, S/2, S/2), ...]
+    """
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...]):
+        super().__init__()
+        self.stages = nn.ModuleList(ConvBlock3d(cin, cout, stride=1 if i == 0 else 2)
+                                    for i, (cin, cout) in enumerate(zip((in_channels,) + channels[:-1], channels)))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class Decoder3d(nn.Module):
+    """SAM embeddings on the token grid, upsampled in-plane x2 per stage with the stem's skips, to K logits.
+
+    embeddings: (B, E, D, g, g), skips from :class:`FullResStem3d` (finest first, the coarsest at 2g)
+    -> logits (B, K, D, S, S) with S = g * 2**len(skips).
+    """
+
+    def __init__(self, embed_dim: int, channels: tuple[int, ...], num_classes: int):
+        super().__init__()
+        top = 2 * channels[-1]
+        self.project = ConvBlock3d(embed_dim, top)
+        self.up = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        cin = top
+        for c in reversed(channels):
+            self.up.append(nn.ConvTranspose3d(cin, c, kernel_size=(1, 2, 2), stride=(1, 2, 2)))
+            self.fuse.append(ConvBlock3d(2 * c, c))
+            cin = c
+        self.head = nn.Conv3d(channels[0], num_classes, kernel_size=1)
+
+    def forward(self, embeddings: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = self.project(embeddings)
+        for up, fuse, skip in zip(self.up, self.fuse, reversed(skips)):
+            x = fuse(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+class SAM3DAdapterNet(nn.Module):
+    """A SAM encoder run slice by slice with volumetric adapters, and a 3D decoder with a full-resolution stem.
+
+    Each slice is mapped to SAM's intensity range and fitted into the encoder's square input; the encoder
+    (3D adapters at the start of every block, a learned depth embedding) turns the D slices of a patch into
+    embeddings (B, E, D, g, g); a 3D decoder upsamples them in-plane to the square input grid, fusing a
+    full-resolution 3D conv stem run on the fitted input; the square is undone per slice.
+
+    Trainable: the 3D adapters, the depth embedding, the encoder's normalisation affines, the channel mix,
+    the stem and the decoder. Frozen: the rest of the encoder (its BatchNorm statistics too).
+
+    x: (B, C, D, H, W) patch after nnU-Net normalisation -> logits (B, num_classes, D, H, W)
+    """
+
+    def __init__(self, *, encoder: str, input_size: int, in_channels: int, num_classes: int,
+                 intensity_windows: list[tuple[float, float]], depth: int, adapter_reduction: int = 4,
+                 stem_channels: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        parts = build_sam_parts(encoder, input_size=input_size, num_mask_tokens=1)
+        self.encoder_name = encoder
+        self.input_size = input_size
+        self.stride = parts.stride
+        self.embed_dim = parts.embed_dim
+        self.depth = depth
+        self.intensity = IntensityToSAM(in_channels, intensity_windows)
+        self.image_encoder = parts.image_encoder
+        self.num_adapted = apply_adapters3d(self.image_encoder, depth=depth, reduction=adapter_reduction)
+        levels = int(round(math.log2(parts.stride)))
+        channels = tuple(stem_channels[i] if i < len(stem_channels) else stem_channels[-1] for i in range(levels))
+        self.stem = FullResStem3d(in_channels, channels)
+        self.decoder = Decoder3d(parts.embed_dim, channels, num_classes)
+        self._norm_names = norm_parameter_names(self.image_encoder)
+        for name, p in self.image_encoder.named_parameters():
+            p.requires_grad = self.is_encoder_trainable(name)
+
+    def is_encoder_trainable(self, name: str) -> bool:
+        """Encoder parameters that train: the volumetric adaptation and the normalisation affines."""
+        return is_adapter3d_parameter(name) or name in self._norm_names
+
+    def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
+        """Load the encoder's pretrained SAM weights (training start only); the adapters keep their init."""
+        parts = SAMParts(self.image_encoder, None, None, self.input_size, self.stride, self.embed_dim)
+        left = load_pretrained(self.encoder_name, parts, checkpoint=checkpoint)
+        not_adapted = [k for k in left["image_encoder"] if not is_adapter3d_parameter(k)]
+        if not_adapted:
+            raise RuntimeError(f"pretrained weights left encoder weights uninitialised: {not_adapted[:3]}")
+        return left
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        freeze_batchnorm_stats(self.image_encoder)
+        return self
+
+    def fit_slices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(B, C, D, H, W) -> SAM input slices (B*D, 3, S, S), fitted raw volume (B, C, D, S, S), content (h, w)."""
+        b, c, d, h, w = x.shape
+        slices = x.transpose(1, 2).reshape(b * d, c, h, w)
+        sam_in, content = fit_square(self.intensity(slices), self.input_size)
+        raw, _ = fit_square(slices, self.input_size)
+        return sam_in, raw.view(b, d, c, self.input_size, self.input_size).transpose(1, 2), content
+
+    def encode(self, sam_in: torch.Tensor, depth: int) -> torch.Tensor:
+        """(B*D, 3, S, S) slices of volumes of ``depth`` slices -> embeddings (B, E, D, g, g)."""
+        set_depth(self.image_encoder, depth)
+        emb = self.image_encoder(sam_in)
+        return emb.view(-1, depth, *emb.shape[1:]).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d, h, w = x.shape
+        sam_in, raw, content = self.fit_slices(x)
+        logits = self.decoder(self.encode(sam_in, d), self.stem(raw))        # (B, K, D, S, S)
+        k = logits.shape[1]
+        logits = unfit_square(logits.reshape(b, k * d, self.input_size, self.input_size), content,
+                              self.input_size, (h, w))
+        return logits.reshape(b, k, d, h, w)
