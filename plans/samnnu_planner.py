@@ -23,7 +23,8 @@ function below, documented with worked examples in docs/plans.md):
   For 3D patches one sample is ``depth`` slices.
 - the encoder: ``litemedsam`` unless the user names one; with ``--sam-checkpoint`` the ViT/MobileSAM
   variant is read from the checkpoint itself (:func:`encoder_for_checkpoint`).
-- the recommended configuration, 2D or 3D (:func:`recommend_configuration`).
+- the recommended configuration, 2D or 3D (:func:`recommend_configuration`); 3D only when two 3D
+  samples fit the device memory.
 """
 from __future__ import annotations
 
@@ -212,6 +213,7 @@ class SAMnnUPlanner(ExperimentPlanner):
             "batch_size_limits": why["limits"],
             "batch_size_bound_by": why["binding"],
             "estimated_training_memory_gb": round(estimate_training_memory_gb(spec, input_size, batch, slices), 2),
+            "fits_device_memory": estimate_training_memory_gb(spec, input_size, batch, slices) <= self.device_memory_gb,
             "estimated_gflop_per_iteration": round(batch * training_gflop_per_sample(spec, input_size, slices), 1),
             "input_reduced_for_cpu": reduced_for_cpu,
             "device_type": self.device_type,
@@ -235,6 +237,11 @@ class SAMnnUPlanner(ExperimentPlanner):
         if fullres is not None:
             recommended, reason = recommend_configuration(fullres["spacing"], fullres["median_image_size_in_voxels"],
                                                           n_cases, True)
+            if recommended == "3d_fullres" and not fullres["sam"]["fits_device_memory"]:
+                recommended, reason = "2d", (f"the data favour 3D ({reason}), but even 2 samples of "
+                                             f"{fullres['sam']['slices_per_sample']} slices exceed the device memory "
+                                             f"({fullres['sam']['estimated_training_memory_gb']} > "
+                                             f"{self.device_memory_gb} GB)")
         else:
             recommended, reason = recommend_configuration([1.0, 1.0], [1, 1], n_cases, False)
         from samnnu.training import SAMNNU_TRAINERS, TRAINERS_3D

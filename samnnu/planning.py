@@ -86,6 +86,10 @@ def summarize_plans(plans: dict) -> str:
             f"on {sam['device_type']} with {sam['device_memory_gb']:.1f} GB, "
             f"{sam['estimated_gflop_per_iteration']} GFLOP per iteration",
         ]
+        if not sam.get("fits_device_memory", True):
+            lines.append(f"      WARNING: even the minimum batch is estimated to exceed the device memory "
+                         f"({sam['estimated_training_memory_gb']} > {sam['device_memory_gb']:.1f} GB): "
+                         f"expect to run out of memory with this configuration on this device")
     rec = plans.get("samnnu", {})
     if rec:
         lines.append(f"  recommended: {rec['recommended_configuration']} ({rec['reason']})")

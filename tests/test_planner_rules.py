@@ -105,9 +105,15 @@ def test_anisotropic_ct_plans_2d_reduced_input_on_cpu_and_ct_window(root):
 def test_large_isotropic_ct_recommends_3d_with_slices_per_sample(root):
     make_dataset(root, 12, "LargeCT", n_cases=50, channels={"0": "CT"}, spacing=(1.5, 1.5, 1.5),
                  shape=(300, 300, 300), props={"0": _props(-1000.0, 1000.0, 0.0, 300.0)})
-    plans = plan(12, device_type="cuda", device_memory_gb=80)
+    plans = plan(12, device_type="cuda", device_memory_gb=2000)
     assert plans["samnnu"]["recommended_configuration"] == "3d_fullres"
     full = plans["configurations"]["3d_fullres"]
+    assert full["sam"]["fits_device_memory"] is True
+    # the same data on an 80 GB GPU: 3D would not fit, so 2D is recommended, and the reason says why
+    small = plan(12, device_type="cuda", device_memory_gb=80)
+    assert small["configurations"]["3d_fullres"]["sam"]["fits_device_memory"] is False
+    assert small["samnnu"]["recommended_configuration"] == "2d"
+    assert "the data favour 3D" in small["samnnu"]["reason"] and "exceed the device memory" in small["samnnu"]["reason"]
     assert full["sam"]["slices_per_sample"] == full["patch_size"][0] > 1
     side = max(full["patch_size"][1:])
     assert full["sam"]["input_size"] == min(256, -(-side // 16) * 16)  # in-plane side rounded up, capped
@@ -150,6 +156,13 @@ def test_five_cases_recommend_2d_and_keep_minimum_batch(root):
     for c in plans["configurations"].values():
         if "sam" in c:
             assert c["sam"]["batch_size"] >= 2
+    # a 2D batch fits 8 GB; two 3D samples of many slices each do not, and the summary says so
+    from samnnu.planning import summarize_plans
+
+    assert plans["configurations"]["2d"]["sam"]["fits_device_memory"] is True
+    full = plans["configurations"]["3d_fullres"]["sam"]
+    assert full["fits_device_memory"] is False and full["estimated_training_memory_gb"] > 8.0
+    assert "WARNING: even the minimum batch" in summarize_plans(plans)
 
 
 def test_recommendation_rule_thresholds():
