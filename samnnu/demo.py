@@ -66,7 +66,7 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
     print(f"\nsamnnu demo finished in {minutes:.1f} min: {epochs * per_epoch} training iterations on "
           f"{len(conversion.converted) - len(val_cases)} cases, {len(val_cases)} held-out cases predicted.")
     print("Mean Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
-          + "  (a few minutes of CPU training; a full training reaches far higher)")
+          + "  (a short CPU training; more iterations and cases reach higher: docs/benchmarks.md)")
     print(f"Fold report: {result['report']}")
     return {"dice": dice, "report": result["report"], "minutes": minutes}
 
