@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", required=True)
+    p.add_argument("--models", nargs="+", default=[f"{t}:{pl}" for t, pl in MODELS],
+                   help="trainer:plans pairs (default: SAMedLoRATrainer and nnU-Net's nnUNetTrainer)")
     args = p.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "device": args.device, "dataset": args.dataset,
             "fold": args.fold, "epochs": args.epochs, "iters": args.iters, "iterations": args.epochs * args.iters,
             "command": " ".join([sys.executable] + sys.argv)}
-    for trainer, plans in MODELS:
+    for trainer, plans in (m.split(":") for m in args.models):
         if any(r["trainer"] == trainer and r["iterations"] == args.epochs * args.iters for r in done):
             continue
         print(f"running {trainer} ...", flush=True)
