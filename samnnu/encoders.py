@@ -438,13 +438,16 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def load_pretrained(name: str, parts: SAMParts, *, checkpoint: str | Path | None = None) -> dict[str, list[str]]:
+def load_pretrained(name: str, parts: SAMParts, *, checkpoint: str | Path | None = None,
+                    new_encoder_keys: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
     """Load an encoder's pretrained weights into ``parts`` in place (training start only).
 
     checkpoint: the user's file for encoders whose weights are not bundled (``vit_*``, ``mobilesam``);
         for ``litemedsam`` it overrides the bundled, verified file.
     Parts set to None (a network keeping only the image encoder) are skipped.
     Returns the keys of ``parts`` left at their initialisation, per module (e.g. adapter weights).
+    new_encoder_keys: when given, the only keys allowed to stay uninitialised are image-encoder keys for
+        which it is true (the adaptation's own parameters); anything else raises RuntimeError.
     Raises SamnnuError (one line, naming the file and the expected variant) when the encoder has no
     pretrained weights, the file is missing or unreadable, or it holds another architecture.
     """
@@ -476,4 +479,8 @@ def load_pretrained(name: str, parts: SAMParts, *, checkpoint: str | Path | None
             raise SamnnuError(f"{path}: unexpected {module_name} keys {result.unexpected_keys[:3]} for encoder "
                               f"'{name}'")
         left[module_name] = list(result.missing_keys)
+    if new_encoder_keys is not None:
+        stray = [k for m, keys in left.items() for k in keys if m != "image_encoder" or not new_encoder_keys(k)]
+        if stray:
+            raise RuntimeError(f"pretrained weights left modules uninitialised: {stray[:3]}")
     return left

@@ -154,7 +154,7 @@ def test_summarize_ensemble_wins(trained_folds, data_root, tmp_path):
         assert any(TINY_MODEL in n and "probabilities missing" in n for n in summary["notes"])
         command = summary["best"]["predict_command"]
         assert "nnUNetv2_ensemble -i OUTPUT_FOLDER_MODEL_1 OUTPUT_FOLDER_MODEL_2 -o OUTPUT_FOLDER" in command
-        assert f"-tr nnUNetTrainerA -c 2d -p nnUNetPlans --save_probabilities" in command
+        assert "-tr nnUNetTrainerA -c 2d -p nnUNetPlans --save_probabilities" in command
     finally:
         shutil.rmtree(a)
         shutil.rmtree(b)

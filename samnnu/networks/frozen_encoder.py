@@ -36,10 +36,7 @@ class FrozenSAMEncoder(nn.Module):
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         """Load the pretrained image encoder (training start only)."""
         parts = SAMParts(self.image_encoder, None, None, self.input_size, self.stride, self.embed_dim)
-        left = load_pretrained(self.encoder_name, parts, checkpoint=checkpoint)
-        if left["image_encoder"]:
-            raise RuntimeError(f"pretrained weights left encoder weights uninitialised: {left['image_encoder'][:3]}")
-        return left
+        return load_pretrained(self.encoder_name, parts, checkpoint=checkpoint, new_encoder_keys=lambda key: False)
 
     def train(self, mode: bool = True):
         super().train(mode)

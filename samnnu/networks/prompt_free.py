@@ -55,12 +55,8 @@ class PromptFreeSAMNet(nn.Module):
         checkpoint: the user's SAM checkpoint file (``vit_*``, ``mobilesam``); None for bundled weights.
         """
         parts = SAMParts(self.image_encoder, self.prompt_encoder, self.mask_decoder, self.input_size, 0, 0)
-        left = load_pretrained(self.encoder_name, parts, checkpoint=checkpoint)
-        not_adapted = [k for k in left["image_encoder"] if not self.is_encoder_trainable(k)]
-        if not_adapted or left["prompt_encoder"] or left["mask_decoder"]:
-            raise RuntimeError(f"pretrained weights left modules uninitialised: {not_adapted[:3]} "
-                               f"{left['prompt_encoder'][:3]} {left['mask_decoder'][:3]}")
-        return left
+        return load_pretrained(self.encoder_name, parts, checkpoint=checkpoint,
+                               new_encoder_keys=self.is_encoder_trainable)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -112,11 +112,8 @@ class SAM3DAdapterNet(nn.Module):
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         """Load the encoder's pretrained SAM weights (training start only); the adapters keep their init."""
         parts = SAMParts(self.image_encoder, None, None, self.input_size, self.stride, self.embed_dim)
-        left = load_pretrained(self.encoder_name, parts, checkpoint=checkpoint)
-        not_adapted = [k for k in left["image_encoder"] if not is_adapter3d_parameter(k)]
-        if not_adapted:
-            raise RuntimeError(f"pretrained weights left encoder weights uninitialised: {not_adapted[:3]}")
-        return left
+        return load_pretrained(self.encoder_name, parts, checkpoint=checkpoint,
+                               new_encoder_keys=is_adapter3d_parameter)
 
     def train(self, mode: bool = True):
         super().train(mode)
