@@ -45,6 +45,7 @@ setup(
             "samnnu_demo=samnnu.cli:demo_main",
             "samnnu_report=samnnu.cli:report_main",
             "samnnu_summarize=samnnu.cli:summarize_main",
+            "samnnu_benchmark=samnnu.cli:benchmark_main",
         ]
     },
 )

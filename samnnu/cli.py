@@ -208,3 +208,54 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
               f"{' '.join(map(str, best['folds']))})\n{best['predict_command']}\nsummary: {result['html']}")
 
     return _run(p.prog, go)
+
+
+DEFAULT_BENCHMARK_MODELS = ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d", "nnUNetTrainer:3d_fullres")
+
+
+def benchmark_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="samnnu_benchmark",
+                                description="samnnu trainers and plain nnU-Net side by side on one fold: the same "
+                                            "budget, training subsets and chain for every model; writes "
+                                            "results.json and results.md. Resumable.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (converted, planned, preprocessed)")
+    p.add_argument("-m", "--models", nargs="+", default=list(DEFAULT_BENCHMARK_MODELS),
+                   help="trainer:configuration[:plans] (default: %(default)s)")
+    p.add_argument("-f", "--fold", type=int, default=0)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--iterations", type=int, default=None, help="training iterations per model")
+    budget.add_argument("--budget-minutes", type=float, default=None,
+                        help="training minutes per model (converted to iterations from a short timed run)")
+    p.add_argument("--sizes", nargs="+", default=None,
+                   help="training-set sizes, e.g. 5 10 20 all (seeded subsets of the fold's training cases; "
+                        "default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training subsets")
+    p.add_argument("--timing-cases", type=int, default=None,
+                   help="validation volumes timed for inference speed (default 5; 1 with --quick)")
+    p.add_argument("--test-images", default=None, help="external test images (cases never used in training)")
+    p.add_argument("--test-labels", default=None, help="labels of the external test images")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 iterations per model, one timed volume (unless given otherwise)")
+    p.add_argument("-o", "--output", required=True, help="output folder (results.json, results.md, runs, logs)")
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        from samnnu.benchmark import parse_size, run_benchmark
+
+        iterations, minutes = args.iterations, args.budget_minutes
+        if args.quick and iterations is None and minutes is None:
+            iterations = 2
+        timing = args.timing_cases if args.timing_cases is not None else (1 if args.quick else 5)
+        if iterations is None and minutes is None:
+            raise SamnnuError("give a budget: --iterations N or --budget-minutes M (or --quick)")
+        sizes = [parse_size(s) for s in args.sizes] if args.sizes else None
+        state = run_benchmark(args.dataset, args.models, args.output, fold=args.fold, iterations=iterations,
+                              budget_minutes=minutes, sizes=sizes, seed=args.seed, timing_cases=timing,
+                              test_images=args.test_images, test_labels=args.test_labels, device=args.device,
+                              data_root=args.data_root, command=" ".join(["samnnu_benchmark", *(argv or sys.argv[1:])]))
+        print(f"results: {args.output}/results.json and results.md ({len(state['ran'])} runs now, "
+              f"{len(state['runs']) - len(state['ran'])} from before)")
+
+    return _run(p.prog, go)

@@ -65,7 +65,8 @@ def _resume(trainer, fold_dir: Path) -> bool:
 def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER,
           configuration: str = DEFAULT_CONFIGURATION, plans: str | None = None, epochs: int | None = None,
           iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
-          mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None) -> dict:
+          mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None,
+          train_cases: list[str] | None = None) -> dict:
     """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
 
     Args:
@@ -74,6 +75,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
             training ones. With ``continue_training`` they default to the interrupted run's.
         mirroring: test-time mirroring in validation (stored in the checkpoint for prediction too).
         sam_checkpoint: the user's SAM checkpoint (``vit_*``, ``mobilesam``); overrides the plans' one.
+        train_cases: train on these cases only (each must be one of the fold's training cases); the
+            fold's validation cases are unchanged. Used for label-efficiency experiments.
     Returns a dict with the fold folder, wall times and the evaluation summary.
     """
     setup_environment()
@@ -106,6 +109,9 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
     previous = json.loads(settings_file.read_text()) if continue_training and settings_file.is_file() else {}
     epochs = epochs or previous.get("epochs")
     iters_per_epoch = iters_per_epoch or previous.get("iters_per_epoch")
+    train_cases = train_cases if train_cases is not None else previous.get("train_cases")
+    if train_cases is not None:
+        _restrict_training_cases(t, list(train_cases))
     if epochs:
         t.num_epochs = int(epochs)
     if iters_per_epoch:
@@ -114,7 +120,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
     t.save_every = 1
     _atomic_write_json(settings_file, {"epochs": t.num_epochs, "iters_per_epoch": t.num_iterations_per_epoch,
                                        "trainer": trainer, "plans": plans_name, "configuration": configuration,
-                                       "device": str(dev), "mirroring": mirroring})
+                                       "device": str(dev), "mirroring": mirroring, "train_cases": train_cases})
 
     finished = _resume(t, fold_dir) if continue_training else False
     start = time.time()
@@ -130,6 +136,24 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
 
         result.update(run_fold_chain(t, train_seconds=train_seconds))
     return result
+
+
+def _restrict_training_cases(trainer, cases: list[str]) -> None:
+    """Make the trainer's split return only ``cases`` for training (its validation cases unchanged)."""
+    original = trainer.do_split
+    tr_keys, _ = original()
+    unknown = sorted(set(cases) - set(tr_keys))
+    if unknown:
+        raise SamnnuError(f"training cases {', '.join(unknown[:5])} are not training cases of fold {trainer.fold}")
+    if not cases:
+        raise SamnnuError("train_cases is empty")
+    wanted = set(cases)
+
+    def do_split():
+        tr, val = original()
+        return [k for k in tr if k in wanted], val
+
+    trainer.do_split = do_split
 
 
 def _disable_mirroring(trainer) -> None:

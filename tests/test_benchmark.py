@@ -1,0 +1,137 @@
+"""The benchmark against nnU-Net: subset selection, target verdicts, and a --quick smoke run end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from samnnu.benchmark import epochs_for, mean_dice, parse_model, targets, to_markdown, training_subsets
+from samnnu.errors import SamnnuError
+from tests.conftest import use_data_root
+
+
+def test_training_subsets_are_seeded_nested_and_sorted():
+    keys = [f"case_{i:03d}" for i in range(40)]
+    a = training_subsets(keys, [5, 10, 20, None], seed=0)
+    b = training_subsets(list(reversed(keys)), [5, 10, 20, None], seed=0)
+    assert a == b  # the order the fold lists its cases in does not matter
+    assert a["all"] is None and [len(a[k]) for k in ("5", "10", "20")] == [5, 10, 20]
+    assert set(a["5"]) < set(a["10"]) < set(a["20"]) <= set(keys)
+    assert a["5"] == sorted(a["5"])
+    assert training_subsets(keys, [5], seed=1)["5"] != a["5"]
+    with pytest.raises(SamnnuError, match="exceeds the fold's 40"):
+        training_subsets(keys, [41], seed=0)
+
+
+def test_parse_model_and_epochs():
+    m = parse_model("SAMedLoRATrainer:2d")
+    assert (m.trainer, m.configuration, m.plans, m.is_samnnu) == ("SAMedLoRATrainer", "2d", "samnnuPlans", True)
+    n = parse_model("nnUNetTrainer:3d_fullres")
+    assert (n.plans, n.is_samnnu) == ("nnUNetPlans", False)
+    assert parse_model("nnUNetTrainer:2d:myPlans").plans == "myPlans"
+    with pytest.raises(SamnnuError, match="trainer:configuration"):
+        parse_model("SAMedLoRATrainer")
+    assert epochs_for(120) == (2, 50) and epochs_for(7) == (1, 7) and epochs_for(130) == (2, 50)
+
+
+def _run(model: str, size: str, dice: tuple[float, float], samnnu: bool, inf: float = 1.0) -> dict:
+    return {"model": model, "train_size": size, "samnnu": samnnu, "dice": {"a": dice[0], "b": dice[1]},
+            "inference_seconds_per_volume": inf, "inference_seconds_per_volume_mirroring": 4 * inf}
+
+
+def test_target_verdicts_follow_the_numbers():
+    runs = [_run("SAMedLoRATrainer:2d", "10", (0.70, 0.70), True, inf=2.0),
+            _run("nnUNetTrainer:2d", "10", (0.60, 0.66), False),
+            _run("nnUNetTrainer:3d_fullres", "10", (0.65, 0.69), False, inf=3.0),
+            _run("SAMedLoRATrainer:2d", "5", (0.50, 0.50), True),
+            _run("nnUNetTrainer:2d", "5", (0.48, 0.48), False),
+            _run("SAMUNetTrainer:2d", "all", (0.80, 0.80), True),
+            _run("nnUNetTrainer:2d", "all", (0.82, 0.82), False)]
+    state = {"setup": {"device": "cpu"}, "runs": {f"{r['model']}@{r['train_size']}": r for r in runs}}
+    verdicts = [v for _, _, v in targets(state)]
+    # 10 cases: +3.0 over 3d (0.70 vs 0.67) and +7.0 over 2d -> met; 5 cases: 3d missing -> not measured;
+    # all: 0.80 < 0.82 -> missed; inference 2.0 <= 3.0 and 8.0 <= 12.0 -> met
+    assert verdicts == ["met", "not measured", "missed", "met"]
+    runs[0]["dice"] = {"a": 0.69, "b": 0.70}
+    assert [v for _, _, v in targets(state)][0] == "missed"
+    assert mean_dice(runs[0]) == pytest.approx(0.695)
+
+
+@pytest.fixture(scope="module")
+def baseline_root(prepared_root, tmp_path_factory) -> Path:
+    """A copy of the prepared root's raw and preprocessed data with nnU-Net's own plans added (2d)."""
+    root = tmp_path_factory.mktemp("bench_root")
+    for sub in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(prepared_root / sub, root / sub)
+    with pytest.MonkeyPatch.context() as mp:
+        use_data_root(mp, root)
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+        ExperimentPlanner(4).plan_experiment()
+        preprocess_dataset(4, "nnUNetPlans", ("2d",), [1], verbose=False)
+        pre = root / "nnUNet_preprocessed" / "Dataset004_Hippocampus"
+        if not (pre / "splits_final.json").is_file():  # written by the first training otherwise
+            from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+            cases = sorted(p.name[:-len(".nii.gz")] for p in (pre / "gt_segmentations").glob("*.nii.gz"))
+            (pre / "splits_final.json").write_text(json.dumps(generate_crossval_split(cases, 12345, 5)))
+    return root
+
+
+def test_quick_benchmark_end_to_end(baseline_root, tmp_path, monkeypatch, capsys):
+    from samnnu.cli import benchmark_main
+
+    use_data_root(monkeypatch, baseline_root)
+    out = tmp_path / "bench"
+    args = ["-d", "4", "--quick", "--sizes", "3", "all", "-m", "SAMedLoRATrainer:2d", "nnUNetTrainer:2d",
+            "-o", str(out), "--data-root", str(baseline_root)]
+    assert benchmark_main(args) == 0
+    state = json.loads((out / "results.json").read_text())
+    splits = json.loads((baseline_root / "nnUNet_preprocessed" / "Dataset004_Hippocampus" /
+                         "splits_final.json").read_text())
+    subset = state["setup"]["training_subsets"]["3"]
+    assert len(subset) == 3 and set(subset) <= set(splits[0]["train"])
+    assert sorted(state["runs"]) == sorted(f"{m}@{s}" for m in ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d")
+                                           for s in ("3", "all"))
+    for key, run in state["runs"].items():
+        assert run["iterations"] == 2 and set(run["dice"]) == {"Anterior", "Posterior"}
+        assert all(0.0 <= v <= 1.0 for v in run["dice"].values())
+        assert run["n_validation_cases"] == len(splits[0]["val"])
+        assert run["inference_seconds_per_volume"] > 0 and run["inference_seconds_per_volume_mirroring"] > 0
+        assert run["peak_rss_gb"] > 0.1 and run["trainable_parameters"] > 0
+        # the model really trained on the subset: the run's own settings file records it
+        trainer, cfg = run["trainer"], run["configuration"]
+        fold_dir = (out / "runs" / f"train_{run['train_size']}" / "nnUNet_results" / "Dataset004_Hippocampus" /
+                    f"{trainer}__{run['plans']}__{cfg}" / "fold_0")
+        settings = json.loads((fold_dir / "samnnu_training.json").read_text())
+        assert settings["train_cases"] == (subset if run["train_size"] == "3" else None)
+        assert run["n_training_cases"] == (3 if run["train_size"] == "3" else len(splits[0]["train"]))
+    md = (out / "results.md").read_text()
+    assert "| SAMedLoRATrainer:2d |" in md and "## Targets" in md
+    # the user's own results folder was not touched
+    assert not any((baseline_root / "nnUNet_results").glob("Dataset004_Hippocampus/*"))
+    # resumable: a second call runs nothing and keeps the results
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert benchmark_main(args) == 0
+    assert "(0 runs now, 4 from before)" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == json.loads(before)["runs"]
+    assert to_markdown(state).count("| SAMedLoRATrainer:2d |") >= 2
+
+
+def test_benchmark_refuses_bad_input(baseline_root, tmp_path, monkeypatch, capsys):
+    from samnnu.cli import benchmark_main
+
+    use_data_root(monkeypatch, baseline_root)
+    base = ["-d", "4", "--quick", "-o", str(tmp_path / "b"), "--data-root", str(baseline_root)]
+    for extra, expected in ((["-m", "NoSuchTrainer:2d"], "unknown trainer 'NoSuchTrainer'"),
+                            (["-m", "nnUNetTrainer:3d_fullres"], "not preprocessed"),
+                            (["--sizes", "500", "-m", "SAMedLoRATrainer:2d"], "exceeds the fold's"),
+                            (["--test-images", str(tmp_path)], "needs both")):
+        assert benchmark_main(base + extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("samnnu_benchmark: error:") and expected in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b" / "results.json").exists()
