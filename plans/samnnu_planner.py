@@ -46,6 +46,11 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 CPU_GFLOP_PER_ITERATION = 150.0
 MIN_BATCH_SIZE = 2
 MAX_DATASET_FRACTION = 0.05
+# SAM3DAdapterNet vs the 2D model: peak RSS measured on CPU with litemedsam at input 64 (slices x batch
+# 8x1: 2.43 GB, 8x2: 3.46 GB, 40x1: 7.32 GB; benchmarks/memory_model.py --network sam3d); a fit gives
+# 0.153 GB per slice (0.75 x the 2D per-image 0.203 GB) and 1.21 GB fixed (0.3 above the 2D fixed part)
+VOLUMETRIC_PER_SLICE_FACTOR = 0.75
+VOLUMETRIC_FIXED_EXTRA_GB = 0.3
 # 2D/3D recommendation thresholds (see recommend_configuration)
 ANISOTROPY_FOR_2D = 3.0
 MIN_SLICES_FOR_3D = 16
@@ -63,11 +68,17 @@ def plan_input_size(patch_size: Sequence[int], spec: EncoderSpec) -> int:
 def estimate_training_memory_gb(spec: EncoderSpec, input_size: int, batch_size: int, slices: int = 1) -> float:
     """Training memory (weights, optimiser state, activations) from the encoder's coefficients.
 
-    ``slices``: 2D images per sample (the depth of a 3D patch run slice by slice through the encoder).
+    ``slices``: 2D images per sample. One slice: a 2D network (SAMed-like). More: a 3D patch run slice
+    by slice through the encoder by the volumetric trainer, whose encoder activations per slice are
+    smaller (no LoRA branches) but which adds a 3D decoder and stem: ``VOLUMETRIC_PER_SLICE_FACTOR`` x
+    the 2D per-image memory, plus ``VOLUMETRIC_FIXED_EXTRA_GB`` (fitted on measurements, see below).
     """
     per_image = (spec.memory_per_sample_gb_constant
                  + spec.memory_per_sample_gb_at_native * (input_size / spec.native_size) ** 2)
-    return spec.memory_fixed_gb + batch_size * slices * per_image
+    if slices > 1:
+        per_slice = VOLUMETRIC_PER_SLICE_FACTOR * per_image
+        return spec.memory_fixed_gb + VOLUMETRIC_FIXED_EXTRA_GB + batch_size * slices * per_slice
+    return spec.memory_fixed_gb + batch_size * per_image
 
 
 def training_gflop_per_sample(spec: EncoderSpec, input_size: int, slices: int = 1) -> float:
@@ -242,6 +253,13 @@ class SAMnnUPlanner(ExperimentPlanner):
                                              f"{fullres['sam']['slices_per_sample']} slices exceed the device memory "
                                              f"({fullres['sam']['estimated_training_memory_gb']} > "
                                              f"{self.device_memory_gb} GB)")
+            elif (recommended == "3d_fullres"
+                  and fullres["sam"]["batch_size_limits"].get("cpu_compute", MIN_BATCH_SIZE) < MIN_BATCH_SIZE):
+                sam = fullres["sam"]
+                recommended, reason = "2d", (f"the data favour 3D ({reason}), but on a CPU the minimum batch of "
+                                             f"{MIN_BATCH_SIZE} samples of {sam['slices_per_sample']} slices is "
+                                             f"{sam['estimated_gflop_per_iteration']} GFLOP per iteration, over the "
+                                             f"budget of {CPU_GFLOP_PER_ITERATION:g}")
         else:
             recommended, reason = recommend_configuration([1.0, 1.0], [1, 1], n_cases, False)
         from samnnu.training import SAMNNU_TRAINERS, TRAINERS_3D

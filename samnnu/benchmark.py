@@ -334,7 +334,8 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
             spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=1,
                         iters_per_epoch=calibration_iterations, train_cases=None, calibrate=True,
                         results_root=str(out / "calibration" / "nnUNet_results"))
-            state["calibration"][m.key] = _run_worker(spec, out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log")
+            log = out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log"
+            state["calibration"][m.key] = _run_worker(spec, log)
             save()
         if iterations is not None:
             n_iter = iterations

@@ -9,7 +9,7 @@ import pytest
 
 from samnnu.benchmark import epochs_for, mean_dice, parse_model, targets, to_markdown, training_subsets
 from samnnu.errors import SamnnuError
-from tests.conftest import use_data_root
+from conftest import use_data_root
 
 
 def test_training_subsets_are_seeded_nested_and_sorted():

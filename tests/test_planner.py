@@ -45,8 +45,11 @@ def test_memory_estimate_is_linear_in_batch_and_grows_with_input():
     assert fixed == pytest.approx(LITE.memory_fixed_gb)
     m1, m3 = estimate_training_memory_gb(LITE, 128, 1), estimate_training_memory_gb(LITE, 128, 3)
     assert m1 > fixed and m3 - fixed == pytest.approx(3 * (m1 - fixed))
-    # a 3D sample of 5 slices costs 5 images
-    assert estimate_training_memory_gb(LITE, 128, 2, slices=5) - fixed == pytest.approx(10 * (m1 - fixed))
+    # a 3D sample of 5 slices costs 5 volumetric slices (a fixed fraction of a 2D image) plus the 3D extra
+    from samnnu.plans.samnnu_planner import VOLUMETRIC_FIXED_EXTRA_GB, VOLUMETRIC_PER_SLICE_FACTOR
+
+    assert estimate_training_memory_gb(LITE, 128, 2, slices=5) - fixed - VOLUMETRIC_FIXED_EXTRA_GB == \
+        pytest.approx(10 * VOLUMETRIC_PER_SLICE_FACTOR * (m1 - fixed))
     sizes = [64, 128, 256]
     per_image = [estimate_training_memory_gb(LITE, s, 1) - fixed for s in sizes]
     assert per_image == sorted(per_image) and len(set(per_image)) == 3

@@ -200,3 +200,35 @@ def test_sam_checkpoint_picks_the_variant_and_rejects_garbage(root, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(SamnnuError, match="garbage.pth"):
         encoder_for_checkpoint(garbage)
+
+
+def test_cpu_plans_2d_when_a_minimum_3d_batch_exceeds_the_cpu_work_budget(root):
+    """The same isotropic volumes: 3D on a GPU with room; 2D on a CPU with plenty of memory, because
+    two 3D samples of many slices are far over the CPU's per-iteration work budget."""
+    from samnnu.plans.samnnu_planner import CPU_GFLOP_PER_ITERATION, MIN_BATCH_SIZE
+
+    make_dataset(root, 13, "IsoMRI", n_cases=40, channels={"0": "MRI"}, spacing=(1.0, 1.0, 1.0),
+                 shape=(48, 48, 48))
+    gpu = plan(13, device_type="cuda", device_memory_gb=2000)
+    assert gpu["samnnu"]["recommended_configuration"] == "3d_fullres"
+    cpu = plan(13, device_type="cpu", device_memory_gb=2000)
+    sam = cpu["configurations"]["3d_fullres"]["sam"]
+    assert sam["batch_size_limits"]["cpu_compute"] < MIN_BATCH_SIZE
+    assert sam["estimated_gflop_per_iteration"] > CPU_GFLOP_PER_ITERATION
+    assert cpu["samnnu"]["recommended_configuration"] == "2d"
+    assert "GFLOP per iteration" in cpu["samnnu"]["reason"]
+
+
+def test_volumetric_memory_estimate_matches_its_measurements():
+    """The 3D estimate reproduces the peaks it was fitted on (documented next to its constants) within
+    10 % and grows linearly in slices and batch; the 2D estimate is unchanged by the 3D terms."""
+    from samnnu.encoders import get_encoder_spec
+    from samnnu.plans.samnnu_planner import estimate_training_memory_gb
+
+    spec = get_encoder_spec("litemedsam")
+    for slices, batch, measured in ((8, 1, 2.43), (8, 2, 3.46), (40, 1, 7.32)):
+        assert abs(estimate_training_memory_gb(spec, 64, batch, slices) / measured - 1) < 0.1
+    one, two = (estimate_training_memory_gb(spec, 64, b, 40) for b in (1, 2))
+    assert two - one == pytest.approx(estimate_training_memory_gb(spec, 64, 1, 40) - spec.memory_fixed_gb - 0.3)
+    per_image = spec.memory_per_sample_gb_constant + spec.memory_per_sample_gb_at_native * (64 / 256) ** 2
+    assert estimate_training_memory_gb(spec, 64, 3) == pytest.approx(spec.memory_fixed_gb + 3 * per_image)
