@@ -42,7 +42,8 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
     epochs = max(1, round(iterations / per_epoch))
     step(f"training fold 0: {epochs} epoch(s) x {per_epoch} iterations, then validation, postprocessing, "
          f"evaluation and report")
-    result = train(DEMO_DATASET_ID, 0, epochs=epochs, iters_per_epoch=per_epoch, device=device, mirroring=False)
+    result = train(DEMO_DATASET_ID, 0, trainer="SAMedLoRATrainer", configuration="2d", epochs=epochs,
+                   iters_per_epoch=per_epoch, device=device, mirroring=False)
 
     step("samnnu_predict on the fold's validation images")
     fold_dir = Path(result["fold_dir"])

@@ -22,12 +22,15 @@ def default_device() -> tuple[str, float]:
     return "cpu", min(16.0, ram / 2)
 
 
-def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] = ("2d",),
+def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] | None = None,
                         encoder: str | None = None, sam_checkpoint: str | None = None,
                         device_type: str | None = None,
                         device_memory_gb: float | None = None, verify_dataset_integrity: bool = False,
                         processes: int | None = None, nnunet_baseline_plans: bool = False) -> dict:
     """Extract nnU-Net's fingerprint, write samnnu's plans and preprocess the chosen configurations.
+
+    ``configurations`` default: ``2d`` and the planner's recommended configuration (what
+    ``samnnu_train`` trains when not told otherwise).
 
     With ``nnunet_baseline_plans`` nnU-Net's own planner also runs (plans ``nnUNetPlans``) and the
     same configurations are preprocessed for it, so plain nnU-Net can be trained side by side.
@@ -55,6 +58,8 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] =
     planner = SAMnnUPlanner(ident, encoder=encoder, device_type=device_type, device_memory_gb=memory,
                             sam_checkpoint=sam_checkpoint)
     plans = planner.plan_experiment()
+    if configurations is None:
+        configurations = tuple(dict.fromkeys(("2d", plans["samnnu"]["recommended_configuration"])))
     for c in configurations:
         if c not in plans["configurations"]:
             raise SamnnuError(f"configuration '{c}' is not in the plans; available: "

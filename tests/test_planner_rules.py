@@ -232,3 +232,17 @@ def test_volumetric_memory_estimate_matches_its_measurements():
     assert two - one == pytest.approx(estimate_training_memory_gb(spec, 64, 1, 40) - spec.memory_fixed_gb - 0.3)
     per_image = spec.memory_per_sample_gb_constant + spec.memory_per_sample_gb_at_native * (64 / 256) ** 2
     assert estimate_training_memory_gb(spec, 64, 3) == pytest.approx(spec.memory_fixed_gb + 3 * per_image)
+
+
+def test_the_plans_pick_configuration_and_trainer_when_the_user_does_not():
+    from samnnu.training import default_model
+
+    plans = {"configurations": {"2d": {"patch_size": [56, 40]}, "3d_fullres": {"patch_size": [40, 56, 40]}},
+             "samnnu": {"recommended_configuration": "3d_fullres"}}
+    assert default_model(plans, None, None) == ("SAM3DAdapterTrainer", "3d_fullres")
+    assert default_model(plans, None, "2d") == ("SAMedLoRATrainer", "2d")
+    assert default_model(plans, "SAMUNetTrainer", None) == ("SAMUNetTrainer", "3d_fullres")
+    plans["samnnu"]["recommended_configuration"] = "2d"
+    assert default_model(plans, None, None) == ("SAMedLoRATrainer", "2d")
+    # nnU-Net's own plans carry no recommendation: 2d, as before
+    assert default_model({"configurations": plans["configurations"]}, "nnUNetTrainer", None) == ("nnUNetTrainer", "2d")
