@@ -18,6 +18,8 @@ SAMNNU_TRAINERS = {
     "SAMUNetTrainer": "samnnu.trainers.samunet",
     "nnSAMTrainer": "samnnu.trainers.nnsam",
     "SAM3DAdapterTrainer": "samnnu.trainers.sam3d_adapter",
+    "SelfPromptTrainer": "samnnu.trainers.self_prompt",
+    "ImplicitDecoderTrainer": "samnnu.trainers.implicit_decoder",
 }
 # trainers that train the 3d_fullres configuration with a SAM encoder
 TRAINERS_3D = ("SAM3DAdapterTrainer",)

@@ -64,19 +64,26 @@ def unfit_square(logits: torch.Tensor, content: tuple[int, int], input_size: int
 
 
 def decode_prompt_free(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
-                       image_embeddings: torch.Tensor) -> torch.Tensor:
+                       image_embeddings: torch.Tensor, *, dense: torch.Tensor | None = None,
+                       extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Run SAM's mask decoder with no prompts and return the masks of all its mask tokens.
 
     The sparse prompt is empty and the dense prompt is the prompt encoder's learned no-mask
     embedding, as when SAM is called without prompts; unlike SAM's own ``predict_masks`` this
     handles a batch of images (one token set per image) and keeps every mask token (one per class).
+    Networks that make their own prompts pass them instead of user prompts:
 
     image_embeddings: (B, D, h, w) -> logits (B, num_mask_tokens, 4h, 4w)
+    dense: (B or 1, D, h, w) dense prompt added to the embedding (default: the no-mask embedding)
+    extra_tokens: (B or 1, T, D) sparse prompt tokens appended after the mask tokens (default: none)
     """
     b, d, h, w = image_embeddings.shape
     tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight], dim=0)
     tokens = tokens.unsqueeze(0).expand(b, -1, -1)
-    dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    if extra_tokens is not None:
+        tokens = torch.cat([tokens, extra_tokens.to(tokens.dtype).expand(b, -1, -1)], dim=1)
+    if dense is None:
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     src = image_embeddings + dense
     pos = prompt_encoder.pe_layer((h, w)).unsqueeze(0).to(src.dtype)
     hs, src = mask_decoder.transformer(src, pos, tokens)
