@@ -64,14 +64,31 @@ def _resume(trainer, fold_dir: Path) -> bool:
     return False
 
 
-def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER,
-          configuration: str = DEFAULT_CONFIGURATION, plans: str | None = None, epochs: int | None = None,
+def default_model(plans_dict: dict, trainer: str | None, configuration: str | None) -> tuple[str, str]:
+    """(trainer, configuration) with the plans deciding what the user left open.
+
+    The configuration defaults to the planner's recommendation (``plans["samnnu"]``; ``2d`` when the
+    plans have none, e.g. nnU-Net's own); the trainer to ``SAM3DAdapterTrainer`` for a 3D
+    configuration and ``SAMedLoRATrainer`` otherwise.
+    """
+    configuration = configuration or plans_dict.get("samnnu", {}).get("recommended_configuration",
+                                                                      DEFAULT_CONFIGURATION)
+    if trainer is None:
+        cfg = plans_dict.get("configurations", {}).get(configuration, {})
+        trainer = TRAINERS_3D[0] if len(cfg.get("patch_size", ())) == 3 else DEFAULT_TRAINER
+    return trainer, configuration
+
+
+def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
+          configuration: str | None = None, plans: str | None = None, epochs: int | None = None,
           iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None,
           train_cases: list[str] | None = None) -> dict:
     """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
 
     Args:
+        trainer, configuration: default from the plans (:func:`default_model`): the recommended
+            configuration, and the 2D or 3D SAM trainer that fits it.
         plans: plans name; default ``samnnuPlans`` for samnnu trainers, ``nnUNetPlans`` otherwise.
         epochs, iters_per_epoch: training budget; validation iterations per epoch are a fifth of the
             training ones. With ``continue_training`` they default to the interrupted run's.
@@ -85,10 +102,11 @@ def train(dataset: str | int, fold: int | str, *, trainer: str = DEFAULT_TRAINER
     from samnnu.plans.samnnu_planner import PLANS_NAME
 
     name = dataset_name(dataset)
-    plans_name = plans or (PLANS_NAME if trainer in SAMNNU_TRAINERS else "nnUNetPlans")
-    trainer_class = get_trainer_class(trainer)
+    plans_name = plans or (PLANS_NAME if trainer is None or trainer in SAMNNU_TRAINERS else "nnUNetPlans")
     pre = current_paths().preprocessed / name
     plans_dict = load_json_file(pre / f"{plans_name}.json", f"plans file (run samnnu_plan_and_preprocess -d {dataset})")
+    trainer, configuration = default_model(plans_dict, trainer, configuration)
+    trainer_class = get_trainer_class(trainer)
     dataset_json = load_json_file(pre / "dataset.json", "dataset.json of the preprocessed dataset")
     if configuration not in plans_dict["configurations"]:
         raise SamnnuError(f"{pre / (plans_name + '.json')}: no configuration '{configuration}' "
