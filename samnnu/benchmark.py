@@ -343,9 +343,13 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
             spi = state["calibration"][m.key]["seconds_per_iteration"]
             n_iter = max(1, math.floor(budget_minutes * 60 / spi))
         epochs, per_epoch = epochs_for(n_iter, max_iters_per_epoch)
+        # inference speed does not depend on the training subset: time each model once
+        timed = any(r["model"] == m.key and "inference_seconds_per_volume" in r for r in state["runs"].values())
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=epochs,
                     iters_per_epoch=per_epoch, train_cases=subsets[label],
                     results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
+        if timed:
+            spec["timing_cases"] = 0
         start = time.time()
         result = _run_worker(spec, out / "logs" / f"{m.trainer}_{m.configuration}_{label}.log")
         result.update({"model": m.key, "trainer": m.trainer, "configuration": m.configuration, "plans": m.plans,
