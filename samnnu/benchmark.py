@@ -121,7 +121,12 @@ def _worker(spec: dict) -> dict:
 
     from samnnu.training import train
 
-    fold_dir_guess = None
+    if spec.get("timing_only"):
+        from samnnu.datasets import dataset_name
+
+        out = _time_inference(spec, dataset_name(spec["dataset"]), Path(spec["fold_dir"]))
+        out["timing_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+        return out
     kwargs = dict(trainer=spec["trainer"], configuration=spec["configuration"], plans=spec["plans"],
                   epochs=spec["epochs"], iters_per_epoch=spec["iters_per_epoch"], device=spec["device"],
                   mirroring=False, train_cases=spec["train_cases"])
@@ -132,8 +137,8 @@ def _worker(spec: dict) -> dict:
     from samnnu.datasets import dataset_name, model_folder
 
     name = dataset_name(spec["dataset"])
-    fold_dir_guess = model_folder(name, spec["trainer"], spec["plans"], spec["configuration"]) / f"fold_{spec['fold']}"
-    resume = any((fold_dir_guess / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+    fold_dir = model_folder(name, spec["trainer"], spec["plans"], spec["configuration"]) / f"fold_{spec['fold']}"
+    resume = any((fold_dir / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
     result = train(spec["dataset"], spec["fold"], continue_training=resume, **kwargs)
     fold_dir = Path(result["fold_dir"])
     evaluation = json.loads(Path(result["evaluation"]).read_text())
@@ -191,6 +196,9 @@ def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
         predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
     out = {"timing_cases": len(cases)}
     with tempfile.TemporaryDirectory() as tmp:
+        # warm-up (untimed): the first call pays for worker start-up and first-touch allocations
+        predictor.predict_from_files(lists[:1], [os.path.join(tmp, "warmup")], save_probabilities=False,
+                                     overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
         for mirroring in (False, True):
             predictor.use_mirroring = mirroring
             targets = [os.path.join(tmp, f"{c}_{int(mirroring)}") for c in cases]
@@ -253,11 +261,12 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
                   sizes: list[int | None] | None = None, seed: int = 0, timing_cases: int = 5,
                   test_images: str | None = None, test_labels: str | None = None, device: str = "cpu",
                   data_root: str | None = None, calibration_iterations: int = 10,
-                  max_iters_per_epoch: int = 50, command: str | None = None) -> dict:
+                  max_iters_per_epoch: int = 50, command: str | None = None, retime: bool = False) -> dict:
     """Run every model on every training-set size; return the results dict also written to ``output``.
 
     Exactly one of ``iterations`` and ``budget_minutes`` is given. ``sizes``: training-set sizes
-    (``None`` = all of the fold's training cases); default all only.
+    (``None`` = all of the fold's training cases); default all only. ``retime``: train nothing; time
+    the inference of each listed model again on its run with the most training cases.
     """
     from tqdm import tqdm
 
@@ -325,6 +334,8 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     base = {"data_root": data_root, "dataset": name, "fold": fold, "device": device, "timing_cases": timing_cases,
             "test_images": test_images and str(Path(test_images).resolve()),
             "test_labels": test_labels and str(Path(test_labels).resolve())}
+    if retime:
+        return _retime(state, parsed, base, out, save)
     jobs = [(m, label) for label in subsets for m in parsed if f"{m.key}@{label}" not in state["runs"]]
     ran = []
     bar = tqdm(jobs, desc="benchmark", unit="run")
@@ -361,6 +372,30 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
         tqdm.write(f"{m.key} on {label} training cases: mean Dice {mean_dice(result):.3f}, "
                    f"{result['seconds_per_iteration']:.2f} s/iter")
     save()
+    state["ran"] = ran
+    return state
+
+
+def _retime(state: dict, models: list[Model], base: dict, out: Path, save) -> dict:
+    """Time inference again for already trained models (e.g. after a timing change), nothing else."""
+    ran = []
+    for m in models:
+        runs = [r for r in state["runs"].values() if r["model"] == m.key]
+        if not runs:
+            raise SamnnuError(f"{m.key}: no finished run in {out / RESULTS} to time")
+        run = max(runs, key=lambda r: r["n_training_cases"])
+        fold_dir = (out / "runs" / f"train_{run['train_size']}" / "nnUNet_results" / state["setup"]["dataset"] /
+                    f"{m.trainer}__{m.plans}__{m.configuration}" / f"fold_{state['setup']['fold']}")
+        spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, timing_only=True,
+                    fold_dir=str(fold_dir), results_root=str(out / "runs" / f"train_{run['train_size']}" /
+                                                           "nnUNet_results"))
+        timing = _run_worker(spec, out / "logs" / f"retime_{m.trainer}_{m.configuration}.log")
+        for r in runs:  # one timing per model, kept on its largest run only
+            for key in ("inference_seconds_per_volume", "inference_seconds_per_volume_mirroring", "timing_cases"):
+                r.pop(key, None)
+        run.update(timing)
+        ran.append(f"{m.key}@{run['train_size']} (timing)")
+        save()
     state["ran"] = ran
     return state
 
