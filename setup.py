@@ -46,6 +46,7 @@ setup(
             "samnnu_report=samnnu.cli:report_main",
             "samnnu_summarize=samnnu.cli:summarize_main",
             "samnnu_benchmark=samnnu.cli:benchmark_main",
+            "samnnu_refine=samnnu.cli:refine_main",
         ]
     },
 )

@@ -134,6 +134,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
+    _prompt_arguments(p)
+    p.add_argument("--prompts", default=None,
+                   help="JSON file of boxes/clicks per case and label (docs/interactive.md); those labels are "
+                        "refined by the promptable refiner and merged into the output")
+    p.add_argument("--auto-prompts", action="store_true",
+                   help="refine every case from automatic first prompts derived from its prompt-free prediction")
+    p.add_argument("--write-prompts", default=None, help="write every prompt used (voxel coordinates) to this JSON")
     _data_root(p)
     args = p.parse_args(argv)
 
@@ -141,11 +148,84 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         _setup(args)
         from samnnu.prediction import predict
 
+        options = _refine_options(args)
         written = predict(args.input, args.output, args.dataset, folds=tuple(args.folds), trainer=args.trainer,
                           configuration=args.configuration, plans=args.plans, device=args.device,
                           checkpoint=args.checkpoint, mirroring=not args.disable_tta,
-                          postprocess=not args.no_postprocessing)
+                          postprocess=not args.no_postprocessing, prompts=args.prompts,
+                          auto_prompts=args.auto_prompts, refiner=args.refiner_encoder, refine_options=options,
+                          write_prompts=args.write_prompts)
         print(f"wrote {len(written)} segmentations to {args.output}")
+
+    return _run(p.prog, go)
+
+
+def _prompt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refiner-encoder", default="litemedsam", choices=["litemedsam", "tiny"],
+                   help="promptable refiner: pretrained LiteMedSAM (default) or a tiny random one (tests)")
+    p.add_argument("--refine-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="refiner setting, a field of samnnu.interactive.RefineOptions (margin, mask_prompt, "
+                        "derived_box, propagate_clicks, stop_at_base, fuse_base, multimask, clicks, click_prompts); "
+                        "repeatable; docs/interactive.md")
+
+
+def _refine_options(args):
+    from samnnu.interactive import RefineOptions
+
+    return RefineOptions.parse(args.refine_option)
+
+
+def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
+    from samnnu.refine import HELP
+
+    p = argparse.ArgumentParser(prog="samnnu_refine", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Refine one case interactively: the trained model predicts it, then "
+                                            "clicks and boxes read from the terminal (or --commands FILE) refine "
+                                            "one label at a time.",
+                                epilog="commands:\n" + HELP)
+    p.add_argument("-i", "--input", nargs="+", required=True, help="the case's image file(s), one per channel")
+    p.add_argument("-o", "--output", default=None, help="label map written by 'save'")
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"])
+    p.add_argument("-tr", "--trainer", default="SAMedLoRATrainer")
+    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-p", "--plans", default=None)
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--device", default=None)
+    p.add_argument("--disable-tta", action="store_true")
+    p.add_argument("--no-postprocessing", action="store_true")
+    p.add_argument("--reference", default=None, help="reference label map: Dice is shown after every change")
+    p.add_argument("--label", default=None, help="label to refine first (name or value; default: the first)")
+    p.add_argument("--prompts", default=None, help="prompts file; the case's entries start the session")
+    p.add_argument("--case", default=None, help="case name in --prompts (default: from the image file name)")
+    p.add_argument("--auto-prompts", action="store_true", help="start from automatic first prompts")
+    p.add_argument("--commands", default=None, help="read commands from this file instead of stdin")
+    _prompt_arguments(p)
+    _data_root(p)
+    args = p.parse_args(argv)
+    out = stdout or sys.stdout
+
+    def go():
+        _setup(args)
+        from samnnu.refine import RefineLoop, open_session
+
+        session, geometry = open_session(
+            args.input, args.dataset, folds=tuple(args.folds), trainer=args.trainer,
+            configuration=args.configuration, plans=args.plans, device=args.device, checkpoint=args.checkpoint,
+            mirroring=not args.disable_tta, postprocess=not args.no_postprocessing, reference=args.reference,
+            prompts=args.prompts, case=args.case, auto_prompts=args.auto_prompts, refiner=args.refiner_encoder,
+            options=_refine_options(args))
+        loop = RefineLoop(session, geometry, args.input[0], args.output, out, label=args.label, prog=p.prog)
+        for value in sorted(session.names):
+            loop.say(("* " if value == loop.label else "  ") + session.describe(value))
+        if args.commands is not None:
+            try:
+                lines = open(args.commands).read().splitlines()
+            except OSError as e:
+                raise SamnnuError(f"{args.commands}: cannot read commands ({e.strerror})") from None
+        else:
+            lines = stdin or sys.stdin
+        loop.run(lines)
 
     return _run(p.prog, go)
 

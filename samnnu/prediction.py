@@ -5,12 +5,19 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
 
 from samnnu.config import num_processes, setup_environment
 from samnnu.datasets import dataset_name, load_json_file, model_folder
 from samnnu.errors import SamnnuError
 from samnnu.training import DEFAULT_CONFIGURATION, DEFAULT_TRAINER, SAMNNU_TRAINERS, pick_device
+
+if TYPE_CHECKING:
+    from samnnu.prompts import ImageGeometry
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -57,29 +64,51 @@ def collect_cases(input_folder: Path, file_ending: str, n_channels: int) -> dict
     return out
 
 
-def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int, *,
-            folds: tuple = (0,), trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION,
-            plans: str | None = None, device: str | None = None, checkpoint: str = "checkpoint_final.pth",
-            mirroring: bool = True, postprocess: bool = True) -> list[Path]:
-    """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
+@dataclass
+class _Model:
+    """A trained model found and checked for prediction; its folds are loaded on first use."""
 
-    Output label maps have exactly the inputs' size, spacing, origin and direction (nnU-Net restores
-    them). Several folds are ensembled by averaging softmax outputs. Files appear in the output folder
-    only once complete. Inputs are never modified.
-    """
+    folder: Path
+    dataset_json: dict
+    postprocessing: tuple | None
+    reader_writer: object
+    folds: tuple
+    checkpoint: str
+    device: object
+    mirroring: bool
+    _predictor: object = None
+
+    @property
+    def file_ending(self) -> str:
+        return self.dataset_json["file_ending"]
+
+    def labels(self) -> dict[str, int]:
+        from samnnu.prompts import label_values
+
+        return label_values(self.dataset_json["labels"])
+
+    def predictor(self):
+        """The nnUNetPredictor holding every fold (loaded once)."""
+        if self._predictor is None:
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+            dev = self.device
+            self._predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.mirroring,
+                                              perform_everything_on_device=dev.type == "cuda", device=dev,
+                                              verbose=False, verbose_preprocessing=False, allow_tqdm=True)
+            self._predictor.initialize_from_trained_model_folder(str(self.folder), use_folds=self.folds,
+                                                                 checkpoint_name=self.checkpoint)
+        return self._predictor
+
+
+def _open_model(dataset: str | int, *, folds: tuple, trainer: str, configuration: str, plans: str | None,
+                device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
+    """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
     setup_environment()
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from samnnu.plans.samnnu_planner import PLANS_NAME
 
-    inp = Path(input_folder).resolve()
-    out = Path(output_folder).resolve()
-    if not inp.is_dir():
-        raise SamnnuError(f"{inp}: input folder does not exist")
-    if inp == out:
-        raise SamnnuError(f"{out}: the output folder must differ from the input folder")
     name = dataset_name(dataset)
     plans_name = plans or (PLANS_NAME if trainer in SAMNNU_TRAINERS else "nnUNetPlans")
     mfolder = model_folder(name, trainer, plans_name, configuration)
@@ -92,14 +121,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         if not ckpt.is_file():
             raise SamnnuError(f"{ckpt}: checkpoint missing (is fold {f} trained?)")
     dataset_json = load_json_file(mfolder / "dataset.json", "dataset.json of the model")
-    ending = dataset_json["file_ending"]
-    cases = collect_cases(inp, ending, len(dataset_json["channel_names"]))
-
     dev = pick_device(device)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=True)
-    predictor.initialize_from_trained_model_folder(str(mfolder), use_folds=folds, checkpoint_name=checkpoint)
 
     pp_file = (mfolder / f"fold_{folds[0]}" / "validation" / "postprocessing.pkl") if len(folds) == 1 \
         else mfolder / "postprocessing.pkl"
@@ -109,24 +131,168 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
 
         with open(pp_file, "rb") as fh:
             pp = pickle.load(fh)
+    rw = PlansManager(str(mfolder / "plans.json")).image_reader_writer_class()
+    return _Model(mfolder, dataset_json, pp, rw, folds, checkpoint, dev, mirroring)
+
+
+def _run_model(model: _Model, cases: Mapping[str, list[Path]], tmp: Path, probabilities: bool) -> dict[str, Path]:
+    """Predict ``cases`` into ``tmp``: {case: post-processed label map}; with ``probabilities``, nnU-Net's
+    ``CASE.npz`` (key ``probabilities``, (C, Z, Y, X) on the input grid) lies beside each."""
+    from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
+
+    lists = [[str(p) for p in paths] for paths in cases.values()]
+    truncated = [str(tmp / case) for case in cases]
+    model.predictor().predict_from_files(lists, truncated, save_probabilities=probabilities, overwrite=True,
+                                         num_processes_preprocessing=1,
+                                         num_processes_segmentation_export=min(2, num_processes()))
+    out = {}
+    for case in cases:
+        produced = tmp / f"{case}{model.file_ending}"
+        if not produced.is_file():
+            raise SamnnuError(f"{produced}: prediction for case '{case}' was not written")
+        if model.postprocessing is not None and model.postprocessing[0]:
+            load_postprocess_save(str(produced), str(produced), model.reader_writer, model.postprocessing[0],
+                                  model.postprocessing[1])
+        out[case] = produced
+    return out
+
+
+def read_image(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    """A volume as a (Z, Y, X) float32 array (2D images: Z = 1) and its geometry."""
+    import SimpleITK as sitk
+
+    from samnnu.prompts import ImageGeometry
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    return array, ImageGeometry.from_sitk(image)
+
+
+def _geometry(path: Path):
+    import SimpleITK as sitk
+
+    from samnnu.prompts import ImageGeometry
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return ImageGeometry.from_sitk(reader)
+
+
+def prompt_free_predictions(cases: Mapping[str, list[Path]], dataset: str | int, *, folds: tuple = (0,),
+                            trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION,
+                            plans: str | None = None, device: str | None = None,
+                            checkpoint: str = "checkpoint_final.pth", mirroring: bool = True,
+                            postprocess: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Predict cases ({case: [channel files]}) in memory: ({case: (labels (Z, Y, X), probabilities
+    (C, Z, Y, X))}, the model's dataset.json). Labels are post-processed; probabilities are not."""
+    model = _open_model(dataset, folds=folds, trainer=trainer, configuration=configuration, plans=plans,
+                        device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="samnnu_predict_") as tmp:
+        for case, seg_file in _run_model(model, cases, Path(tmp), probabilities=True).items():
+            out[case] = _read_prediction(seg_file, case)
+    return out, model.dataset_json
+
+
+def _read_prediction(seg_file: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_file)))
+    probs = np.load(seg_file.parent / f"{case}.npz")["probabilities"].astype(np.float32)
+    if seg.ndim == 2:
+        seg, probs = seg[None], probs[:, None] if probs.ndim == 3 else probs
+    return seg, probs
+
+
+def _write_like(array: np.ndarray, like: Path, target: Path) -> None:
+    """Write a (Z, Y, X) label array with the geometry of the label file ``like`` into ``target``."""
+    import SimpleITK as sitk
+
+    ref = sitk.ReadImage(str(like))
+    data = array if ref.GetDimension() == 3 else array[0]
+    image = sitk.GetImageFromArray(data.astype(sitk.GetArrayViewFromImage(ref).dtype, copy=False))
+    image.CopyInformation(ref)
+    sitk.WriteImage(image, str(target), useCompression=True)
+
+
+def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int, *,
+            folds: tuple = (0,), trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION,
+            plans: str | None = None, device: str | None = None, checkpoint: str = "checkpoint_final.pth",
+            mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
+            auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,
+            write_prompts: str | os.PathLike | None = None) -> list[Path]:
+    """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
+
+    Output label maps have exactly the inputs' size, spacing, origin and direction (nnU-Net restores
+    them). Several folds are ensembled by averaging softmax outputs. Files appear in the output folder
+    only once complete. Inputs are never modified.
+
+    prompts: a prompts file (schema in docs/interactive.md) or its dict; cases it names are refined with
+    the promptable refiner (:mod:`samnnu.interactive`; ``refiner`` = its encoder, ``refine_options`` a
+    :class:`~samnnu.interactive.RefineOptions`). The whole file is checked before anything is predicted:
+    a bad prompt is a one-line SamnnuError and no file is written. auto_prompts: every case also gets
+    automatic first prompts from its prompt-free prediction (:mod:`samnnu.auto_prompts`).
+    write_prompts: write every prompt used (automatic and given, voxel coordinates) to this JSON file.
+    """
+    setup_environment()
+    inp = Path(input_folder).resolve()
+    out = Path(output_folder).resolve()
+    if not inp.is_dir():
+        raise SamnnuError(f"{inp}: input folder does not exist")
+    if inp == out:
+        raise SamnnuError(f"{out}: the output folder must differ from the input folder")
+    model = _open_model(dataset, folds=folds, trainer=trainer, configuration=configuration, plans=plans,
+                        device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
+    ending = model.file_ending
+    cases = collect_cases(inp, ending, len(model.dataset_json["channel_names"]))
+
+    given = {}
+    if prompts is not None:
+        from samnnu.prompts import load_prompts
+
+        given = load_prompts(prompts, model.labels(), {c: _geometry(p[0]) for c, p in cases.items()},
+                             input_name=str(inp))
+    prompted = [c for c in cases if c in given or auto_prompts]
+    refiner_model = None
+    if prompted:
+        from samnnu.interactive import RefineOptions, SliceRefiner
+
+        refine_options = refine_options or RefineOptions()
+        refiner_model = SliceRefiner.create(refiner, device=device)
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    used_prompts = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".samnnu_tmp_") as tmp:
         tmp = Path(tmp)
-        lists = [[str(p) for p in paths] for paths in cases.values()]
-        truncated = [str(tmp / case) for case in cases]
-        predictor.predict_from_files(lists, truncated, save_probabilities=False, overwrite=True,
-                                     num_processes_preprocessing=1,
-                                     num_processes_segmentation_export=min(2, num_processes()))
-        rw = PlansManager(str(mfolder / "plans.json")).image_reader_writer_class()
-        for case in cases:
-            produced = tmp / f"{case}{ending}"
-            if not produced.is_file():
-                raise SamnnuError(f"{produced}: prediction for case '{case}' was not written")
-            if pp is not None and pp[0]:
-                load_postprocess_save(str(produced), str(produced), rw, pp[0], pp[1])
+        produced = _run_model(model, cases, tmp, probabilities=bool(prompted))
+        for case, seg_file in produced.items():
+            if case in prompted:
+                from samnnu.auto_prompts import auto_prompts as make_auto_prompts
+                from samnnu.interactive import apply_prompts
+
+                seg, probs = _read_prediction(seg_file, case)
+                image, geometry = read_image(cases[case][0])
+                case_prompts = []
+                if auto_prompts:
+                    case_prompts += make_auto_prompts(seg, model.labels().values(), probs,
+                                                      spacing=tuple(reversed(geometry.spacing)))
+                case_prompts += given.get(case, [])
+                used_prompts[case] = case_prompts
+                refined = apply_prompts(refiner_model, image, seg, probs, case_prompts, refine_options)
+                _write_like(refined, seg_file, seg_file)
             target = out / f"{case}{ending}"
-            shutil.move(str(produced), str(target))
+            shutil.move(str(seg_file), str(target))
             written.append(target)
+    if write_prompts is not None:
+        import json
+
+        from samnnu.evaluation import write_text_atomic
+        from samnnu.prompts import prompts_to_json
+
+        names = {v: k for k, v in model.labels().items()}
+        write_text_atomic(write_prompts, json.dumps(prompts_to_json(used_prompts, names), indent=1) + "\n")
     return written
