@@ -53,7 +53,8 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
                                 description="Fingerprint a converted dataset, plan SAM configurations from it and "
                                             "preprocess the data.")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (DatasetNNN_Name)")
-    p.add_argument("-c", "--configurations", nargs="+", default=["2d"], help="configurations to preprocess")
+    p.add_argument("-c", "--configurations", nargs="+", default=None,
+                   help="configurations to preprocess (default: 2d and the recommended configuration)")
     p.add_argument("--encoder", default=None, help="SAM encoder (see samnnu.encoders.ENCODERS; default "
                                                     "litemedsam, or the variant of --sam-checkpoint)")
     p.add_argument("--sam-checkpoint", default=None,
@@ -74,7 +75,8 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
         _setup(args)
         from samnnu.planning import plan_and_preprocess
 
-        plan_and_preprocess(args.dataset, configurations=tuple(args.configurations), encoder=args.encoder,
+        configurations = tuple(args.configurations) if args.configurations else None
+        plan_and_preprocess(args.dataset, configurations=configurations, encoder=args.encoder,
                             sam_checkpoint=args.sam_checkpoint, device_type=args.device,
                             device_memory_gb=args.device_memory_gb,
                             verify_dataset_integrity=args.verify_dataset_integrity, processes=args.np,
@@ -88,8 +90,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                                                   "evaluate and write the fold report.")
     p.add_argument("dataset", help="dataset ID or name")
     p.add_argument("fold", help="fold 0-4, or 'all'")
-    p.add_argument("-tr", "--trainer", default="SAMedLoRATrainer", help="trainer class name")
-    p.add_argument("-c", "--configuration", default="2d", help="configuration from the plans")
+    p.add_argument("-tr", "--trainer", default=None, help="trainer class name (default: SAMedLoRATrainer for 2d, "
+                                                           "SAM3DAdapterTrainer for 3d_fullres)")
+    p.add_argument("-c", "--configuration", default=None,
+                   help="configuration from the plans (default: the one the planner recommends)")
     p.add_argument("-p", "--plans", default=None, help="plans name (default samnnuPlans; nnUNetPlans for "
                                                         "nnU-Net's own trainers)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
@@ -127,8 +131,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input folder)")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
     p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default: 0)")
-    p.add_argument("-tr", "--trainer", default="SAMedLoRATrainer")
-    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
+    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
     p.add_argument("-p", "--plans", default=None)
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
@@ -187,8 +191,8 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
     p.add_argument("-o", "--output", default=None, help="label map written by 'save'")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
     p.add_argument("-f", "--folds", nargs="+", default=["0"])
-    p.add_argument("-tr", "--trainer", default="SAMedLoRATrainer")
-    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
+    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
     p.add_argument("-p", "--plans", default=None)
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     p.add_argument("--device", default=None)
@@ -315,6 +319,8 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-images", default=None, help="external test images (cases never used in training)")
     p.add_argument("--test-labels", default=None, help="labels of the external test images")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--retime", action="store_true",
+                   help="train nothing: time the listed models' inference again on their largest finished run")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 iterations per model, one timed volume (unless given otherwise)")
     p.add_argument("-o", "--output", required=True, help="output folder (results.json, results.md, runs, logs)")
@@ -334,7 +340,8 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
         state = run_benchmark(args.dataset, args.models, args.output, fold=args.fold, iterations=iterations,
                               budget_minutes=minutes, sizes=sizes, seed=args.seed, timing_cases=timing,
                               test_images=args.test_images, test_labels=args.test_labels, device=args.device,
-                              data_root=args.data_root, command=" ".join(["samnnu_benchmark", *(argv or sys.argv[1:])]))
+                              data_root=args.data_root, retime=args.retime,
+                              command=" ".join(["samnnu_benchmark", *(argv or sys.argv[1:])]))
         print(f"results: {args.output}/results.json and results.md ({len(state['ran'])} runs now, "
               f"{len(state['runs']) - len(state['ran'])} from before)")
 

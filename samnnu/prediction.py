@@ -101,7 +101,25 @@ class _Model:
         return self._predictor
 
 
-def _open_model(dataset: str | int, *, folds: tuple, trainer: str, configuration: str, plans: str | None,
+def _default_trained_model(name: str, trainer: str | None, configuration: str | None,
+                           plans: str | None) -> tuple[str, str]:
+    """What the user left open, decided as ``samnnu_train`` decides it (:func:`samnnu.training.default_model`),
+    from the preprocessed plans or, without them, from the plans saved with a trained model."""
+    from samnnu.config import current_paths
+    from samnnu.plans.samnnu_planner import PLANS_NAME
+    from samnnu.training import default_model
+
+    plans_name = plans or (PLANS_NAME if trainer is None or trainer in SAMNNU_TRAINERS else "nnUNetPlans")
+    candidates = [current_paths().preprocessed / name / f"{plans_name}.json"]
+    candidates += sorted((current_paths().results / name).glob(f"*__{plans_name}__*/plans.json"))
+    for path in candidates:
+        if path.is_file():
+            return default_model(load_json_file(path, "plans"), trainer, configuration)
+    return trainer or DEFAULT_TRAINER, configuration or DEFAULT_CONFIGURATION
+
+
+def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, configuration: str | None,
+                plans: str | None,
                 device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
     """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
     setup_environment()
@@ -110,6 +128,8 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str, configuration
     from samnnu.plans.samnnu_planner import PLANS_NAME
 
     name = dataset_name(dataset)
+    if trainer is None or configuration is None:
+        trainer, configuration = _default_trained_model(name, trainer, configuration, plans)
     plans_name = plans or (PLANS_NAME if trainer in SAMNNU_TRAINERS else "nnUNetPlans")
     mfolder = model_folder(name, trainer, plans_name, configuration)
     if not mfolder.is_dir():
@@ -182,7 +202,7 @@ def _geometry(path: Path):
 
 
 def prompt_free_predictions(cases: Mapping[str, list[Path]], dataset: str | int, *, folds: tuple = (0,),
-                            trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION,
+                            trainer: str | None = None, configuration: str | None = None,
                             plans: str | None = None, device: str | None = None,
                             checkpoint: str = "checkpoint_final.pth", mirroring: bool = True,
                             postprocess: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
@@ -219,7 +239,7 @@ def _write_like(array: np.ndarray, like: Path, target: Path) -> None:
 
 
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int, *,
-            folds: tuple = (0,), trainer: str = DEFAULT_TRAINER, configuration: str = DEFAULT_CONFIGURATION,
+            folds: tuple = (0,), trainer: str | None = None, configuration: str | None = None,
             plans: str | None = None, device: str | None = None, checkpoint: str = "checkpoint_final.pth",
             mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
             auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,

@@ -100,7 +100,10 @@ def test_quick_benchmark_end_to_end(baseline_root, tmp_path, monkeypatch, capsys
         assert run["iterations"] == 2 and set(run["dice"]) == {"Anterior", "Posterior"}
         assert all(0.0 <= v <= 1.0 for v in run["dice"].values())
         assert run["n_validation_cases"] == len(splits[0]["val"])
-        assert run["inference_seconds_per_volume"] > 0 and run["inference_seconds_per_volume_mirroring"] > 0
+        if run["train_size"] == "3":  # inference is timed once per model, on its first run
+            assert run["inference_seconds_per_volume"] > 0 and run["inference_seconds_per_volume_mirroring"] > 0
+        else:
+            assert "inference_seconds_per_volume" not in run
         assert run["peak_rss_gb"] > 0.1 and run["trainable_parameters"] > 0
         # the model really trained on the subset: the run's own settings file records it
         trainer, cfg = run["trainer"], run["configuration"]
@@ -120,6 +123,14 @@ def test_quick_benchmark_end_to_end(baseline_root, tmp_path, monkeypatch, capsys
     assert "(0 runs now, 4 from before)" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(before)["runs"]
     assert to_markdown(state).count("| SAMedLoRATrainer:2d |") >= 2
+    # --retime: trains nothing, times each model again on its run with the most training cases only
+    assert benchmark_main(args + ["--retime"]) == 0
+    after = json.loads((out / "results.json").read_text())["runs"]
+    for model in ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d"):
+        assert "inference_seconds_per_volume" not in after[f"{model}@3"]
+        timed = after[f"{model}@all"]
+        assert timed["inference_seconds_per_volume"] > 0 and timed["timing_peak_rss_gb"] > 0.1
+        assert timed["dice"] == state["runs"][f"{model}@all"]["dice"]  # not retrained
 
 
 def test_benchmark_refuses_bad_input(baseline_root, tmp_path, monkeypatch, capsys):
