@@ -289,9 +289,9 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     data_root = str(paths.raw.parent) if data_root is None else str(Path(data_root).resolve())
     name = dataset_name(dataset)
     pre = paths.preprocessed / name
-    for m in parsed:
-        from samnnu.training import get_trainer_class
+    from samnnu.training import get_trainer_class
 
+    for m in parsed:
         get_trainer_class(m.trainer)  # unknown trainer names fail here, before anything runs
         plans = load_json_file(pre / f"{m.plans}.json", f"plans '{m.plans}' (plan and preprocess first)")
         if m.configuration not in plans["configurations"]:
@@ -415,6 +415,12 @@ def _find(state: dict, model: str, size: str) -> dict | None:
     return state["runs"].get(f"{model}@{size}")
 
 
+def _timed_run(state: dict, model: str) -> dict | None:
+    """The run of ``model`` that carries its inference timing (the "all" run first), if any."""
+    runs = sorted(state["runs"].values(), key=lambda r: r["train_size"] != "all")
+    return next((r for r in runs if r["model"] == model and "inference_seconds_per_volume" in r), None)
+
+
 def targets(state: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the targets samnnu holds itself to; verdict 'met', 'missed' or
     'not measured' (a model or size missing from this run)."""
@@ -444,10 +450,7 @@ def targets(state: dict) -> list[tuple[str, str, str]]:
     else:
         rows.append((goal, "-", "not measured"))
     goal = f"CPU inference: {default} s/volume <= nnU-Net 3d_fullres (same mirroring setting)"
-    d = next((r for r in sorted(state["runs"].values(), key=lambda r: r["train_size"] != "all")
-              if r["model"] == default and "inference_seconds_per_volume" in r), None)
-    b = next((r for r in sorted(state["runs"].values(), key=lambda r: r["train_size"] != "all")
-              if r["model"] == baselines[1] and "inference_seconds_per_volume" in r), None)
+    d, b = _timed_run(state, default), _timed_run(state, baselines[1])
     if d and b and state["setup"]["device"] == "cpu":
         ok = all(d[k] <= b[k] for k in ("inference_seconds_per_volume", "inference_seconds_per_volume_mirroring"))
         rows.append((goal, f"{d['inference_seconds_per_volume']:.2f} vs {b['inference_seconds_per_volume']:.2f} "
@@ -463,7 +466,7 @@ def to_markdown(state: dict) -> str:
     s = state["setup"]
     budget = (f"{s['budget']['iterations']} training iterations per model" if "iterations" in s["budget"]
               else f"{s['budget']['minutes']:g} minutes of training per model (converted to iterations from a "
-                   f"timed {'run'} of each model)")
+                   "timed run of each model)")
     sizes = list(s["training_subsets"])
     models = list(dict.fromkeys(r["model"] for r in state["runs"].values()))
     lines = [f"# Benchmark: {s['dataset']}, fold {s['fold']}", "",
