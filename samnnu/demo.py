@@ -56,7 +56,8 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
         if not link.exists():
             link.symlink_to(raw / "imagesTr" / f"{case}_0000.nii.gz")
     predictions = work / "demo_predictions"
-    predict(inputs, predictions, DEMO_DATASET_ID, folds=(0,), device=device, mirroring=False)
+    predict(inputs, predictions, DEMO_DATASET_ID, folds=(0,), trainer="SAMedLoRATrainer", configuration="2d",
+            device=device, mirroring=False)
 
     step("evaluating the predictions against their labels")
     evaluation = evaluate_folders(raw / "labelsTr", predictions, dataset_json=str(raw / "dataset.json"))
