@@ -70,6 +70,11 @@ def run_model(trainer: str, plans: str, args) -> dict:
     }
 
 
+def _mm(value) -> str:
+    """HD95 in mm, or '-' where the class was never predicted (no distance exists)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def to_markdown(results: list[dict], meta: dict) -> str:
     lines = [f"Machine: {meta['cpu']}, {meta['cores']} cores, device {meta['device']}; dataset {meta['dataset']}, "
              f"fold {meta['fold']}, {meta['iterations']} training iterations per model "
@@ -80,7 +85,7 @@ def to_markdown(results: list[dict], meta: dict) -> str:
     for r in results:
         d, h = list(r["dice"].values()), list(r["hd95_mm"].values())
         lines.append(f"| {r['trainer']} ({r['plans']} {r['configuration']}) | {r['batch_size']} | {d[0]:.3f} | "
-                     f"{d[1]:.3f} | {h[0]:.2f} / {h[1]:.2f} | {r['training_seconds']:.0f} | "
+                     f"{d[1]:.3f} | {_mm(h[0])} / {_mm(h[1])} | {r['training_seconds']:.0f} | "
                      f"{r['seconds_per_iteration_incl_epoch_validation']:.2f} | "
                      f"{r['inference_seconds_per_volume_no_mirroring']:.2f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['trainable_parameters']:,} |")
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
             "fold": args.fold, "epochs": args.epochs, "iters": args.iters, "iterations": args.epochs * args.iters,
             "command": " ".join([sys.executable] + sys.argv)}
     for trainer, plans in (m.split(":") for m in args.models):
-        if any(r["trainer"] == trainer and r["iterations"] == args.epochs * args.iters for r in done):
+        if any(r["trainer"] == trainer and r["plans"] == plans and r["iterations"] == args.epochs * args.iters
+               for r in done):
             continue
         print(f"running {trainer} ...", flush=True)
         done.append(run_model(trainer, plans, args))

@@ -174,7 +174,9 @@ def root_3d(tmp_path_factory):
     return root
 
 
-def test_train_3d_fullres_then_predict(root_3d, monkeypatch, tmp_path):
+@pytest.mark.parametrize("trainer", [NAME, "nnSAMTrainer"])
+def test_train_3d_fullres_then_predict(trainer, root_3d, monkeypatch, tmp_path):
+    """Both volumetric SAM trainers train on the planner's own 3d_fullres configuration and predict with it."""
     import json
 
     import SimpleITK as sitk
@@ -186,14 +188,14 @@ def test_train_3d_fullres_then_predict(root_3d, monkeypatch, tmp_path):
     use_data_root(monkeypatch, root_3d)
     plans = json.loads((root_3d / "nnUNet_preprocessed" / "Dataset004_Hippocampus" / "samnnuPlans.json").read_text())
     assert "no 3D SAM trainer" not in plans["samnnu"]["reason"]
-    result = train(4, 0, trainer=NAME, configuration="3d_fullres", epochs=1, iters_per_epoch=2, mirroring=False,
+    result = train(4, 0, trainer=trainer, configuration="3d_fullres", epochs=1, iters_per_epoch=2, mirroring=False,
                    device="cpu")
-    assert NAME in result["fold_dir"] and "3d_fullres" in result["fold_dir"]
+    assert trainer in result["fold_dir"] and "3d_fullres" in result["fold_dir"]
     inputs = tmp_path / "in"
     inputs.mkdir()
     case = sorted((demo_dataset_path() / "images").glob("*.nii.gz"))[-1]  # not among the training cases
     (inputs / case.name).write_bytes(case.read_bytes())
-    written = predict(inputs, tmp_path / "out", 4, folds=(0,), trainer=NAME, configuration="3d_fullres",
+    written = predict(inputs, tmp_path / "out", 4, folds=(0,), trainer=trainer, configuration="3d_fullres",
                       device="cpu", mirroring=False)
     assert [p.name for p in written] == [case.name]
     image, label = sitk.ReadImage(str(case)), sitk.ReadImage(str(written[0]))
