@@ -53,15 +53,13 @@ class Model:
 
 def parse_model(text: str) -> Model:
     """``trainer:configuration[:plans]``; plans default to samnnuPlans (samnnu trainers) or nnUNetPlans."""
-    from samnnu.plans.samnnu_planner import PLANS_NAME
-    from samnnu.training import SAMNNU_TRAINERS
+    from samnnu.training import default_plans_name
 
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise SamnnuError(f"model '{text}': expected trainer:configuration (e.g. SAMedLoRATrainer:2d or "
                           f"nnUNetTrainer:3d_fullres)")
-    plans = parts[2] if len(parts) == 3 else (PLANS_NAME if parts[0] in SAMNNU_TRAINERS else "nnUNetPlans")
-    return Model(parts[0], parts[1], plans)
+    return Model(parts[0], parts[1], default_plans_name(parts[0], parts[2] if len(parts) == 3 else None))
 
 
 def size_label(size: int | None) -> str:

@@ -14,7 +14,8 @@ import numpy as np
 from samnnu.config import num_processes, setup_environment
 from samnnu.datasets import dataset_name, load_json_file, model_folder
 from samnnu.errors import SamnnuError
-from samnnu.training import DEFAULT_CONFIGURATION, DEFAULT_TRAINER, SAMNNU_TRAINERS, pick_device
+from samnnu.training import (DEFAULT_CONFIGURATION, DEFAULT_TRAINER, default_model, default_plans_name,
+                             pick_device)
 
 if TYPE_CHECKING:
     from samnnu.prompts import ImageGeometry
@@ -106,10 +107,8 @@ def _default_trained_model(name: str, trainer: str | None, configuration: str | 
     """What the user left open, decided as ``samnnu_train`` decides it (:func:`samnnu.training.default_model`),
     from the preprocessed plans or, without them, from the plans saved with a trained model."""
     from samnnu.config import current_paths
-    from samnnu.plans.samnnu_planner import PLANS_NAME
-    from samnnu.training import default_model
 
-    plans_name = plans or (PLANS_NAME if trainer is None or trainer in SAMNNU_TRAINERS else "nnUNetPlans")
+    plans_name = default_plans_name(trainer, plans)
     candidates = [current_paths().preprocessed / name / f"{plans_name}.json"]
     candidates += sorted((current_paths().results / name).glob(f"*__{plans_name}__*/plans.json"))
     for path in candidates:
@@ -125,12 +124,10 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, config
     setup_environment()
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from samnnu.plans.samnnu_planner import PLANS_NAME
-
     name = dataset_name(dataset)
     if trainer is None or configuration is None:
         trainer, configuration = _default_trained_model(name, trainer, configuration, plans)
-    plans_name = plans or (PLANS_NAME if trainer in SAMNNU_TRAINERS else "nnUNetPlans")
+    plans_name = default_plans_name(trainer, plans)
     mfolder = model_folder(name, trainer, plans_name, configuration)
     if not mfolder.is_dir():
         raise SamnnuError(f"{mfolder}: no trained model for trainer {trainer}, plans {plans_name}, "

@@ -64,6 +64,16 @@ def _resume(trainer, fold_dir: Path) -> bool:
     return False
 
 
+def default_plans_name(trainer: str | None, plans: str | None = None) -> str:
+    """The plans a trainer uses unless the user names them: samnnuPlans for samnnu's trainers (and for a
+    trainer still to be chosen from them), nnUNetPlans for nnU-Net's own."""
+    if plans:
+        return plans
+    from samnnu.plans.samnnu_planner import PLANS_NAME
+
+    return PLANS_NAME if trainer is None or trainer in SAMNNU_TRAINERS else "nnUNetPlans"
+
+
 def default_model(plans_dict: dict, trainer: str | None, configuration: str | None) -> tuple[str, str]:
     """(trainer, configuration) with the plans deciding what the user left open.
 
@@ -99,10 +109,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     Returns a dict with the fold folder, wall times and the evaluation summary.
     """
     setup_environment()
-    from samnnu.plans.samnnu_planner import PLANS_NAME
-
     name = dataset_name(dataset)
-    plans_name = plans or (PLANS_NAME if trainer is None or trainer in SAMNNU_TRAINERS else "nnUNetPlans")
+    plans_name = default_plans_name(trainer, plans)
     pre = current_paths().preprocessed / name
     plans_dict = load_json_file(pre / f"{plans_name}.json", f"plans file (run samnnu_plan_and_preprocess -d {dataset})")
     trainer, configuration = default_model(plans_dict, trainer, configuration)
