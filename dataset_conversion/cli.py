@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace):
     """Call the converter that ``args.command`` names; return its ConversionResult."""
     from samnnu.config import setup_environment
+    from samnnu.safe_io import reported_os_errors
 
-    raw_root = setup_environment(args.data_root).raw
+    with reported_os_errors(args.data_root or "nnU-Net data folders"):
+        raw_root = setup_environment(args.data_root).raw
     if args.command == "hippocampus":
         from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 

@@ -12,15 +12,18 @@ interrupted conversion never leaves a half-written ``DatasetNNN_Name`` for nnU-N
 The 3D checks (SimpleITK: NIfTI, NRRD, ...) live here in :func:`prepare_volume_case`; the 2D
 natural-image checks live in :mod:`samnnu.dataset_conversion.folder`. Both use the label-value
 checks of this module (:func:`integer_label_array`).
+
+Files are read and written through :mod:`samnnu.safe_io`: a truncated or damaged source file refuses
+its case (:func:`inspect_image`), every output file is written atomically and checked, and an
+``OSError`` (full disk, no permission) becomes a one-line :class:`SamnnuError` naming the file
+(:func:`reported_os_errors`).
 """
 from __future__ import annotations
 
-import gzip
-import json
 import re
-import zlib
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -29,6 +32,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import (ImageInfo, check_image_file, describe_os_error, reported_os_errors,
+                            write_image_atomic, write_json_atomic)
 
 # Two grids are "the same" when they agree within these tolerances (physical units, mm).
 SPACING_RTOL = 1e-4
@@ -36,6 +41,9 @@ ORIGIN_ATOL = 1e-3
 DIRECTION_ATOL = 1e-4
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+
+# Image dimensions the converter writes (nnU-Net reads 2D and 3D images, channels as separate files).
+SUPPORTED_DIMENSIONS = (2, 3)
 
 
 class CaseRefused(Exception):
@@ -234,43 +242,64 @@ def integer_label_array(array: np.ndarray, labels: Mapping[str, int], where: str
 # --------------------------------------------------------------------------------------------
 # 3D volumes (SimpleITK)
 # --------------------------------------------------------------------------------------------
-def read_volume(path: Path) -> sitk.Image:
-    """Read a volume with SimpleITK; a missing or unreadable file refuses the case."""
-    if not path.is_file():
-        raise CaseRefused(f"{short_name(path)}: file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise CaseRefused(f"{short_name(path)}: cannot be read ({error_summary(str(err))})") from None
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        check_nifti_complete(path)
-    return image
+def inspect_image(path: Path) -> ImageInfo:
+    """Check a source image file with :func:`samnnu.safe_io.check_image_file`; return its header facts.
 
+    A missing, unreadable, truncated (SimpleITK would read the missing voxels as zeros) or damaged
+    file, and an image that is neither 2D nor 3D (e.g. a 4D time series), refuse the case.
 
-def check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI file (SimpleITK silently reads the missing voxels as zeros).
-
-    A ``.gz`` file must be one complete gzip stream (checked while streaming, CRC included) and the
-    data must hold at least header offset + voxels x bytes per voxel.
+    Raises:
+        CaseRefused: ``"<folder>/<file>: <problem>"``.
     """
-    import nibabel
-
     where = short_name(path)
     try:
-        proxy = nibabel.load(str(path)).dataobj
-        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
-    except Exception as err:  # nibabel raises many types for bad headers
-        raise CaseRefused(f"{where}: cannot be read ({error_summary(str(err))})") from None
-    if path.name.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as stream:
-                size = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 20), b""))
-        except (EOFError, OSError, zlib.error) as err:
-            raise CaseRefused(f"{where}: damaged or truncated gzip data ({error_summary(str(err))})") from None
-    else:
-        size = path.stat().st_size
-    if size < expected:
-        raise CaseRefused(f"{where}: truncated ({size} of {expected} bytes)")
+        info = check_image_file(path)
+    except SamnnuError as err:  # "<path>: <problem>", the path possibly repeated in the problem
+        raise CaseRefused(str(err).replace(str(path), where)) from None
+    except OSError as err:
+        raise CaseRefused(f"{where}: cannot be read ({describe_os_error(err)})") from None
+    if info.dimension not in SUPPORTED_DIMENSIONS:
+        raise CaseRefused(
+            f"{where}: is {info.dimension}D (size {info.size}); "
+            "samnnu converts 2D and 3D images, one file per channel"
+        )
+    return info
+
+
+def read_volume(path: Path) -> sitk.Image:
+    """Read a 2D or 3D image with SimpleITK after :func:`inspect_image`; a bad file refuses the case."""
+    inspect_image(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise CaseRefused(f"{short_name(path)}: cannot be read ({error_summary(str(err))})") from None
+
+
+def peek_dimension(path: Path) -> int | None:
+    """The dimension an image file's header states (header only, cheap); None if it cannot be read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader.GetDimension()
+
+
+def typical_dimension(cases: Sequence[CaseFiles]) -> int | None:
+    """The most common dimension (2 or 3) of the cases' first image file, from the headers.
+
+    Cases with a listing problem and unreadable or unsupported headers do not vote (they are refused
+    later with their own reason); a tie goes to the first case in the given order. None when no
+    case votes.
+    """
+    votes: Counter[int] = Counter()
+    for case in cases:
+        if not case.problem and case.images:
+            dimension = peek_dimension(case.images[0])
+            if dimension in SUPPORTED_DIMENSIONS:
+                votes[dimension] += 1
+    return votes.most_common(1)[0][0] if votes else None
 
 
 def grid_difference(image: sitk.Image, reference: sitk.Image) -> str | None:
@@ -293,8 +322,8 @@ def _rounded(values: Sequence[float]) -> tuple[float, ...]:
 
 
 def save_volume(image: sitk.Image, path: Path) -> None:
-    """Write a volume, compressed when the file ending asks for it."""
-    sitk.WriteImage(image, str(path), useCompression=True)
+    """Write a volume atomically (compressed when the file ending asks for it) and check it."""
+    write_image_atomic(image, path)
 
 
 def prepare_volume_case(
@@ -303,12 +332,14 @@ def prepare_volume_case(
     labels: Mapping[str, int],
     num_channels: int,
     image_pixel_type: int | None = None,
+    dimension: int | None = None,
 ) -> PreparedCase:
     """Read and check one 3D (or 2D medical) case with SimpleITK.
 
-    Checks: the case has ``num_channels`` readable scalar images without NaN, a readable label,
-    and the same grid everywhere; label values integral and listed. The written label takes the
-    geometry of channel 0, so grids that agree within tolerance become exactly equal.
+    Checks: the case has ``num_channels`` complete, readable, 2D or 3D scalar images without NaN
+    (of ``dimension`` when given), a readable label, and the same grid everywhere; label values
+    integral and listed. The written label takes the geometry of channel 0, so grids that agree
+    within tolerance become exactly equal.
 
     Args:
         case: the files of the case.
@@ -316,6 +347,8 @@ def prepare_volume_case(
         num_channels: expected number of image files.
         image_pixel_type: a SimpleITK pixel type (e.g. ``sitk.sitkFloat32``) to cast images to;
             None keeps the stored type.
+        dimension: the dimension (2 or 3) every case of the dataset must have, e.g. from
+            :func:`typical_dimension`; None accepts either.
 
     Raises:
         CaseRefused: with the reason.
@@ -328,6 +361,11 @@ def prepare_volume_case(
     images = [read_volume(p) for p in case.images]
     label = read_volume(case.label)
     reference, reference_path = images[0], case.images[0]
+    if dimension is not None and reference.GetDimension() != dimension:
+        raise CaseRefused(
+            f"{short_name(reference_path)}: is {reference.GetDimension()}D (size {reference.GetSize()}), "
+            f"{dimension}D expected (the dimension of the dataset's other cases)"
+        )
     for image, path in zip(images, case.images):
         _check_scalar_finite(image, path)
         difference = grid_difference(image, reference)
@@ -383,7 +421,7 @@ def check_target(raw_root: Path, dataset_id: int, name: str, overwrite: bool) ->
 
 
 def write_dataset_json(folder: Path, spec: DatasetSpec, num_training: int) -> None:
-    """Write ``dataset.json`` with the keys nnU-Net requires plus ``spec.extra``."""
+    """Write ``dataset.json`` (atomically) with the keys nnU-Net requires plus ``spec.extra``."""
     content = {
         "name": spec.name,
         "channel_names": spec.channel_names,
@@ -392,9 +430,7 @@ def write_dataset_json(folder: Path, spec: DatasetSpec, num_training: int) -> No
         "file_ending": spec.file_ending,
         **spec.extra,
     }
-    with open(folder / "dataset.json", "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=4, sort_keys=False)
-        f.write("\n")
+    write_json_atomic(folder / "dataset.json", content, indent=4)
 
 
 def convert_cases(
@@ -419,32 +455,34 @@ def convert_cases(
         ConversionResult with the installed folder, converted case ids and refused {case: reason}.
 
     Raises:
-        SamnnuError: bad spec, target conflicts, or no convertible case.
+        SamnnuError: bad spec, target conflicts, no convertible case, or a file that cannot be
+            written (full disk, ...); the temporary folder is removed and no dataset is installed.
     """
     validate_dataset_id_and_name(spec.dataset_id, spec.name)
     validate_labels_map(spec.labels)
     raw_root = Path(raw_root).expanduser().resolve()
-    target = check_target(raw_root, spec.dataset_id, spec.name, overwrite)
-    if not cases:
-        raise SamnnuError(f"{source}: no cases found")
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        raise SamnnuError(f"{source}: duplicate case ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    with reported_os_errors(raw_root):
+        target = check_target(raw_root, spec.dataset_id, spec.name, overwrite)
+        if not cases:
+            raise SamnnuError(f"{source}: no cases found")
+        ids = [c.case_id for c in cases]
+        if len(set(ids)) != len(ids):
+            raise SamnnuError(f"{source}: duplicate case ids {sorted({i for i in ids if ids.count(i) > 1})}")
 
-    raw_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=raw_root))
-    try:
-        converted, refused = _write_cases(cases, spec, prepare, staging)
-        if not converted:
-            first = next(iter(sorted(refused.items())))
-            raise SamnnuError(
-                f"{source}: no convertible case ({len(refused)} refused; e.g. {first[0]}: {first[1]})"
-            )
-        write_dataset_json(staging, spec, len(converted))
-        _install(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        raw_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=raw_root))
+        try:
+            converted, refused = _write_cases(cases, spec, prepare, staging)
+            if not converted:
+                first = next(iter(sorted(refused.items())))
+                raise SamnnuError(
+                    f"{source}: no convertible case ({len(refused)} refused; e.g. {first[0]}: {first[1]})"
+                )
+            write_dataset_json(staging, spec, len(converted))
+            _install(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return ConversionResult(dataset_folder=target, converted=converted, refused=refused)
 
 

@@ -6,7 +6,9 @@ naming in the images folder (``case_0000.nii.gz``, ``case_0001.nii.gz`` / label 
 Hidden files (``.*``, macOS ``._*``) and files of other types are ignored.
 
 Volumes (NIfTI ``.nii``/``.nii.gz``, NRRD ``.nrrd``) are read with SimpleITK and written as
-``.nii.gz`` with the checks of :func:`samnnu.dataset_conversion.common.prepare_volume_case`.
+``.nii.gz`` with the checks of :func:`samnnu.dataset_conversion.common.prepare_volume_case`. All
+cases must have the same dimension: a 2D file among 3D volumes (or the reverse) is refused, the
+dimension of most cases being the expected one.
 
 2D images (PNG, JPEG, TIFF, BMP; grey or RGB) are written the way nnU-Net's
 ``NaturalImage2DIO`` reads them: one lossless ``.png`` per input file, an RGB file holding the three
@@ -37,9 +39,11 @@ from samnnu.dataset_conversion.common import (
     normalise_channel_names,
     prepare_volume_case,
     short_name,
+    typical_dimension,
     validate_labels_map,
 )
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import check_image_file, reported_os_errors, write_atomic
 
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd")
 IMAGE_2D_ENDINGS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -63,10 +67,11 @@ def split_ending(name: str) -> tuple[str, str]:
 def list_supported(folder: Path) -> dict[str, list[Path]]:
     """``{stem: [files]}`` for the supported, non-hidden files of ``folder``."""
     found: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        stem, ending = split_ending(path.name)
-        if path.is_file() and ending and not path.name.startswith("."):
-            found.setdefault(stem, []).append(path)
+    with reported_os_errors(folder):
+        for path in sorted(folder.iterdir()):
+            stem, ending = split_ending(path.name)
+            if path.is_file() and ending and not path.name.startswith("."):
+                found.setdefault(stem, []).append(path)
     return found
 
 
@@ -215,8 +220,8 @@ def map_binary_255(mask: np.ndarray, labels: Mapping[str, int]) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """Write a uint8/uint16 grey or RGB array as PNG."""
-    Image.fromarray(array).save(path, format="PNG")
+    """Write a uint8/uint16 grey or RGB array as PNG, atomically and checked."""
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), check_image_file)
 
 
 def prepare_image_case(case: CaseFiles, *, labels: Mapping[str, int], num_channels: int) -> PreparedCase:
@@ -309,7 +314,9 @@ def convert_folder(
     else:
         names = normalise_channel_names(channel_names)
     if kind == "3d":
-        prepare = partial(prepare_volume_case, labels=labels, num_channels=len(names))
+        prepare = partial(
+            prepare_volume_case, labels=labels, num_channels=len(names), dimension=typical_dimension(cases)
+        )
         spec = DatasetSpec(dataset_id, name, names, labels, ".nii.gz")
     else:
         prepare = partial(prepare_image_case, labels=labels, num_channels=len(names))

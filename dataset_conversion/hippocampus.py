@@ -7,13 +7,15 @@ Two source layouts are accepted:
 - MSD ``Task04_Hippocampus``: ``imagesTr/`` + ``labelsTr/`` + ``dataset.json`` (macOS ``._*``
   files are ignored; ``imagesTs/`` has no labels and is not converted).
 
-Images are written as float32 whatever they were stored as (the data mix uint8 and float32 with
-very different intensity ranges; nnU-Net normalises per case). Labels stored as float are accepted
-when their values are exactly 0, 1, 2 and are written as integers.
+All cases must be 3D volumes (a 2D slice or a 4D series is refused). Images are written as float32
+whatever they were stored as (the data mix uint8 and float32 with very different intensity ranges;
+nnU-Net normalises per case). Labels stored as float are accepted when their values are exactly
+0, 1, 2 and are written as integers.
 """
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from samnnu.dataset_conversion.common import (
     DatasetSpec,
     convert_cases,
     default_raw_root,
+    one_line,
     prepare_volume_case,
+    reported_os_errors,
 )
 from samnnu.errors import SamnnuError
 
@@ -33,6 +37,7 @@ NAME = "Hippocampus"
 CHANNEL_NAMES = {"0": "MRI"}
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
 FILE_ENDING = ".nii.gz"
+DIMENSION = 3
 EXTRA = {
     "description": "Hippocampus MRI, left/right hippocampus crops (Vanderbilt University Medical Center)",
     "reference": "Medical Segmentation Decathlon, Task04_Hippocampus (http://medicaldecathlon.com/)",
@@ -49,28 +54,61 @@ def find_layout(src: Path) -> tuple[Path, Path]:
 
 
 def check_msd_labels(src: Path) -> None:
-    """If ``src/dataset.json`` (MSD) exists, make sure its labels and modality are Task04's."""
+    """If ``src/dataset.json`` (MSD) exists, make sure its labels are Task04's.
+
+    Raises:
+        SamnnuError: one line naming the file when it is not JSON, not in the MSD form (see
+            :func:`msd_labels_map`) or lists other labels.
+    """
     path = src / "dataset.json"
     if not path.is_file():
         return
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise SamnnuError(f"{path}: cannot be read as JSON ({err})") from None
+        raise SamnnuError(f"{path}: cannot be read as JSON ({one_line(str(err))})") from None
+    if not isinstance(content, dict):
+        raise SamnnuError(f"{path}: holds a JSON {type(content).__name__}, not an object with a \"labels\" entry")
     msd_labels = content.get("labels")
     if msd_labels is not None:
-        found = {str(name): int(value) for value, name in msd_labels.items()}
+        found = msd_labels_map(msd_labels, path)
         if {k.lower(): v for k, v in found.items()} != {k.lower(): v for k, v in LABELS.items()}:
             raise SamnnuError(f"{path}: labels {msd_labels} are not Task04's background/Anterior/Posterior")
 
 
+def msd_labels_map(msd_labels: object, path: Path) -> dict[str, int]:
+    """MSD's ``"labels"`` (label value -> name, ``{"0": "background", "1": "Anterior"}``) as an
+    nnU-Net labels map (name -> value, ``{"background": 0, "Anterior": 1}``).
+
+    Raises:
+        SamnnuError: naming ``path`` when ``msd_labels`` is not an object, a key is not a label
+            value (0, 1, 2, ...) or a name is not a string.
+    """
+    example = '{"0": "background", "1": "Anterior", "2": "Posterior"}'
+    if not isinstance(msd_labels, dict):
+        raise SamnnuError(
+            f'{path}: "labels" is a JSON {type(msd_labels).__name__}; MSD maps label values to names, e.g. {example}'
+        )
+    found: dict[str, int] = {}
+    for value, name in msd_labels.items():
+        if not re.fullmatch(r"[0-9]+", value):
+            raise SamnnuError(
+                f'{path}: "labels" key {value!r} is not a label value; MSD maps label values to names, e.g. {example}'
+            )
+        if not isinstance(name, str):
+            raise SamnnuError(f'{path}: "labels" name of label {value} is {name!r}, not a string')
+        found[name] = int(value)
+    return found
+
+
 def _nifti_files(folder: Path) -> dict[str, Path]:
     """``{case_id: path}`` for the ``*.nii.gz`` files of a folder, skipping ``._*`` and hidden files."""
-    return {
-        p.name[: -len(FILE_ENDING)]: p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name.endswith(FILE_ENDING) and not p.name.startswith(".")
-    }
+    with reported_os_errors(folder):
+        return {
+            p.name[: -len(FILE_ENDING)]: p
+            for p in sorted(folder.iterdir())
+            if p.is_file() and p.name.endswith(FILE_ENDING) and not p.name.startswith(".")
+        }
 
 
 def find_cases(src: Path) -> list[CaseFiles]:
@@ -119,7 +157,11 @@ def convert_hippocampus(
         extra=dict(EXTRA),
     )
     prepare = partial(
-        prepare_volume_case, labels=LABELS, num_channels=1, image_pixel_type=sitk.sitkFloat32
+        prepare_volume_case,
+        labels=LABELS,
+        num_channels=1,
+        image_pixel_type=sitk.sitkFloat32,
+        dimension=DIMENSION,
     )
     return convert_cases(
         find_cases(src), spec, prepare, default_raw_root(raw_root), overwrite=overwrite, source=str(src)

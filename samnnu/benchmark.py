@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import weights_only_loading, write_text_atomic
 
 RESULTS = "results.json"
 MARKDOWN = "results.md"
@@ -97,13 +98,6 @@ def cpu_name() -> str:
         return re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
     except (OSError, AttributeError):
         return platform.processor() or "unknown CPU"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -188,8 +182,9 @@ def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(fold_dir.parent), use_folds=(spec["fold"],),
-                                                   checkpoint_name="checkpoint_final.pth")
+    with weights_only_loading():
+        predictor.initialize_from_trained_model_folder(str(fold_dir.parent), use_folds=(spec["fold"],),
+                                                       checkpoint_name="checkpoint_final.pth")
     if predictor.allowed_mirroring_axes is None:  # the benchmark trains with test-time mirroring off
         predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
     out = {"timing_cases": len(cases)}
@@ -232,7 +227,7 @@ def _run_worker(spec: dict, log: Path) -> dict:
     spec_file = log.with_suffix(".spec.json")
     result_file = log.with_suffix(".result.json")
     result_file.unlink(missing_ok=True)
-    _atomic_write(spec_file, json.dumps(spec, indent=2))
+    write_text_atomic(spec_file, json.dumps(spec, indent=2))
     with open(log, "a") as fh:
         proc = subprocess.run([sys.executable, "-m", "samnnu.benchmark", "--worker", str(spec_file),
                                str(result_file)], stdout=fh, stderr=subprocess.STDOUT)
@@ -326,8 +321,8 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     }
 
     def save():
-        _atomic_write(results_file, json.dumps(state, indent=2))
-        _atomic_write(out / MARKDOWN, to_markdown(state))
+        write_text_atomic(results_file, json.dumps(state, indent=2))
+        write_text_atomic(out / MARKDOWN, to_markdown(state))
 
     base = {"data_root": data_root, "dataset": name, "fold": fold, "device": device, "timing_cases": timing_cases,
             "test_images": test_images and str(Path(test_images).resolve()),
@@ -516,7 +511,7 @@ def _worker_main(argv: list[str]) -> int:
     spec_file, result_file = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_file.read_text())
     result = _worker(spec)
-    _atomic_write(result_file, json.dumps(result, indent=2))
+    write_text_atomic(result_file, json.dumps(result, indent=2))
     return 0
 
 

@@ -10,18 +10,76 @@ import sys
 from typing import Callable, Sequence
 
 from samnnu.errors import SamnnuError
+from samnnu.processes import Terminated, adopt_parent_lifetime, install_command_hooks, stop_children
+
+# A worker process spawned by a samnnu command re-imports the command's script, which imports this
+# module: from then on the worker dies with the command (no orphans after kill -9).
+adopt_parent_lifetime()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``<prog>: error: <message> (see --help)``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fold(text: str) -> str:
+    """A fold: 'all' or a whole number >= 0 (checked against the dataset's splits when training)."""
+    if text == "all" or (text.isdigit() and text.isascii()):
+        return text
+    raise argparse.ArgumentTypeError(f"fold '{text}' is neither a number (0, 1, ...) nor 'all'")
 
 
 def _run(prog: str, fn: Callable[[], object]) -> int:
+    """Run a command's body: user errors, full disks and signals end it with one line, never a traceback."""
+    install_command_hooks()
     try:
         fn()
     except SamnnuError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(prog, f"error: {e}", 1)
+    except OSError as e:  # the machine's problem, not samnnu's: a full disk, a read-only or vanished folder
+        from samnnu.safe_io import describe_os_error
+
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(prog, f"error: {where}{describe_os_error(e)}", 1)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        stop_children()
+        return _fail(prog, "interrupted", 130)
+    except Terminated:
+        stop_children()
+        return _fail(prog, "terminated", 143)
     return 0
+
+
+def _fail(prog: str, message: str, status: int) -> int:
+    """Close open progress bars (so the message starts its own line), print ``<prog>: <message>``."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"{prog}: {message}", file=sys.stderr)
+    return status
 
 
 def _data_root(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +107,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_plan_and_preprocess",
+    p = _Parser(prog="samnnu_plan_and_preprocess",
                                 description="Fingerprint a converted dataset, plan SAM configurations from it and "
                                             "preprocess the data.")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (DatasetNNN_Name)")
@@ -62,10 +120,10 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
                         "mobilesam); written into the plans, loaded when training starts")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device the plans are made for (default: cuda if visible, else cpu)")
-    p.add_argument("--device-memory-gb", type=float, default=None,
+    p.add_argument("--device-memory-gb", type=_positive_float, default=None,
                    help="memory budget for training (default: the GPU's memory, or half the RAM up to 16 GB)")
     p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's dataset checks first")
-    p.add_argument("-np", type=int, default=None, help="worker processes")
+    p.add_argument("-np", type=_positive_int, default=None, help="worker processes")
     p.add_argument("--nnunet-baseline-plans", action="store_true",
                    help="also plan and preprocess with nnU-Net's own planner (nnUNetPlans) for baselines")
     _data_root(p)
@@ -86,18 +144,18 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_train", description="Train one fold, then validate, postprocess, "
+    p = _Parser(prog="samnnu_train", description="Train one fold, then validate, postprocess, "
                                                                   "evaluate and write the fold report.")
     p.add_argument("dataset", help="dataset ID or name")
-    p.add_argument("fold", help="fold 0-4, or 'all'")
+    p.add_argument("fold", type=_fold, help="fold 0-4 (fewer for datasets of under 5 cases), or 'all'")
     p.add_argument("-tr", "--trainer", default=None, help="trainer class name (default: SAMedLoRATrainer for 2d, "
                                                            "SAM3DAdapterTrainer for 3d_fullres)")
     p.add_argument("-c", "--configuration", default=None,
                    help="configuration from the plans (default: the one the planner recommends)")
     p.add_argument("-p", "--plans", default=None, help="plans name (default samnnuPlans; nnUNetPlans for "
                                                         "nnU-Net's own trainers)")
-    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
-    p.add_argument("--iters-per-epoch", type=int, default=None, help="training iterations per epoch")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs (default: the trainer's)")
+    p.add_argument("--iters-per-epoch", type=_positive_int, default=None, help="training iterations per epoch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from the fold's last checkpoint")
@@ -125,12 +183,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_predict", description="Segment a folder of volumes with a trained "
+    p = _Parser(prog="samnnu_predict", description="Segment a folder of volumes with a trained "
                                                                     "model (folds are ensembled).")
     p.add_argument("-i", "--input", required=True, help="folder of images (CASE.nii.gz or CASE_0000.nii.gz ...)")
     p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input folder)")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to ensemble (default: 0)")
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
     p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
     p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
     p.add_argument("-p", "--plans", default=None)
@@ -138,6 +196,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
+    p.add_argument("--overwrite", action="store_true",
+                   help="predict every case again (default: an interrupted run resumes, keeping the cases it "
+                        "finished with the same model and options)")
     _prompt_arguments(p)
     p.add_argument("--prompts", default=None,
                    help="JSON file of boxes/clicks per case and label (docs/interactive.md); those labels are "
@@ -158,7 +219,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                           checkpoint=args.checkpoint, mirroring=not args.disable_tta,
                           postprocess=not args.no_postprocessing, prompts=args.prompts,
                           auto_prompts=args.auto_prompts, refiner=args.refiner_encoder, refine_options=options,
-                          write_prompts=args.write_prompts)
+                          write_prompts=args.write_prompts, overwrite=args.overwrite)
         print(f"wrote {len(written)} segmentations to {args.output}")
 
     return _run(p.prog, go)
@@ -182,7 +243,7 @@ def _refine_options(args):
 def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
     from samnnu.refine import HELP
 
-    p = argparse.ArgumentParser(prog="samnnu_refine", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _Parser(prog="samnnu_refine", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Refine one case interactively: the trained model predicts it, then "
                                             "clicks and boxes read from the terminal (or --commands FILE) refine "
                                             "one label at a time.",
@@ -190,7 +251,7 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
     p.add_argument("-i", "--input", nargs="+", required=True, help="the case's image file(s), one per channel")
     p.add_argument("-o", "--output", default=None, help="label map written by 'save'")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    p.add_argument("-f", "--folds", nargs="+", default=["0"])
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"])
     p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
     p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
     p.add_argument("-p", "--plans", default=None)
@@ -235,11 +296,11 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_demo", description="The whole chain on the hippocampus cases shipped "
+    p = _Parser(prog="samnnu_demo", description="The whole chain on the hippocampus cases shipped "
                                                                  "with samnnu: convert, plan, preprocess, train, "
                                                                  "predict, evaluate, report.")
     p.add_argument("--output", default=None, help="work folder (default: ./samnnu_demo_output)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: a few minutes' worth)")
+    p.add_argument("--iterations", type=_positive_int, default=None, help="training iterations (default: a few minutes' worth)")
     p.add_argument("--encoder", default="litemedsam")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -253,7 +314,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_report", description="Rebuild a trained fold's report.html and "
+    p = _Parser(prog="samnnu_report", description="Rebuild a trained fold's report.html and "
                                                                    "report.json from the files in its folder.")
     p.add_argument("fold_dir", help="the fold's results folder, e.g. nnUNet_results/Dataset004_Hippocampus/"
                                     "SAMedLoRATrainer__samnnuPlans__2d/fold_0")
@@ -270,14 +331,14 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 
 
 def summarize_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_summarize", description="Compare every trained model of a dataset "
+    p = _Parser(prog="samnnu_summarize", description="Compare every trained model of a dataset "
                                                                       "across its folds (samnnu and plain nnU-Net "
                                                                       "models), pick the best one by cross-validation "
                                                                       "and write summary.json and summary.html.")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
     p.add_argument("-o", "--output", default=None, help="output folder (default: nnUNet_results/DatasetXXX/summary)")
     p.add_argument("--no-ensembles", action="store_true", help="compare single models only")
-    p.add_argument("-np", type=int, default=None, help="worker processes for evaluation")
+    p.add_argument("-np", type=_positive_int, default=None, help="worker processes for evaluation")
     _data_root(p)
     args = p.parse_args(argv)
 
@@ -298,23 +359,23 @@ DEFAULT_BENCHMARK_MODELS = ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d", "nnUNetTr
 
 
 def benchmark_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="samnnu_benchmark",
+    p = _Parser(prog="samnnu_benchmark",
                                 description="samnnu trainers and plain nnU-Net side by side on one fold: the same "
                                             "budget, training subsets and chain for every model; writes "
                                             "results.json and results.md. Resumable.")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (converted, planned, preprocessed)")
     p.add_argument("-m", "--models", nargs="+", default=list(DEFAULT_BENCHMARK_MODELS),
                    help="trainer:configuration[:plans] (default: %(default)s)")
-    p.add_argument("-f", "--fold", type=int, default=0)
+    p.add_argument("-f", "--fold", type=int, choices=range(0, 100), metavar="FOLD", default=0)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--iterations", type=int, default=None, help="training iterations per model")
-    budget.add_argument("--budget-minutes", type=float, default=None,
+    budget.add_argument("--iterations", type=_positive_int, default=None, help="training iterations per model")
+    budget.add_argument("--budget-minutes", type=_positive_float, default=None,
                         help="training minutes per model (converted to iterations from a short timed run)")
     p.add_argument("--sizes", nargs="+", default=None,
                    help="training-set sizes, e.g. 5 10 20 all (seeded subsets of the fold's training cases; "
                         "default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training subsets")
-    p.add_argument("--timing-cases", type=int, default=None,
+    p.add_argument("--timing-cases", type=_positive_int, default=None,
                    help="validation volumes timed for inference speed (default 5; 1 with --quick)")
     p.add_argument("--test-images", default=None, help="external test images (cases never used in training)")
     p.add_argument("--test-labels", default=None, help="labels of the external test images")

@@ -45,3 +45,41 @@ def load_json_file(path: Path, what: str) -> dict:
 
 def model_folder(name: str, trainer: str, plans: str, configuration: str) -> Path:
     return current_paths().results / name / f"{trainer}__{plans}__{configuration}"
+
+
+def ensure_splits(name: str, configuration: str, plans_name: str) -> list[dict]:
+    """The dataset's cross-validation splits (``splits_final.json``), created when missing.
+
+    nnU-Net's default is 5 folds; a dataset of fewer than 5 cases gets one fold per case (at least 2
+    cases are needed), and samnnu says so. The split is nnU-Net's own (seeded) function, so for 5 or more
+    cases it is the split nnU-Net would make.
+    """
+    from samnnu.safe_io import write_json_atomic
+
+    pre = current_paths().preprocessed / name
+    splits_file = pre / "splits_final.json"
+    if splits_file.is_file():
+        splits = load_json_file(splits_file, "cross-validation splits")
+        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s)
+                                                   for s in splits):
+            raise SamnnuError(f"{splits_file}: not a list of {{'train': [...], 'val': [...]}} splits")
+        return splits
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = PlansManager(str(pre / f"{plans_name}.json"))
+    data_folder = pre / plans.get_configuration(configuration).data_identifier
+    if not data_folder.is_dir():
+        raise SamnnuError(f"{data_folder}: configuration '{configuration}' is not preprocessed "
+                          f"(run samnnu_plan_and_preprocess -d {name} -c {configuration})")
+    keys = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    if len(keys) < 2:
+        raise SamnnuError(f"{data_folder}: {len(keys)} case(s); cross-validation needs at least 2")
+    n_folds = min(5, len(keys))
+    if n_folds < 5:
+        print(f"samnnu: {name} has {len(keys)} cases: {n_folds}-fold cross-validation instead of 5 "
+              f"(folds 0-{n_folds - 1})")
+    splits = generate_crossval_split(keys, seed=12345, n_splits=n_folds)
+    write_json_atomic(splits_file, splits)
+    return splits

@@ -42,14 +42,12 @@ Summaries
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -58,6 +56,8 @@ import numpy as np
 from scipy import ndimage
 
 from samnnu.errors import SamnnuError
+# write_text_atomic is re-exported: other modules import it from here.
+from samnnu.safe_io import check_image_file, write_json_atomic, write_text_atomic
 
 #: Per-class metrics reported by :func:`evaluate_case`, in this order.
 METRICS = (
@@ -355,8 +355,16 @@ def evaluate_case(
 
 
 def _read(path: Path):
+    """The image at ``path``, refused with one line naming the file when it is damaged or truncated
+    (SimpleITK would read the missing part of a cut-off ``.nii.gz`` as zeros), not 2D/3D, or not a
+    single-channel image."""
     import SimpleITK as sitk
 
+    info = check_image_file(path)
+    if info.dimension not in (2, 3):
+        raise SamnnuError(f"{path}: a {info.dimension}D image; expected a 2D or 3D label map")
+    if info.components != 1:
+        raise SamnnuError(f"{path}: {info.components} components per voxel; expected a single-channel label map")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -384,21 +392,49 @@ def _check_same_grid(pred_img, ref_img, pred_path: Path, ref_path: Path) -> None
             )
 
 
+def _label_values(labels: Mapping[str, Any]) -> set[int]:
+    """Every label value a dataset.json ``labels`` dict names (regions contribute their members), with 0."""
+    values = {0}
+    for value in labels.values():
+        if isinstance(value, (list, tuple)):
+            values.update(int(v) for v in value)
+        else:
+            values.add(int(value))
+    return values
+
+
+def _format_values(values: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
 def _evaluate_file(
-    pred_path: Path, ref_path: Path, labels: Mapping[str, Any] | None, tolerance_mm: float
+    pred_path: Path,
+    ref_path: Path,
+    labels: Mapping[str, Any] | None,
+    tolerance_mm: float,
+    known_values: set[int] | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[int]]:
-    """Evaluate one file pair; with ``labels=None`` the classes are the labels found in either."""
+    """Evaluate one file pair; with ``labels=None`` the classes are the labels found in either.
+
+    known_values: the label values a prediction may hold (from the dataset.json); others are refused.
+    """
     import SimpleITK as sitk
 
     pred_img, ref_img = _read(pred_path), _read(ref_path)
     _check_same_grid(pred_img, ref_img, pred_path, ref_path)
-    if pred_img.GetNumberOfComponentsPerPixel() != 1 or ref_img.GetNumberOfComponentsPerPixel() != 1:
-        raise SamnnuError(f"{pred_path}: expected a single-channel label map")
     pred = sitk.GetArrayViewFromImage(pred_img)
     ref = sitk.GetArrayViewFromImage(ref_img)
     for arr, path in ((pred, pred_path), (ref, ref_path)):
         if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
             raise SamnnuError(f"{path}: contains non-integer values; expected a label map")
+    if known_values is not None:
+        unknown = sorted(int(v) for v in np.unique(pred) if int(v) not in known_values)
+        if unknown:
+            raise SamnnuError(
+                f"{pred_path}: label value(s) {_format_values(unknown)} not in the dataset's labels "
+                f"({_format_values(sorted(known_values))})"
+            )
     spacing = tuple(reversed(ref_img.GetSpacing()))
     found = []
     if labels is None:
@@ -491,22 +527,25 @@ def evaluate_folders(
     Args:
         ref_dir: folder of reference label maps (e.g. nnU-Net's ``gt_segmentations``).
         pred_dir: folder of predicted label maps; every file ending in ``file_ending`` is evaluated.
-        labels: class name -> label value (or list of values for a region). When neither this nor
-            ``dataset_json`` is given, the classes are all non-zero labels found, named ``label_N``.
+        labels: class name -> label value (or list of values for a region); may name only some of the
+            dataset's classes. When neither this nor ``dataset_json`` is given, the classes are all
+            non-zero labels found, named ``label_N``.
         dataset_json: a dataset.json path, its folder, or its parsed dict; gives ``labels`` and
-            ``file_ending`` when those are not passed.
+            ``file_ending`` when those are not passed, and the label values a prediction may hold.
         file_ending: defaults to the dataset.json's ``file_ending``, else ``.nii.gz``.
         tolerance_mm: tolerance of the surface Dice.
         num_processes: worker processes; 1 evaluates in this process.
 
     Returns:
         ``{"per_case": {case: {class: {metric: value}}}, "mean", "median", "worst",
-        "worst_case", "n_nan", "foreground_mean", "n_cases", "labels", "file_ending",
-        "tolerance_mm", "ref_dir", "pred_dir"}`` (see :func:`summarize`).
+        "worst_case", "n_nan", "foreground_mean", "n_cases", "missing_predictions", "labels",
+        "file_ending", "tolerance_mm", "ref_dir", "pred_dir"}`` (see :func:`summarize`);
+        ``missing_predictions`` lists the reference cases that have no prediction (not scored).
 
     Raises:
         SamnnuError: a folder is missing or holds no predictions, a reference is missing for a
-            prediction, an image cannot be read, or a prediction lies on a different voxel grid.
+            prediction, an image is unreadable, truncated, damaged or not 2D/3D, a prediction lies on
+            a different voxel grid, or a prediction holds a label value the dataset.json does not name.
     """
     ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
     ds = _load_dataset_json(dataset_json) if dataset_json is not None else {}
@@ -514,19 +553,24 @@ def evaluate_folders(
         if "labels" not in ds:
             raise SamnnuError(f"{dataset_json}: dataset.json has no 'labels'")
         labels = ds["labels"]
+    known_values = _label_values(ds["labels"]) if "labels" in ds else None
     file_ending = file_ending or ds.get("file_ending") or ".nii.gz"
     for d, what in ((ref_dir, "reference"), (pred_dir, "prediction")):
         if not d.is_dir():
             raise SamnnuError(f"{d}: {what} folder not found")
-    preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith(file_ending) and p.is_file())
+
+    def case_files(folder: Path) -> dict[str, Path]:
+        return {p.name[: -len(file_ending)]: p for p in sorted(folder.iterdir())
+                if p.name.endswith(file_ending) and p.is_file()}
+
+    preds, refs = case_files(pred_dir), case_files(ref_dir)
     if not preds:
         raise SamnnuError(f"{pred_dir}: no prediction files ending in {file_ending}")
     jobs = []
-    for p in preds:
-        ref = ref_dir / p.name
-        if not ref.is_file():
-            raise SamnnuError(f"{p}: no reference {ref}")
-        jobs.append((p, ref, labels, tolerance_mm))
+    for case, p in preds.items():
+        if case not in refs:
+            raise SamnnuError(f"{p}: no reference {ref_dir / p.name}")
+        jobs.append((p, refs[case], labels, tolerance_mm, known_values))
 
     if num_processes > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
@@ -534,7 +578,7 @@ def evaluate_folders(
     else:
         results = [_evaluate_file(*job) for job in jobs]
 
-    cases = [p.name[: -len(file_ending)] for p in preds]
+    cases = list(preds)
     per_case = {c: r[0] for c, r in zip(cases, results)}
     if labels is None:
         # Classes inferred per case: a class absent from a case is empty on both sides there.
@@ -549,6 +593,7 @@ def evaluate_folders(
     result.update(summarize(per_case))
     result.update(
         n_cases=len(cases),
+        missing_predictions=sorted(set(refs) - set(preds)),
         labels={str(k): v for k, v in labels.items()},
         file_ending=file_ending,
         tolerance_mm=float(tolerance_mm),
@@ -578,23 +623,6 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike) -> tuple[Path, Path]:
     """Write an :func:`evaluate_folders` result as JSON (NaN as null) and a CSV beside it.
 
@@ -603,9 +631,13 @@ def write_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike) -> 
 
     Returns:
         The paths of the JSON and the CSV file.
+
+    Raises:
+        SamnnuError: one line naming the file that cannot be written (a folder there, no permission,
+            disk full); a previous file of that name is kept.
     """
     out_json = Path(out_json)
-    write_text_atomic(out_json, json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
+    write_json_atomic(out_json, to_jsonable(result))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["case", "class", *METRICS])
@@ -624,24 +656,76 @@ def write_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike) -> 
 # --------------------------------------------------------------------------- command line
 
 
-def _dataset_json_from_arg(value: str) -> dict:
-    """``-d``: a dataset.json file, its folder, or a dataset ID/name found under nnUNet_raw."""
+def _raw_folder(data_root: str | os.PathLike | None) -> Path:
+    """The nnUNet_raw folder :func:`samnnu.config.setup_environment` would choose, without creating it.
+
+    setup_environment creates all three nnU-Net folders; a mistyped ``-d`` must not leave them behind, so
+    the dataset is looked up here first (the same rule: ``data_root`` overrides the environment, which
+    overrides the default data root).
+    """
+    from samnnu.config import default_data_root
+
+    if data_root is not None:
+        return Path(data_root).expanduser().resolve() / "nnUNet_raw"
+    return Path(os.environ.get("nnUNet_raw") or default_data_root() / "nnUNet_raw")
+
+
+def _dataset_json_from_arg(value: str, data_root: str | os.PathLike | None = None) -> dict:
+    """``-d``: a dataset.json file, its folder, or a dataset ID/name found under nnUNet_raw.
+
+    Only a dataset that is found sets up the nnU-Net environment (:func:`samnnu.config.setup_environment`
+    with ``data_root``); an unknown one is a SamnnuError and creates no folder.
+    """
     path = Path(value).expanduser()
     if path.exists():
         return _load_dataset_json(path)
+    raw = _raw_folder(data_root)
+    if value.startswith("Dataset"):
+        found = [raw / value]
+    elif value.isascii() and value.isdigit() and raw.is_dir():
+        prefix = f"Dataset{int(value):03d}_"
+        found = sorted(p for p in raw.iterdir() if p.name.startswith(prefix))
+    else:
+        found = []
+    found = [p for p in found if (p / "dataset.json").is_file()]
+    if not found:
+        raise SamnnuError(f"{value}: neither a dataset.json file nor a dataset ID found in nnUNet_raw ({raw})")
+    if len(found) > 1:
+        raise SamnnuError(f"{value}: dataset ID is ambiguous in {raw}: {', '.join(p.name for p in found)}")
     from samnnu.config import setup_environment
 
-    setup_environment()
-    from nnunetv2.paths import nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    paths = setup_environment(data_root)
+    return _load_dataset_json(paths.raw / found[0].name / "dataset.json")
 
-    try:
-        name = maybe_convert_to_dataset_name(int(value) if value.isdigit() else value)
-    except (RuntimeError, ValueError):
-        raise SamnnuError(
-            f"{value}: neither a dataset.json file nor a dataset ID found in nnUNet_raw ({nnUNet_raw.get()})"
-        ) from None
-    return _load_dataset_json(Path(nnUNet_raw.get()) / name / "dataset.json")
+
+def _check_output(path: Path) -> None:
+    """Refuse, before anything is evaluated, an output JSON that cannot be written: an existing folder
+    (for it or for the CSV beside it), a name ending in ``.csv``, or a place under a file or without
+    write permission. Missing folders are fine: they are created."""
+    if path.is_dir():
+        raise SamnnuError(f"{path}: is a folder; -o takes the name of the JSON file to write")
+    csv_path = path.with_suffix(".csv")
+    if csv_path == path:
+        raise SamnnuError(f"{path}: the output JSON must not end in .csv (the CSV is written beside it)")
+    if csv_path.is_dir():
+        raise SamnnuError(f"{csv_path}: is a folder; the CSV beside the output JSON cannot be written")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SamnnuError(f"{path}: cannot be written ({folder} is not a folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SamnnuError(f"{path}: cannot be written (no permission to write in {folder})")
+
+
+def _missing_line(result: Mapping[str, Any], shown: int = 5) -> str | None:
+    """One line naming the reference cases without a prediction, or None when there are none."""
+    missing = result["missing_predictions"]
+    if not missing:
+        return None
+    names = ", ".join(missing[:shown]) + (", ..." if len(missing) > shown else "")
+    return (f"{len(missing)} reference case(s) in {result['ref_dir']} have no prediction in {result['pred_dir']} "
+            f"and were not scored: {names}")
 
 
 def format_dice_table(result: Mapping[str, Any]) -> str:
@@ -667,8 +751,11 @@ def format_dice_table(result: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``samnnu_evaluate -ref DIR -pred DIR [-d DATASET_JSON_OR_ID] [-o OUT.json] [--tolerance MM]``."""
-    parser = argparse.ArgumentParser(
+    """``samnnu_evaluate -ref DIR -pred DIR [-d DATASET_JSON_OR_ID] [-o OUT.json] [--tolerance MM]
+    [--data-root DIR]``; problems are one ``samnnu_evaluate: error:`` line and exit status 1."""
+    from samnnu.cli import _data_root, _Parser, _run
+
+    parser = _Parser(
         prog="samnnu_evaluate",
         description="Dice, IoU, HD95, ASSD, surface Dice and volume errors of a folder of predictions.",
     )
@@ -681,22 +768,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", dest="out", default=None, help="output JSON (default: PRED/evaluation.json)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm (default 1)")
     parser.add_argument("-np", dest="num_processes", type=int, default=1, help="worker processes (default 1)")
+    _data_root(parser)
     args = parser.parse_args(argv)
-    try:
-        ds = _dataset_json_from_arg(args.dataset) if args.dataset is not None else None
+
+    def go():
+        out = Path(args.out) if args.out else Path(args.pred) / "evaluation.json"
+        _check_output(out)
+        ds = _dataset_json_from_arg(args.dataset, args.data_root) if args.dataset is not None else None
         result = evaluate_folders(
             args.ref, args.pred, dataset_json=ds, tolerance_mm=args.tolerance,
             num_processes=max(1, args.num_processes),
         )
-        out = Path(args.out) if args.out else Path(args.pred) / "evaluation.json"
+        missing = _missing_line(result)
+        if missing:
+            print(f"{parser.prog}: {missing}", file=sys.stderr)
         out_json, out_csv = write_evaluation(result, out)
-    except SamnnuError as e:
-        print(f"samnnu_evaluate: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{result['n_cases']} cases; Dice per class:")
-    print(format_dice_table(result))
-    print(f"wrote {out_json} and {out_csv}")
-    return 0
+        print(f"{result['n_cases']} cases; Dice per class:")
+        print(format_dice_table(result))
+        print(f"wrote {out_json} and {out_csv}")
+
+    return _run(parser.prog, go)
 
 
 evaluate_main = main

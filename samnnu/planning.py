@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from samnnu.config import current_paths, num_processes, setup_environment
-from samnnu.datasets import dataset_name
+from samnnu.datasets import dataset_name, ensure_splits
 from samnnu.errors import SamnnuError
 
 
@@ -69,6 +69,7 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] |
         ExperimentPlanner(ident).plan_experiment()
         preprocess_dataset(ident, "nnUNetPlans", configurations, [np_] * len(configurations), verbose=False)
     print(summarize_plans(plans))
+    ensure_splits(name, configurations[0], PLANS_NAME)  # says so when a small dataset gets fewer than 5 folds
     return plans
 
 

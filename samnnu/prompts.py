@@ -17,6 +17,7 @@ naming the file, the case and the prompt.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,25 +218,46 @@ def _resolve_label(value, labels: Mapping[str, int], where: str) -> int:
     return int(value)
 
 
-def _to_index(coords, system: str, geometry: ImageGeometry, where: str, what: str) -> Index:
-    """One coordinate triple -> an in-image (z, y, x) index, or a one-line SamnnuError."""
+def _continuous_position(coords: Sequence[float], system: str, geometry: ImageGeometry) -> np.ndarray:
+    """(z, y, x) continuous voxel position of a point; infinite where a value overflows."""
+    try:
+        values = np.asarray([float(c) for c in coords], dtype=np.float64)
+    except OverflowError:  # an integer beyond the range of floats
+        return np.full(3, np.inf)
+    if system == "voxel":
+        return values
+    with np.errstate(over="ignore", invalid="ignore"):
+        return world_to_voxel(values, geometry)
+
+
+def voxel_index(coords: Sequence[float], system: str, geometry: ImageGeometry, what: str) -> Index:
+    """A point as given -> the in-image (z, y, x) voxel index it names, or a one-line SamnnuError.
+
+    coords: a (z, y, x) voxel index (``system="voxel"``, integer values) or an (x, y, z) point in
+    millimetres (``system="world"``, mapped to the nearest voxel). ``what`` starts every message, e.g.
+    ``"prompts.json: case 'a', prompt 2: positive point 1"``. Non-finite values, fractional voxel indices
+    and points outside the image are refused; a point farther outside than the image's own extent along
+    some axis (which covers every value too large for an integer index) is refused before it is turned
+    into voxel indices.
+    """
     if (not isinstance(coords, (list, tuple)) or len(coords) != 3
             or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coords)):
-        raise SamnnuError(f"{where}: {what} must be 3 numbers, got {json.dumps(coords)}")
-    if not all(np.isfinite(c) for c in coords):
-        raise SamnnuError(f"{where}: {what} {json.dumps(coords)} is not finite")
-    if system == "voxel":
-        if not all(float(c).is_integer() for c in coords):
-            raise SamnnuError(f"{where}: {what} {json.dumps(coords)}: voxel coordinates must be integer indices "
-                              f"(z, y, x)")
-        index = tuple(int(c) for c in coords)
-        shown = f"voxel (z, y, x) {list(index)}"
-    else:
-        index = tuple(int(v) for v in np.floor(world_to_voxel(coords, geometry) + 0.5))
-        shown = f"world (x, y, z) {json.dumps(list(coords))} mm = voxel (z, y, x) {list(index)}"
+        raise SamnnuError(f"{what} must be 3 numbers, got {json.dumps(coords)}")
+    given = json.dumps(list(coords))
+    if not all(isinstance(c, int) or math.isfinite(c) for c in coords):
+        raise SamnnuError(f"{what} {given} is not finite")
+    if system == "voxel" and not all(isinstance(c, int) or c.is_integer() for c in coords):
+        raise SamnnuError(f"{what} {given}: voxel coordinates must be integer indices (z, y, x)")
+    extent = f"size z, y, x = {', '.join(map(str, geometry.size))}"
+    shown = f"voxel (z, y, x) {given}" if system == "voxel" else f"world (x, y, z) {given} mm"
+    position = _continuous_position(coords, system, geometry)
+    size = np.asarray(geometry.size, dtype=np.float64)
+    if not (np.all(np.isfinite(position)) and np.all(position >= -size) and np.all(position < 2 * size)):
+        raise SamnnuError(f"{what} at {shown} lies far outside the image ({extent})")
+    index = tuple(int(v) for v in np.floor(position + 0.5))
+    shown = f"voxel (z, y, x) {list(index)}" if system == "voxel" else f"{shown} = voxel (z, y, x) {list(index)}"
     if not all(0 <= i < s for i, s in zip(index, geometry.size)):
-        raise SamnnuError(f"{where}: {what} at {shown} lies outside the image (size z, y, x = "
-                          f"{', '.join(map(str, geometry.size))})")
+        raise SamnnuError(f"{what} at {shown} lies outside the image ({extent})")
     return index
 
 
@@ -263,7 +285,8 @@ def resolve_prompt(entry: Mapping, number: int, case: str, labels: Mapping[str, 
         corners = entry["box"]
         if not isinstance(corners, (list, tuple)) or len(corners) != 2:
             raise SamnnuError(f"{where}: 'box' must be two opposite corners [[...], [...]], got {json.dumps(corners)}")
-        a, b = (np.asarray(_to_index(c, system, geometry, where, f"box corner {i + 1}")) for i, c in enumerate(corners))
+        a, b = (np.asarray(voxel_index(c, system, geometry, f"{where}: box corner {i + 1}"))
+                for i, c in enumerate(corners))
         box = Box(tuple(int(v) for v in np.minimum(a, b)), tuple(int(v) for v in np.maximum(a, b)))
     points = []
     for key, positive in (("positive", True), ("negative", False)):
@@ -271,7 +294,7 @@ def resolve_prompt(entry: Mapping, number: int, case: str, labels: Mapping[str, 
         if not isinstance(values, (list, tuple)):
             raise SamnnuError(f"{where}: '{key}' must be a list of points, got {json.dumps(values)}")
         for i, coords in enumerate(values):
-            points.append(Point(_to_index(coords, system, geometry, where, f"{key} point {i + 1}"), positive))
+            points.append(Point(voxel_index(coords, system, geometry, f"{where}: {key} point {i + 1}"), positive))
     automatic = entry.get("automatic", False)
     if not isinstance(automatic, bool):
         raise SamnnuError(f"{where}: 'automatic' must be true or false, got {json.dumps(automatic)}")

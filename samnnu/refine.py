@@ -13,13 +13,15 @@ Commands (one per line; ``#`` starts a comment; voxel coordinates are (z, y, x) 
     quit                                  stop (end of input does the same)
 
 After every change one line gives the current label's volume in ml and, with a reference, its Dice.
-A bad command prints one ``error:`` line and the loop goes on.
+A bad command (unknown, wrong number of arguments, coordinates that are not finite or lie outside the
+image, an unknown label, a ``save`` path that cannot be written) prints one ``error:`` line, leaves the
+label map as it was and the loop goes on; so does a command that fails unexpectedly, so that unsaved work
+is never lost.
 """
 from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence, TextIO
 
@@ -27,36 +29,34 @@ import numpy as np
 
 from samnnu.errors import SamnnuError
 from samnnu.interactive import InteractiveSession, RefineOptions, SliceRefiner
-from samnnu.prompts import ImageGeometry, world_to_voxel
+from samnnu.prompts import ImageGeometry, voxel_index
+from samnnu.safe_io import write_image_atomic
 
 HELP = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
 
 
 def write_label_map(array: np.ndarray, like_image: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Write a (Z, Y, X) label map on the grid of ``like_image`` (2D images: Z = 1), atomically."""
+    """Write a (Z, Y, X) label map on the grid of ``like_image`` (2D images: Z = 1), atomically and checked
+    (:func:`samnnu.safe_io.write_image_atomic`; a failure is a one-line SamnnuError naming ``target``)."""
     import SimpleITK as sitk
 
     ref = sitk.ReadImage(str(like_image))
     data = np.asarray(array, dtype=np.uint8 if array.max(initial=0) < 256 else np.uint16)
     image = sitk.GetImageFromArray(data if ref.GetDimension() == 3 else data[0])
     image.CopyInformation(ref)
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    name = target.name
-    suffix = name[name.index("."):] if "." in name else ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_image_atomic(image, target)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 class RefineLoop:
-    """Parses commands and applies them to an :class:`InteractiveSession`; prints to ``out``."""
+    """Parses commands and applies them to an :class:`InteractiveSession`; prints to ``out``.
+
+    A command that fails prints one error line and is taken back (the session's label map stays as it
+    was); the loop goes on.
+    """
 
     def __init__(self, session: InteractiveSession, geometry: ImageGeometry, image_file: str | os.PathLike,
                  output: str | os.PathLike | None, out: TextIO, label: str | int | None = None,
@@ -67,11 +67,17 @@ class RefineLoop:
         self.output = output
         self.out = out
         self.prog = prog
-        self.label = session.label_value(label) if label is not None else min(session.names)
+        self.label = self._label_value(label) if label is not None else min(session.names)
         self.errors = 0
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+    def _label_value(self, label: str | int) -> int:
+        try:
+            return self.session.label_value(label)
+        except ValueError:  # digits int() does not take, e.g. '²'
+            raise SamnnuError(f"'{label}' is neither a label name nor a label value") from None
 
     def _index(self, words: Sequence[str], what: str) -> tuple[int, int, int]:
         world = bool(words) and words[0] == "world"
@@ -83,15 +89,28 @@ class RefineLoop:
             values = [float(v) for v in nums]
         except ValueError:
             raise SamnnuError(f"{what}: coordinates must be numbers, got {' '.join(nums)}") from None
-        if world:
-            return tuple(int(v) for v in np.floor(world_to_voxel(values, self.geometry) + 0.5))
-        if not all(v.is_integer() for v in values):
-            raise SamnnuError(f"{what}: voxel coordinates must be integers, got {' '.join(nums)}")
-        return tuple(int(v) for v in values)
+        return voxel_index(values, "world" if world else "voxel", self.geometry, what)
+
+    def _save(self, target: str | os.PathLike) -> Path:
+        """Write the current label map to ``target``: an image file name (e.g. ``.nii.gz``) in a folder that
+        exists (a mistyped folder is not created)."""
+        target = Path(target).expanduser()
+        folder = target.parent
+        if not folder.is_dir():
+            problem = "is not a folder" if folder.exists() else "folder not found"
+            raise SamnnuError(f"save: {folder}: {problem}; nothing was written")
+        if target.is_dir():
+            raise SamnnuError(f"save: {target} is a folder; give a file name such as {target / 'refined.nii.gz'}")
+        if "." not in target.name.lstrip("."):
+            raise SamnnuError(f"save: {target}: give a file name with an image ending such as .nii.gz")
+        return write_label_map(self.session.segmentation, self.image_file, target)
 
     def execute(self, line: str) -> bool:
         """Run one command; False when the loop should stop."""
-        words = shlex.split(line, comments=True)
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:  # e.g. an unclosed quote
+            raise SamnnuError(f"cannot read the command '{line.strip()}' ({e})") from None
         if not words:
             return True
         cmd, args = words[0].lower(), words[1:]
@@ -103,12 +122,12 @@ class RefineLoop:
         elif cmd == "label":
             if len(args) != 1:
                 raise SamnnuError("label: give one label name or value")
-            self.label = s.label_value(args[0])
+            self.label = self._label_value(args[0])
             self.say(s.describe(self.label))
         elif cmd == "click":
             if not args or args[0] not in ("+", "-"):
                 raise SamnnuError(f"click: expected '+' or '-' first, e.g. click + 12 30 20; got '{line.strip()}'")
-            index = self._index(args[1:], f"click {' '.join(args)}")
+            index = self._index(args[1:], "positive click" if args[0] == "+" else "negative click")
             s.click(self.label, index, args[0] == "+")
             self.say(s.describe(self.label))
         elif cmd == "box":
@@ -117,8 +136,8 @@ class RefineLoop:
             if len(nums) != 6:
                 raise SamnnuError(f"box: expected 6 coordinates (two corners), got {len(nums)}")
             prefix = ["world"] if world else []
-            lo = self._index(prefix + nums[:3], f"box {' '.join(args)}")
-            hi = self._index(prefix + nums[3:], f"box {' '.join(args)}")
+            lo = self._index(prefix + nums[:3], "box corner 1")
+            hi = self._index(prefix + nums[3:], "box corner 2")
             s.box(self.label, lo, hi)
             self.say(s.describe(self.label))
         elif cmd == "undo":
@@ -127,23 +146,35 @@ class RefineLoop:
             for value in sorted(s.names):
                 self.say(("* " if value == self.label else "  ") + s.describe(value))
         elif cmd == "save":
+            if len(args) > 1:
+                raise SamnnuError("save: give at most one path (quote a path that holds spaces)")
             target = args[0] if args else self.output
             if target is None:
                 raise SamnnuError("save: no path given and no -o/--output")
-            self.say(f"saved {write_label_map(s.segmentation, self.image_file, target)}")
+            self.say(f"saved {self._save(target)}")
         else:
             raise SamnnuError(f"unknown command '{cmd}' (type help)")
         return True
 
+    def _failed(self, message: str, history: int) -> None:
+        """Report a failed command in one line and take back whatever it had changed."""
+        while len(self.session.history) > history:
+            self.session.undo()
+        self.errors += 1
+        self.say(f"{self.prog}: error: {_one_line(message)}")
+
     def run(self, lines: Iterable[str]) -> int:
         """Run commands until quit or the end of input; returns the number of failed commands."""
         for line in lines:
+            history = len(self.session.history)
             try:
                 if not self.execute(line):
                     break
             except SamnnuError as e:
-                self.errors += 1
-                self.say(f"{self.prog}: error: {e}")
+                self._failed(str(e), history)
+            except Exception as e:  # a bug in one command must not end the session and lose unsaved work
+                self._failed(f"'{line.strip()}' failed ({type(e).__name__}: {e}); the label map is unchanged",
+                             history)
         return self.errors
 
 

@@ -594,15 +594,15 @@ def _nnunet_folder(name: str) -> Path | None:
 
 def _training_log(fold_dir: Path) -> tuple[dict, str | None]:
     """nnU-Net's ``checkpoint['logging']`` of the newest checkpoint, and the file it came from."""
-    import torch
+    from samnnu.safe_io import load_torch_safely
+    from samnnu.training import CHECKPOINTS_NEWEST_FIRST
 
-    for fname in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+    for fname in CHECKPOINTS_NEWEST_FIRST:
         path = fold_dir / fname
         if path.is_file():
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # a truncated or foreign file: say so, keep the report
-                raise SamnnuError(f"{path}: cannot read the checkpoint ({e})") from None
+            ckpt = load_torch_safely(path)  # tensors and plain data only: a model file never runs code
+            if not isinstance(ckpt, dict):
+                raise SamnnuError(f"{path}: not an nnU-Net checkpoint (no training log)")
             return dict(ckpt.get("logging") or {}), fname
     return {}, None
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import time
 from pathlib import Path
 
 from samnnu.config import current_paths, setup_environment
-from samnnu.datasets import dataset_name, load_json_file
+from samnnu.datasets import dataset_name, ensure_splits, load_json_file
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import write_json_atomic
 
 # samnnu's trainers by their stable names (they are written into checkpoints and folder names)
 SAMNNU_TRAINERS = {
@@ -53,15 +52,50 @@ def pick_device(device: str | None):
     return torch.device(device)
 
 
+CHECKPOINTS_NEWEST_FIRST = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
 def _resume(trainer, fold_dir: Path) -> bool:
-    """Load the newest checkpoint of an interrupted run; True when training had already finished."""
-    for fname in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
-        if (fold_dir / fname).is_file():
-            trainer.load_checkpoint(str(fold_dir / fname))
-            print(f"samnnu: resuming from {fold_dir / fname} (epoch {trainer.current_epoch})")
-            return fname == "checkpoint_final.pth"
-    print(f"samnnu: no checkpoint in {fold_dir}; starting a new training")
+    """Load the newest intact checkpoint of an interrupted run; True when training had already finished.
+
+    Checkpoints are tried newest first (final, latest, best); a truncated or damaged one is skipped with
+    a line saying so. A checkpoint that would run code is refused (SamnnuError), never loaded.
+    """
+    from samnnu.safe_io import load_torch_safely, weights_only_loading
+
+    for fname in CHECKPOINTS_NEWEST_FIRST:
+        path = fold_dir / fname
+        if not path.is_file():
+            continue
+        try:
+            load_torch_safely(path)
+        except SamnnuError as e:
+            if "refused" in str(e):
+                raise
+            print(f"samnnu: skipping {e}")
+            continue
+        with weights_only_loading():
+            trainer.load_checkpoint(str(path))
+        print(f"samnnu: resuming from {path} (epoch {trainer.current_epoch})")
+        return fname == "checkpoint_final.pth"
+    print(f"samnnu: no intact checkpoint in {fold_dir}; starting a new training")
     return False
+
+
+def _atomic_checkpoints(trainer) -> None:
+    """Make the trainer's checkpoints atomic: written to a temporary file, checked, then renamed, so a
+    crash or a full disk during a save leaves the previous checkpoint intact."""
+    from samnnu.safe_io import check_torch_archive, remove_stale_tmp, write_atomic
+
+    original = trainer.save_checkpoint
+
+    def save_checkpoint(filename: str) -> None:
+        if trainer.local_rank != 0 or trainer.disable_checkpointing:
+            return original(filename)
+        remove_stale_tmp(Path(filename).parent)  # left by a run killed during a save
+        write_atomic(filename, lambda tmp: original(str(tmp)), check_torch_archive)
+
+    trainer.save_checkpoint = save_checkpoint
 
 
 def default_plans_name(trainer: str | None, plans: str | None = None) -> str:
@@ -109,6 +143,11 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     Returns a dict with the fold folder, wall times and the evaluation summary.
     """
     setup_environment()
+    for what, value in (("epochs", epochs), ("iters_per_epoch", iters_per_epoch)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise SamnnuError(f"{what} must be a whole number of at least 1, got {value!r}")
+    if trainer is not None:
+        get_trainer_class(trainer)  # an unknown name is the error to report, not the plans it would use
     name = dataset_name(dataset)
     plans_name = default_plans_name(trainer, plans)
     pre = current_paths().preprocessed / name
@@ -126,7 +165,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
         if sam_block is None:
             raise SamnnuError(f"configuration '{configuration}' of {plans_name} has no sam block for --sam-checkpoint")
         sam_block["sam_checkpoint"] = str(Path(sam_checkpoint).resolve())
-    fold = fold if fold == "all" else int(fold)
+    fold = _check_fold(fold, ensure_splits(name, configuration, plans_name))
     dev = pick_device(device)
 
     plans_dict["continue_training"] = continue_training  # nnunetv2 2.8 passes this flag inside the plans
@@ -134,7 +173,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
                       device=dev)
     fold_dir = Path(t.output_folder)
     settings_file = fold_dir / RUN_SETTINGS
-    previous = json.loads(settings_file.read_text()) if continue_training and settings_file.is_file() else {}
+    previous = load_json_file(settings_file, "settings of the interrupted run") \
+        if continue_training and settings_file.is_file() else {}
     epochs = epochs or previous.get("epochs")
     iters_per_epoch = iters_per_epoch or previous.get("iters_per_epoch")
     train_cases = train_cases if train_cases is not None else previous.get("train_cases")
@@ -146,7 +186,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
         t.num_iterations_per_epoch = int(iters_per_epoch)
         t.num_val_iterations_per_epoch = max(1, int(iters_per_epoch) // 5)
     t.save_every = 1
-    _atomic_write_json(settings_file, {"epochs": t.num_epochs, "iters_per_epoch": t.num_iterations_per_epoch,
+    _atomic_checkpoints(t)
+    write_json_atomic(settings_file, {"epochs": t.num_epochs, "iters_per_epoch": t.num_iterations_per_epoch,
                                        "trainer": trainer, "plans": plans_name, "configuration": configuration,
                                        "device": str(dev), "mirroring": mirroring, "train_cases": train_cases})
 
@@ -155,7 +196,11 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     if not finished:
         if not mirroring:
             _disable_mirroring(t)
-        t.run_training()
+        try:
+            t.run_training()
+        except BaseException:
+            _stop_data_loaders(t)  # else their threads die noisily when the process exits
+            raise
     train_seconds = time.time() - start
     result = {"fold_dir": str(fold_dir), "train_seconds": train_seconds, "trainer": trainer, "plans": plans_name,
               "configuration": configuration, "fold": fold, "device": str(dev)}
@@ -164,6 +209,33 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
 
         result.update(run_fold_chain(t, train_seconds=train_seconds))
     return result
+
+
+def _stop_data_loaders(trainer) -> None:
+    """Shut down nnU-Net's background data loaders after a failed or interrupted training."""
+    for name in ("dataloader_train", "dataloader_val"):
+        loader = getattr(trainer, name, None)
+        finish = getattr(loader, "_finish", None)
+        if finish is not None:
+            try:
+                finish()
+            except Exception:  # already broken: nothing more to stop
+                pass
+
+
+def _check_fold(fold: int | str, splits: list[dict]) -> int | str:
+    """``fold`` as nnU-Net takes it ('all' or an int), refused unless the splits define it (nnU-Net would
+    silently train on a random 80:20 split instead)."""
+    if fold == "all":
+        return fold
+    try:
+        fold = int(fold)
+    except (TypeError, ValueError):
+        raise SamnnuError(f"fold '{fold}' is neither a number nor 'all'") from None
+    if not 0 <= fold < len(splits):
+        raise SamnnuError(f"fold {fold} does not exist: the dataset's splits_final.json has folds 0-{len(splits) - 1} "
+                          f"(or use 'all')")
+    return fold
 
 
 def _restrict_training_cases(trainer, cases: list[str]) -> None:
@@ -194,10 +266,3 @@ def _disable_mirroring(trainer) -> None:
         return out
 
     trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = configure
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

@@ -2,8 +2,12 @@
 shipped demo data and (when present) the shared hippocampus folder."""
 from __future__ import annotations
 
+import builtins
+import errno
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +15,14 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from samnnu.cli import convert_main
 from samnnu.dataset_conversion import cli
 from samnnu.dataset_conversion.common import integer_label_array, CaseRefused
 from samnnu.dataset_conversion.folder import convert_folder
 from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import check_image_file
 
 SHARED_HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
@@ -72,6 +78,14 @@ def nnunet_env(tmp_path, monkeypatch):
     from samnnu.config import setup_environment
 
     return setup_environment(tmp_path / "data", quiet=True).raw
+
+
+def shared_reason(path: Path) -> str:
+    """The reason the converter gives for a damaged file: samnnu.safe_io.check_image_file's message,
+    with the file named ``folder/file``."""
+    with pytest.raises(SamnnuError) as shared:
+        check_image_file(path)
+    return " ".join(str(shared.value).replace(str(path), f"{path.parent.name}/{path.name}").split())
 
 
 def read(path: Path) -> np.ndarray:
@@ -188,7 +202,8 @@ def test_corrupt_file_is_refused_and_inputs_are_untouched(tmp_path):
     before = tree_digest(src)
     result = convert_hippocampus(src, raw_root=tmp_path / "raw")
     assert result.converted == ["hippocampus_001"]
-    assert result.refused["hippocampus_002"].startswith("images/hippocampus_002.nii.gz: cannot be read")
+    assert result.refused["hippocampus_002"] == shared_reason(broken_header)
+    assert result.refused["hippocampus_003"] == shared_reason(truncated)
     assert result.refused["hippocampus_003"].startswith("images/hippocampus_003.nii.gz: damaged or truncated")
     assert tree_digest(src) == before
 
@@ -367,6 +382,165 @@ def test_cli_converts_into_data_root_and_prints_summary(tmp_path, capsys, nnunet
     assert code == 0 and (target / "dataset.json").is_file()
     assert f"converted 1 cases into {target}" in out
     assert "refused 1 cases:" in out and "hippocampus_002: " in out
+
+
+# --------------------------------------------------------------------------------------------
+# adversarial input through samnnu_convert: one-line errors, refused cases, untouched sources
+# --------------------------------------------------------------------------------------------
+def run_convert(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``samnnu_convert`` (the console script's function); return (exit status, stdout, stderr)."""
+    code = convert_main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str) -> str:
+    """The run failed with exactly one ``samnnu_convert: error: ...`` line; return that line."""
+    assert code != 0
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("samnnu_convert: error: ")
+    return err.rstrip("\n")
+
+
+def refused_line(out: str, case: str) -> str:
+    """The summary line of a refused case, without the case id."""
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith(f"{case}: ")]
+    assert len(lines) == 1, out
+    return lines[0][len(case) + 2:]
+
+
+def write_series(path: Path, arrays: list[np.ndarray]) -> Path:
+    """Write (Z, Y, X) arrays as one 4D image (x, y, z, t)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(a) for a in arrays]), str(path), useCompression=True)
+    return path
+
+
+def test_cli_4d_case_is_refused_and_the_other_cases_converted(tmp_path, capsys, nnunet_env):
+    images, labels_dir = tmp_path / "img", tmp_path / "lab"
+    write_volume(images / "a.nii.gz", image_array())
+    write_volume(labels_dir / "a.nii.gz", label_array())
+    write_series(images / "b.nii.gz", [image_array()] * 3)
+    write_series(labels_dir / "b.nii.gz", [label_array()] * 3)
+    before = tree_digest(tmp_path)
+    code, out, err = run_convert(capsys, "folder", images, labels_dir, "-d", 21, "-n", "Series",
+                                 "--labels", "background=0,a=1,p=2", "--data-root", tmp_path / "data")
+    assert code == 0 and err == ""
+    assert refused_line(out, "b") == (
+        "img/b.nii.gz: is 4D (size (7, 8, 6, 3)); samnnu converts 2D and 3D images, one file per channel")
+    target = nnunet_env / "Dataset021_Series"
+    assert sorted(p.name for p in (target / "imagesTr").iterdir()) == ["a_0000.nii.gz"]
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("data")} == before
+
+
+def test_cli_2d_slice_among_3d_volumes_is_refused_by_majority(tmp_path, capsys, nnunet_env):
+    images, labels_dir = tmp_path / "img", tmp_path / "lab"
+    write_volume(images / "a.nii.gz", image_array(shape=(8, 7)), spacing=(1.0, 1.0), origin=(0.0, 0.0))
+    write_volume(labels_dir / "a.nii.gz", label_array(shape=(6, 8, 7))[2], spacing=(1.0, 1.0), origin=(0.0, 0.0))
+    for case in ("b", "c"):
+        write_volume(images / f"{case}.nii.gz", image_array())
+        write_volume(labels_dir / f"{case}.nii.gz", label_array())
+    before = tree_digest(tmp_path)
+    code, out, err = run_convert(capsys, "folder", images, labels_dir, "-d", 22, "-n", "Mixed",
+                                 "--labels", "background=0,a=1,p=2", "--data-root", tmp_path / "data")
+    assert code == 0 and err == ""
+    assert refused_line(out, "a") == (
+        "img/a.nii.gz: is 2D (size (7, 8)), 3D expected (the dimension of the dataset's other cases)")
+    target = nnunet_env / "Dataset022_Mixed"
+    assert sorted(p.name for p in (target / "labelsTr").iterdir()) == ["b.nii.gz", "c.nii.gz"]
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("data")} == before
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ({"labels": {"background": 0, "Anterior": 1, "Posterior": 2}},  # inverted: name -> value
+         "\"labels\" key 'background' is not a label value"),
+        ({"labels": {"a": "x"}}, "\"labels\" key 'a' is not a label value"),
+        ({"labels": ["background", "Anterior", "Posterior"]}, "\"labels\" is a JSON list; MSD maps label values"),
+        ({"labels": {"0": "background", "1": ["Anterior"]}},
+         "\"labels\" name of label 1 is ['Anterior'], not a string"),
+        (["labels"], "holds a JSON list, not an object"),
+    ],
+)
+def test_cli_malformed_msd_dataset_json_is_a_one_line_error(tmp_path, capsys, nnunet_env, content, problem):
+    src = tmp_path / "Task04_Hippocampus"
+    make_case(src, "hippocampus_001", images="imagesTr", labels="labelsTr")
+    (src / "dataset.json").write_text(json.dumps(content))
+    before = tree_digest(src)
+    code, out, err = run_convert(capsys, "hippocampus", src, "--data-root", tmp_path / "data")
+    line = assert_one_line_error(code, err)
+    assert f"{src / 'dataset.json'}: {problem}" in line
+    assert list(nnunet_env.iterdir()) == [] and tree_digest(src) == before
+
+
+def _empty_image_write(image, fileName, *args, **kwargs):
+    """What SimpleITK's WriteImage does on a full disk: leaves an empty file and reports nothing."""
+    Path(fileName).write_bytes(b"")
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _no_space_for_writes(real_open):
+    """``open`` that reads as usual and fails every write with ENOSPC."""
+    def fake_open(file, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+    return fake_open
+
+
+@pytest.mark.parametrize("where", ["image", "json", "staging"])
+def test_cli_full_disk_is_a_one_line_error_and_leaves_no_dataset(tmp_path, capsys, nnunet_env, monkeypatch, where):
+    src = tmp_path / "src"
+    for case in ("hippocampus_001", "hippocampus_002"):
+        make_case(src, case)
+    before = tree_digest(src)
+    with monkeypatch.context() as mp:
+        if where == "image":
+            mp.setattr(sitk, "WriteImage", _empty_image_write)
+            expected = ("imagesTr/hippocampus_001_0000.nii.gz: cannot be written "
+                        "(the written file is empty (disk full?))")
+        elif where == "json":
+            mp.setattr(builtins, "open", _no_space_for_writes(builtins.open))
+            expected = "dataset.json: cannot be written (no space left on device)"
+        else:
+            mp.setattr(tempfile, "mkdtemp", _disk_full)
+            expected = f"{nnunet_env}: {os.strerror(errno.ENOSPC)}"
+        code, out, err = run_convert(capsys, "hippocampus", src, "-d", 23, "--data-root", tmp_path / "data")
+    line = assert_one_line_error(code, err)
+    assert line.endswith(expected), line
+    assert list(nnunet_env.iterdir()) == []  # neither Dataset023_Hippocampus nor a .partial folder
+    assert tree_digest(src) == before
+
+
+def test_cli_damaged_files_are_refused_with_the_shared_file_check(tmp_path, capsys, nnunet_env):
+    images, labels_dir = tmp_path / "img", tmp_path / "lab"
+    big = (20, 20, 20)
+    for case in ("a", "b", "c"):
+        write_volume(images / f"{case}.nii.gz", image_array(shape=big))
+        write_volume(labels_dir / f"{case}.nii.gz", label_array(shape=big))
+    write_volume(images / "d.nii", image_array(shape=big))
+    write_volume(labels_dir / "d.nii", label_array(shape=big))
+    damaged = {
+        "b": images / "b.nii.gz",  # empty: what a full disk leaves behind
+        "c": labels_dir / "c.nii.gz",  # cut inside the compressed voxels
+        "d": images / "d.nii",  # uncompressed, cut inside the voxels
+    }
+    damaged["b"].write_bytes(b"")
+    for path in (damaged["c"], damaged["d"]):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = tree_digest(tmp_path)
+    code, out, err = run_convert(capsys, "folder", images, labels_dir, "-d", 24, "-n", "Damaged",
+                                 "--labels", "background=0,a=1,p=2", "--data-root", tmp_path / "data")
+    assert code == 0 and err == ""
+    for case, path in damaged.items():
+        assert refused_line(out, case) == shared_reason(path)
+    assert refused_line(out, "b") == "img/b.nii.gz: empty file"
+    assert sorted(p.name for p in (nnunet_env / "Dataset024_Damaged" / "labelsTr").iterdir()) == ["a.nii.gz"]
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("data")} == before
 
 
 # --------------------------------------------------------------------------------------------

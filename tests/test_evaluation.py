@@ -257,9 +257,149 @@ def test_cli_dataset_id(folders, tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(name, "0" if name != "nnUNet_extTrainer" else "")
     ds = root / "nnUNet_raw" / "Dataset042_Boxes"
     ds.mkdir(parents=True)
-    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}))
+    labels = {"background": 0, "organ": 1, "lesion": 2}
+    (ds / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz"}))
     out = tmp_path / "eval.json"
     assert main(["-ref", str(ref_dir), "-pred", str(pred_dir), "-d", "42", "-o", str(out)]) == 0
-    assert list(json.loads(out.read_text())["mean"]) == ["organ"]
+    assert list(json.loads(out.read_text())["mean"]) == ["organ", "lesion"]
     assert main(["-ref", str(ref_dir), "-pred", str(pred_dir), "-d", "43", "-o", str(out)]) == 1
     assert "samnnu_evaluate: error: 43: neither a dataset.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bad input on the command line
+
+
+def snapshot(*folders):
+    """{path: bytes} of every file under the folders, to show that a command left its inputs alone."""
+    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_line(capsys) -> str:
+    """The one ``samnnu_evaluate: error:`` line on stderr; fails on a traceback or more lines."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("samnnu_evaluate: error: "), err
+    return err.strip()
+
+
+def run_cli(ref_dir, pred_dir, *extra) -> int:
+    return main(["-ref", str(ref_dir), "-pred", str(pred_dir), *map(str, extra)])
+
+
+def test_cli_refuses_truncated_and_4d_images(folders, tmp_path, capsys):
+    ref_dir, pred_dir = folders
+    out = tmp_path / "eval.json"
+    # half of a .nii.gz reference: SimpleITK alone would read the rest as zeros and score a perfect case badly
+    reference = ref_dir / "case_c.nii.gz"
+    reference.write_bytes(reference.read_bytes()[: reference.stat().st_size // 2])
+    before = snapshot(ref_dir, pred_dir)
+    assert run_cli(ref_dir, pred_dir, "-o", out) == 1
+    line = error_line(capsys)
+    assert str(reference) in line and "truncated" in line, line
+    assert not out.exists() and snapshot(ref_dir, pred_dir) == before
+
+    write_image(reference, shifted_boxes()[0].astype(np.uint8))
+    volume = sitk.GetImageFromArray(shifted_boxes()[0].astype(np.uint8))
+    sitk.WriteImage(sitk.JoinSeries([volume, volume]), str(pred_dir / "case_c.nii.gz"))  # (x, y, z, t)
+    before = snapshot(ref_dir, pred_dir)
+    assert run_cli(ref_dir, pred_dir, "-o", out) == 1
+    line = error_line(capsys)
+    assert str(pred_dir / "case_c.nii.gz") in line and "4D image" in line, line
+    assert not out.exists() and snapshot(ref_dir, pred_dir) == before
+
+
+def test_cli_names_references_without_a_prediction(folders, tmp_path, capsys):
+    ref_dir, pred_dir = folders
+    (pred_dir / "case_b.nii.gz").unlink()
+    before = snapshot(ref_dir, pred_dir)
+    out = tmp_path / "eval.json"
+    assert run_cli(ref_dir, pred_dir, "-o", out) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "1 reference case(s)" in captured.err and "case_b" in captured.err, captured.err
+    result = json.loads(out.read_text())
+    assert result["missing_predictions"] == ["case_b"] and sorted(result["per_case"]) == ["case_a", "case_c"]
+    assert snapshot(ref_dir, pred_dir) == before
+    # nothing missing: no line, an empty list
+    assert run_cli(ref_dir, ref_dir, "-o", out) == 0
+    assert capsys.readouterr().err == "" and json.loads(out.read_text())["missing_predictions"] == []
+
+
+def test_cli_refuses_label_values_the_dataset_does_not_name(folders, tmp_path, capsys):
+    ref_dir, pred_dir = folders
+    ds = tmp_path / "dataset.json"
+    ds.write_text(json.dumps({"labels": {"background": 0, "organ": 1, "lesion": 2}}))
+    pred = shifted_boxes()[0].astype(np.uint8)
+    pred[0, 0, 0], pred[0, 0, 1] = 7, 9
+    write_image(pred_dir / "case_c.nii.gz", pred)
+    before = snapshot(ref_dir, pred_dir)
+    out = tmp_path / "eval.json"
+    assert run_cli(ref_dir, pred_dir, "-d", ds, "-o", out) == 1
+    line = error_line(capsys)
+    assert str(pred_dir / "case_c.nii.gz") in line and "label value(s) 7, 9 not in the dataset's labels" in line
+    assert not out.exists() and snapshot(ref_dir, pred_dir) == before
+    # explicit labels may select some of the classes: the other values are then not an error
+    assert list(evaluate_folders(ref_dir, pred_dir, labels={"organ": 1})["mean"]) == ["organ"]
+
+
+def test_cli_data_root_and_an_unknown_dataset_creates_no_folder(folders, tmp_path, monkeypatch, capsys):
+    from conftest import NNUNET_ENV
+
+    ref_dir, pred_dir = folders
+    for name in NNUNET_ENV:
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    out = tmp_path / "eval.json"
+    assert run_cli(ref_dir, pred_dir, "-d", "501", "-o", out) == 1
+    assert "501: neither a dataset.json file nor a dataset ID" in error_line(capsys)
+    assert list(home.iterdir()) == [], "a failed -d created folders"
+    root = tmp_path / "data"
+    assert run_cli(ref_dir, pred_dir, "-d", "501", "--data-root", root, "-o", out) == 1
+    assert str(root / "nnUNet_raw") in error_line(capsys) and not root.exists()
+    # a dataset found under --data-root gives the class names, and sets up that root
+    ds = root / "nnUNet_raw" / "Dataset042_Boxes"
+    ds.mkdir(parents=True)
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "lesion": 2}}))
+    before = snapshot(ref_dir, pred_dir, root)
+    for dataset in ("42", "Dataset042_Boxes"):
+        assert run_cli(ref_dir, pred_dir, "-d", dataset, "--data-root", root, "-o", out) == 0
+        assert list(json.loads(out.read_text())["mean"]) == ["organ", "lesion"]
+    assert snapshot(ref_dir, pred_dir, root) == before and list(home.iterdir()) == []
+    assert (root / "nnUNet_results").is_dir()
+
+
+def test_cli_output_that_cannot_be_written(folders, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import samnnu.safe_io
+
+    ref_dir, pred_dir = folders
+    before = snapshot(ref_dir, pred_dir)
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("keep me\n")
+    for out, expected in ((tmp_path / "a_folder", "is a folder"),
+                          (tmp_path / "a_file" / "eval.json", "is not a folder"),
+                          (tmp_path / "eval.csv", "must not end in .csv")):
+        assert run_cli(ref_dir, pred_dir, "-o", out) == 1, out
+        line = error_line(capsys)
+        assert str(out) in line and expected in line, line
+    assert (tmp_path / "a_file").read_text() == "keep me\n" and list((tmp_path / "a_folder").iterdir()) == []
+
+    # a full disk: one line, the previous output kept, no temporary file left
+    out = tmp_path / "eval.json"
+    assert run_cli(ref_dir, pred_dir, "-o", out) == 0
+    capsys.readouterr()
+    previous = out.read_bytes()
+
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(samnnu.safe_io, "_fsync", disk_full)
+    assert run_cli(ref_dir, pred_dir, "-o", out) == 1
+    line = error_line(capsys)
+    assert str(out) in line and "no space left on device" in line, line
+    assert out.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "eval.csv", "eval.json", "pred", "ref"]
+    assert snapshot(ref_dir, pred_dir) == before

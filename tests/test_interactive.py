@@ -141,6 +141,30 @@ def test_malformed_prompt_files(tmp_path, text, expected):
         load_prompts(tmp_path / "missing.json", LABELS, {})
 
 
+ABSURD = [[1e29, 0, 0], [0, -1e29, 0], [10 ** 29, 0, 0], [0, 0, 1e308], [float("nan"), 0, 0], [0, float("inf"), 0],
+          [40, 0, 0], [-21, 0, 0]]  # the last two: just beyond the image by more than its extent (voxels and mm)
+
+
+@pytest.mark.parametrize("coordinates", ["voxel", "world"])
+def test_absurd_prompt_coordinates_are_one_line_errors(tmp_path, coordinates):
+    """Non-finite points, points beyond the image by more than its extent and values no integer index can
+    hold: one line naming file, case and prompt, never a traceback or a number of hundreds of digits."""
+    geometry = ImageGeometry((20, 30, 40), (0.5, 0.5, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    for point in ABSURD:
+        path = tmp_path / "prompts.json"
+        path.write_text(json.dumps({"cases": {"case7": [GOOD, {"label": "Posterior", "coordinates": coordinates,
+                                                              "box": [[0, 0, 0], [1, 1, 1]], "negative": [point]}]}}))
+        before = path.read_bytes()
+        with pytest.raises(SamnnuError) as e:
+            load_prompts(path, LABELS, {"case7": geometry})
+        message = str(e.value)
+        assert message.startswith(f"{path}: case 'case7', prompt 2 (label \"Posterior\"): negative point 1"), message
+        assert "\n" not in message and len(message) < 300, message
+        finite = np.all(np.isfinite(np.asarray(point, float)))
+        assert ("lies far outside the image (size z, y, x = 20, 30, 40)" if finite else "is not finite") in message
+        assert path.read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------
 # automatic prompts and the simulated user (pure functions on synthetic arrays)
 # --------------------------------------------------------------------------------------------
@@ -398,6 +422,86 @@ def test_session_click_undo_and_status():
         session.click("Other", (1, 1, 1), True)
 
 
+def test_refine_loop_survives_bad_commands_and_keeps_the_mask(tmp_path, monkeypatch):
+    """Every bad command, and one that fails inside the refiner, is one error line; the label map stays as
+    it was and the session goes on to save it."""
+    from samnnu.refine import RefineLoop
+
+    image = cone_volume()
+    geometry = ImageGeometry(image.shape, (0.5, 0.5, 2.0), (10.0, -5.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    image_file = tmp_path / "image.nii.gz"
+    sitk.WriteImage(sitk_image(geometry), str(image_file))
+    (tmp_path / "a_file").write_text("keep me\n")
+    inputs = {p: p.read_bytes() for p in (image_file, tmp_path / "a_file")}
+    seg = np.zeros(image.shape, np.uint8)
+    seg[5:10] = image[5:10] > 0.5
+    session = InteractiveSession(ThresholdRefiner(image), image, seg, None, {"Thing": 1, "Other": 2},
+                                 options=RefineOptions(margin=1, clicks="replace"))
+    saved = tmp_path / "refined.nii.gz"
+    loop = RefineLoop(session, geometry, image_file, saved, io.StringIO())
+    assert loop.run(["click + 7 12 12"]) == 0
+    good, history = session.segmentation.copy(), len(session.history)
+
+    def run_one(command: str) -> str:
+        loop.out = io.StringIO()
+        loop.run([command])
+        lines = loop.out.getvalue().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("samnnu_refine: error: "), (command, lines)
+        assert "Traceback" not in lines[0]
+        np.testing.assert_array_equal(session.segmentation, good)
+        assert len(session.history) == history
+        return lines[0]
+
+    bad = {
+        "click + world nan 0 0": "is not finite",
+        "click + world inf 0 0": "is not finite",
+        "click - world 1e308 0 0": "far outside the image",  # 1e308 mm / 0.5 mm overflows to inf voxels
+        "click + 1e29 0 0": "far outside the image",
+        "click + -99999999999999999999999 0 0": "far outside the image",
+        "click + nan 0 0": "is not finite",
+        "click + 7 12 40": "lies outside the image",
+        "box world 11 -4 7 1e400 0 0": "box corner 2 [Infinity, 0.0, 0.0] is not finite",  # corner 1 is voxel 2 2 2
+        "box 0 0 0 1 1": "expected 6 coordinates",
+        "click + 1 2": "expected 3 coordinates",
+        "click": "expected '+' or '-'",
+        "click * 1 2 3": "expected '+' or '-'",
+        "click + a b c": "coordinates must be numbers",
+        "label Nothing": "no label named 'Nothing'",
+        "label 7": "no label with value 7",
+        "label \u00b2": "neither a label name nor a label value",
+        "label": "give one label name",
+        'label "Thing': "cannot read the command",
+        "frobnicate": "unknown command 'frobnicate'",
+        f"save {tmp_path / 'missing' / 'x.nii.gz'}": "folder not found",
+        f"save {tmp_path / 'a_file' / 'x.nii.gz'}": "is not a folder",
+        f"save {tmp_path}/": "is a folder",
+        f"save {tmp_path / 'refined'}": "give a file name with an image ending",
+        f"save {tmp_path / 'refined.txt'}": "cannot be written",
+        "save a.nii.gz b.nii.gz": "at most one path",
+    }
+    for command, expected in bad.items():
+        line = run_one(command)
+        assert expected in line, (command, line)
+    assert loop.errors == len(bad)
+
+    # a failure the loop did not foresee (here inside the refiner) is taken back: the click does not stay
+    def broken(*args, **kwargs):
+        raise RuntimeError("refiner broke\non two lines")
+
+    with monkeypatch.context() as m:
+        m.setattr(session.refiner, "decode", broken)
+        assert "failed (RuntimeError: refiner broke on two lines)" in run_one("click + 8 12 12")
+
+    # the session went on: what it saves is the state before the bad commands
+    loop.out = io.StringIO()
+    assert loop.run(["save", "quit", "click + 0 0 0"]) == len(bad) + 1
+    assert loop.out.getvalue().splitlines() == [f"saved {saved}"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(saved))), good)
+    assert not (tmp_path / "missing").exists()
+    assert {p: p.read_bytes() for p in inputs} == inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "image.nii.gz", "refined.nii.gz"]
+
+
 # --------------------------------------------------------------------------------------------
 # the pretrained refiner itself (LiteMedSAM at 256, one slice)
 # --------------------------------------------------------------------------------------------
@@ -469,9 +573,9 @@ def reference_as_prediction(held_out, monkeypatch) -> np.ndarray:
     _, labels, case = held_out
     original = prediction._read_prediction
 
-    def foreground_prediction(seg_file, name):
-        seg, probs = original(seg_file, name)  # the real files are still read and checked
-        reference = _read(labels / f"{name}.nii.gz")
+    def foreground_prediction(seg_file, probs_file):
+        seg, probs = original(seg_file, probs_file)  # the real files are still read and checked
+        reference = _read(labels / f"{Path(probs_file).name[:-len('.npz')]}.nii.gz")
         assert seg.shape == reference.shape and probs.shape[1:] == reference.shape
         return reference.astype(seg.dtype), np.stack([np.where(reference == c, 0.95, 0.05).astype(np.float32)
                                                       for c in range(probs.shape[0])])
@@ -559,10 +663,12 @@ def test_predict_with_auto_prompts(trained_folds, data_root, held_out, reference
     ({"cases": {"not_a_case": [GOOD]}}, "case 'not_a_case': no such case in"),
     ({"cases": {"{case}": [GOOD, {"label": "Tail", "coordinates": "voxel", "positive": [[1, 2, 3]]}]}},
      "case '{case}', prompt 2 (label \"Tail\"): no label named 'Tail'"),
-    ({"cases": {"{case}": [{"label": 1, "coordinates": "voxel", "box": [[0, 0, 0], [3, 4, 999]]}]}},
-     "case '{case}', prompt 1 (label 1): box corner 2 at voxel (z, y, x) [3, 4, 999] lies outside the image"),
+    ({"cases": {"{case}": [{"label": 1, "coordinates": "voxel", "box": [[0, 0, 0], [3, 4, 60]]}]}},
+     "case '{case}', prompt 1 (label 1): box corner 2 at voxel (z, y, x) [3, 4, 60] lies outside the image"),
+    ({"cases": {"{case}": [{"label": 1, "coordinates": "world", "positive": [[1e29, 0, 0]]}]}},
+     "case '{case}', prompt 1 (label 1): positive point 1 at world (x, y, z) [1e+29, 0, 0] mm lies far outside"),
     ("{ not json", "not valid JSON"),
-], ids=["unknown-case", "unknown-label", "outside", "malformed"])
+], ids=["unknown-case", "unknown-label", "outside", "absurd", "malformed"])
 def test_predict_prompt_errors_write_nothing(trained_folds, data_root, held_out, tmp_path, capsys, prompts, expected):
     from samnnu.cli import predict_main
 
