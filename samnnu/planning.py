@@ -69,7 +69,8 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] |
         ExperimentPlanner(ident).plan_experiment()
         preprocess_dataset(ident, "nnUNetPlans", configurations, [np_] * len(configurations), verbose=False)
     print(summarize_plans(plans))
-    ensure_splits(name, configurations[0], PLANS_NAME)  # says so when a small dataset gets fewer than 5 folds
+    if configurations:  # the splits are made from the preprocessed cases; none preprocessed, none made
+        ensure_splits(name, configurations[0], PLANS_NAME)  # says so when a small dataset gets fewer than 5 folds
     return plans
 
 

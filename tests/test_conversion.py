@@ -508,7 +508,7 @@ def test_cli_full_disk_is_a_one_line_error_and_leaves_no_dataset(tmp_path, capsy
             expected = "dataset.json: cannot be written (no space left on device)"
         else:
             mp.setattr(tempfile, "mkdtemp", _disk_full)
-            expected = f"{nnunet_env}: {os.strerror(errno.ENOSPC)}"
+            expected = f"{nnunet_env}: no space left on device"
         code, out, err = run_convert(capsys, "hippocampus", src, "-d", 23, "--data-root", tmp_path / "data")
     line = assert_one_line_error(code, err)
     assert line.endswith(expected), line
