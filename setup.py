@@ -7,7 +7,12 @@ setup(
     python_requires=">=3.10",
     packages=[
         "samnnu",
-        "samnnu.networks",
+        "samnnu.modeling",
+        "samnnu.pipeline",
+        "samnnu.evaluation",
+        "samnnu.reporting",
+        "samnnu.interactive",
+        "samnnu.benchmark",
         "samnnu.demo_data",
         "samnnu.plans",
         "samnnu.trainers",

@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from samnnu.encoders import ENCODERS, build_sam_parts
+from samnnu.modeling.encoders import ENCODERS, build_sam_parts
 
 
 def encoder_gflop(name: str, size: int) -> float:

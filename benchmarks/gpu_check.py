@@ -19,9 +19,9 @@ import torch
 
 
 def build(name: str, size: int):
-    from samnnu.networks.samed import SAMedNet
-    from samnnu.networks.sammed2d import SAMMed2DNet
-    from samnnu.networks.samunet import SAMUNet
+    from samnnu.modeling.samed import SAMedNet
+    from samnnu.modeling.sammed2d import SAMMed2DNet
+    from samnnu.modeling.samunet import SAMUNet
 
     kw = dict(encoder="litemedsam", input_size=size, in_channels=1, num_classes=3, intensity_windows=[(-2.0, 2.0)])
     net = {"SAMedNet": SAMedNet, "SAMMed2DNet": SAMMed2DNet, "SAMUNet": SAMUNet}[name](**kw)

@@ -1,4 +1,4 @@
-"""Simulated-user benchmark of interactive refinement (samnnu.interactive) on held-out cases.
+"""Simulated-user benchmark of interactive refinement (samnnu.interactive.refiner) on held-out cases.
 
 Full measurement (every validation case of fold 0 of the hippocampus model trained with
 SAMedLoRATrainer, 2d; results.json + results.md in the output folder; one thread, so it can share a
@@ -9,7 +9,7 @@ machine):
 
 Trial on a few cases: add ``--max-cases 3``. ``--embedding-cache DIR`` keeps the refiner's slice
 embeddings (the expensive part) and the prompt-free predictions between runs. ``--variant
-NAME:OPT=VAL,OPT=VAL`` compares :class:`samnnu.interactive.RefineOptions` settings on the same cases and
+NAME:OPT=VAL,OPT=VAL`` compares :class:`samnnu.interactive.refiner.RefineOptions` settings on the same cases and
 clicks (default: one variant, "default", the library's defaults); the comparison in docs/interactive.md:
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/interactive_benchmark.py \\
@@ -25,10 +25,10 @@ Protocol. For each validation case (its image and reference from nnUNet_raw, nev
 that fold) the trained model predicts the case without prompts (with probabilities). Then, for each
 foreground label separately and for each starting point
   - "prompt-free": the prompt-free label map, no prompts;
-  - "auto": the automatic first prompts of that label (samnnu.auto_prompts) applied by the refiner;
+  - "auto": the automatic first prompts of that label (samnnu.interactive.auto_prompts) applied by the refiner;
 a simulated user adds up to ``--clicks`` clicks, one at a time: the largest connected error region of
 the current mask (false negative or false positive, face connectivity) gets a click at its voxel deepest
-inside it, positive on a false negative, negative on a false positive (samnnu.simulated_user). The
+inside it, positive on a false negative, negative on a false positive (samnnu.interactive.simulated_user). The
 reference is used only to choose the click and to score; the mask is computed from the image, the
 prompt-free prediction and the clicks. Dice after 0, 1, 3 and 5 clicks is averaged over cases and labels.
 """
@@ -46,7 +46,7 @@ import numpy as np
 
 
 def parse_variant(text: str):
-    from samnnu.interactive import RefineOptions
+    from samnnu.interactive.refiner import RefineOptions
 
     name, _, opts = text.partition(":")
     return name, RefineOptions.parse([o for o in opts.split(",") if o])
@@ -54,10 +54,10 @@ def parse_variant(text: str):
 
 def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, start, clicks):
     """One label of one case from one starting point: Dice after 0..clicks clicks and the clicks made."""
-    from samnnu.auto_prompts import auto_prompts
-    from samnnu.evaluation import dice
-    from samnnu.interactive import InteractiveSession
-    from samnnu.simulated_user import next_click
+    from samnnu.interactive.auto_prompts import auto_prompts
+    from samnnu.evaluation.metrics import dice
+    from samnnu.interactive.refiner import InteractiveSession
+    from samnnu.interactive.simulated_user import next_click
 
     session = InteractiveSession(refiner, image, seg, probs, labels, spacing=spacing, options=options)
     if start == "auto":
@@ -84,10 +84,10 @@ def prompt_probe(refiner, ref, labels, base=None):
     Per label and case: 3D Dice when every reference slice gets the tight box (the refiner's ceiling with
     perfect boxes) and, with ``base`` (probabilities (C, Z, Y, X)), the same fused 50/50 with them.
     """
-    from samnnu.auto_prompts import bounding_rectangle
-    from samnnu.evaluation import dice
-    from samnnu.interactive import _deepest_2d, _sigmoid, enlarge
-    from samnnu.prompts import Point
+    from samnnu.interactive.auto_prompts import bounding_rectangle
+    from samnnu.evaluation.metrics import dice
+    from samnnu.interactive.refiner import _deepest_2d, _sigmoid, enlarge
+    from samnnu.interactive.prompts import Point
 
     slices, volumes = [], []
     for label in sorted(labels.values()):
@@ -183,7 +183,7 @@ def markdown(result) -> str:
         for name, d in row["by_label"].items():
             lines.append(f"| {row['variant']} | {row['start']} | {name} | "
                          + " | ".join(f"{d[f'dice_{k}']:.4f}" for k in ks) + " |")
-    lines += ["", "Variants (samnnu.interactive.RefineOptions):", ""]
+    lines += ["", "Variants (samnnu.interactive.refiner.RefineOptions):", ""]
     for name, opts in result["settings"]["variants"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k}={v}" for k, v in opts.items()))
     if result.get("prompt_probe"):
@@ -234,10 +234,11 @@ def main(argv=None) -> int:
 
     from samnnu.config import setup_environment
     from samnnu.datasets import dataset_name, load_json_file, model_folder
-    from samnnu.evaluation import to_jsonable, write_text_atomic
-    from samnnu.interactive import SliceRefiner
-    from samnnu.prediction import prompt_free_predictions, read_image
-    from samnnu.prompts import label_values
+    from samnnu.evaluation.folders import to_jsonable
+    from samnnu.safe_io import write_text_atomic
+    from samnnu.interactive.refiner import SliceRefiner
+    from samnnu.pipeline.prediction import prompt_free_predictions, read_image
+    from samnnu.interactive.prompts import label_values
 
     out_dir = Path(args.output).resolve()
     data_root = Path(args.data_root).resolve()

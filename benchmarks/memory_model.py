@@ -24,11 +24,11 @@ enc, size, batch, device, network, slices = (sys.argv[1], int(sys.argv[2]), int(
 torch.manual_seed(0)
 common = dict(encoder=enc, input_size=size, in_channels=1, num_classes=3, intensity_windows=[(-2.0, 2.0)])
 if network == "sam3d":
-    from samnnu.networks.sam3d import SAM3DAdapterNet
+    from samnnu.modeling.sam3d import SAM3DAdapterNet
     net = SAM3DAdapterNet(depth=slices, **common).to(device)
     shape = (batch, slices, size, size)
 else:
-    from samnnu.networks.samed import SAMedNet
+    from samnnu.modeling.samed import SAMedNet
     net = SAMedNet(**common).to(device)
     shape = (batch, size, size)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     slices = args.slices if args.network == "sam3d" else 1
 
-    from samnnu.encoders import get_encoder_spec
+    from samnnu.modeling.encoders import get_encoder_spec
     from samnnu.plans.samnnu_planner import estimate_training_memory_gb
 
     spec = get_encoder_spec(args.encoder)

@@ -46,7 +46,7 @@ def measure(trainer: str, encoder: str, input_size: int, batch: int, classes: in
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from samnnu.training import get_trainer_class
+    from samnnu.pipeline.training import get_trainer_class
 
     plans = {"dataset_name": "Dataset999_Cost", "plans_name": "samnnuPlans", "configurations": {"2d": {
         "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": batch,

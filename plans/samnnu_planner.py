@@ -36,10 +36,10 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
-from samnnu.encoders import ENCODERS, EncoderSpec, checkpoint_variant, get_encoder_spec, read_checkpoint
+from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
+from samnnu.modeling.encoders import ENCODERS, EncoderSpec, checkpoint_variant, get_encoder_spec, read_checkpoint
 
-PLANS_NAME = "samnnuPlans"
 MIN_INPUT_SIZE = 64
 WINDOW_CASES = 16
 WINDOW_PERCENTILES = (0.5, 99.5)
@@ -262,10 +262,6 @@ class SAMnnUPlanner(ExperimentPlanner):
                                              f"budget of {CPU_GFLOP_PER_ITERATION:g}")
         else:
             recommended, reason = recommend_configuration([1.0, 1.0], [1, 1], n_cases, False)
-        from samnnu.training import SAMNNU_TRAINERS, TRAINERS_3D
-
-        if recommended == "3d_fullres" and not any(t in SAMNNU_TRAINERS for t in TRAINERS_3D):
-            reason += "; no 3D SAM trainer is available yet, so train 2d until one is"
         plans["samnnu"] = {"recommended_configuration": recommended, "reason": reason,
                            "encoder": self.encoder_spec.name}
         self.plans = plans

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from samnnu.errors import SamnnuError
@@ -101,9 +102,39 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    from samnnu.evaluation import main
+    """``samnnu_evaluate --reference DIR --prediction DIR [-d DATASET_JSON_OR_ID] [-o OUT.json] [--tolerance MM]
+    [--data-root DIR]``; problems are one ``samnnu_evaluate: error:`` line and exit status 1."""
+    parser = _Parser(prog="samnnu_evaluate",
+                     description="Dice, IoU, HD95, ASSD, surface Dice and volume errors of a folder of predictions.")
+    parser.add_argument("--reference", "-ref", dest="ref", required=True, help="folder of reference label maps")
+    parser.add_argument("--prediction", "-pred", dest="pred", required=True, help="folder of predicted label maps")
+    parser.add_argument("-d", dest="dataset", default=None,
+                        help="dataset.json (file or folder) or dataset ID/name under nnUNet_raw; gives class names")
+    parser.add_argument("-o", dest="out", default=None, help="output JSON (default: PRED/evaluation.json)")
+    parser.add_argument("--tolerance", type=_positive_float, default=1.0,
+                        help="surface Dice tolerance in mm (default 1)")
+    parser.add_argument("-np", dest="num_processes", type=_positive_int, default=1, help="worker processes (default 1)")
+    _data_root(parser)
+    args = parser.parse_args(argv)
 
-    return main(argv)
+    def go():
+        from samnnu.evaluation.folders import (check_output_path, dataset_json_from_arg, evaluate_folders,
+                                               format_dice_table, missing_line, write_evaluation)
+
+        out = Path(args.out) if args.out else Path(args.pred) / "evaluation.json"
+        check_output_path(out)
+        ds = dataset_json_from_arg(args.dataset, args.data_root) if args.dataset is not None else None
+        result = evaluate_folders(args.ref, args.pred, dataset_json=ds, tolerance_mm=args.tolerance,
+                                  num_processes=args.num_processes)
+        missing = missing_line(result)
+        if missing:
+            print(f"{parser.prog}: {missing}", file=sys.stderr)
+        out_json, out_csv = write_evaluation(result, out)
+        print(f"{result['n_cases']} cases; Dice per class:")
+        print(format_dice_table(result))
+        print(f"wrote {out_json} and {out_csv}")
+
+    return _run(parser.prog, go)
 
 
 def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +144,7 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (DatasetNNN_Name)")
     p.add_argument("-c", "--configurations", nargs="+", default=None,
                    help="configurations to preprocess (default: 2d and the recommended configuration)")
-    p.add_argument("--encoder", default=None, help="SAM encoder (see samnnu.encoders.ENCODERS; default "
+    p.add_argument("--encoder", default=None, help="SAM encoder (see samnnu.modeling.encoders.ENCODERS; default "
                                                     "litemedsam, or the variant of --sam-checkpoint)")
     p.add_argument("--sam-checkpoint", default=None,
                    help="SAM checkpoint file for encoders whose weights are not bundled (vit_b, vit_l, vit_h, "
@@ -131,7 +162,7 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
 
     def go():
         _setup(args)
-        from samnnu.planning import plan_and_preprocess
+        from samnnu.pipeline.planning import plan_and_preprocess
 
         configurations = tuple(args.configurations) if args.configurations else None
         plan_and_preprocess(args.dataset, configurations=configurations, encoder=args.encoder,
@@ -168,7 +199,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     def go():
         _setup(args)
-        from samnnu.training import train
+        from samnnu.pipeline.training import train
 
         result = train(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                        plans=args.plans, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
@@ -211,7 +242,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
     def go():
         _setup(args)
-        from samnnu.prediction import predict
+        from samnnu.pipeline.prediction import predict
 
         options = _refine_options(args)
         written = predict(args.input, args.output, args.dataset, folds=tuple(args.folds), trainer=args.trainer,
@@ -229,19 +260,19 @@ def _prompt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-encoder", default="litemedsam", choices=["litemedsam", "tiny"],
                    help="promptable refiner: pretrained LiteMedSAM (default) or a tiny random one (tests)")
     p.add_argument("--refine-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="refiner setting, a field of samnnu.interactive.RefineOptions (margin, mask_prompt, "
+                   help="refiner setting, a field of samnnu.interactive.refiner.RefineOptions (margin, mask_prompt, "
                         "derived_box, propagate_clicks, stop_at_base, fuse_base, multimask, clicks, click_prompts); "
                         "repeatable; docs/interactive.md")
 
 
 def _refine_options(args):
-    from samnnu.interactive import RefineOptions
+    from samnnu.interactive.refiner import RefineOptions
 
     return RefineOptions.parse(args.refine_option)
 
 
 def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
-    from samnnu.refine import HELP
+    from samnnu.interactive.refine import HELP
 
     p = _Parser(prog="samnnu_refine", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Refine one case interactively: the trained model predicts it, then "
@@ -272,7 +303,7 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
 
     def go():
         _setup(args)
-        from samnnu.refine import RefineLoop, open_session
+        from samnnu.interactive.refine import RefineLoop, open_session
 
         session, geometry = open_session(
             args.input, args.dataset, folds=tuple(args.folds), trainer=args.trainer,
@@ -323,7 +354,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 
     def go():
         _setup(args)
-        from samnnu.report import render_fold_report
+        from samnnu.reporting.report import render_fold_report
 
         print(f"report: {render_fold_report(args.fold_dir)}")
 
@@ -344,7 +375,7 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
 
     def go():
         _setup(args)
-        from samnnu.summary import summarize
+        from samnnu.evaluation.summary import summarize
 
         result = summarize(args.dataset, output_dir=args.output, ensembles=not args.no_ensembles,
                            num_processes=args.np)
@@ -389,7 +420,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def go():
-        from samnnu.benchmark import parse_size, run_benchmark
+        from samnnu.benchmark.runner import parse_size, run_benchmark
 
         iterations, minutes = args.iterations, args.budget_minutes
         if args.quick and iterations is None and minutes is None:

@@ -25,10 +25,10 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
 
     from samnnu.dataset_conversion.hippocampus import convert_hippocampus
     from samnnu.demo_data import demo_dataset_path
-    from samnnu.evaluation import evaluate_folders, format_dice_table, write_evaluation
-    from samnnu.planning import plan_and_preprocess
-    from samnnu.prediction import predict
-    from samnnu.training import train
+    from samnnu.evaluation.folders import evaluate_folders, format_dice_table, write_evaluation
+    from samnnu.pipeline.planning import plan_and_preprocess
+    from samnnu.pipeline.prediction import predict
+    from samnnu.pipeline.training import train
 
     step = _steps(5)
     step("converting the shipped hippocampus cases")

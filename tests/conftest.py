@@ -65,7 +65,7 @@ def prepared_root(tmp_path_factory, demo_subset) -> Path:
     encoder for a CPU with 8 GB and preprocessed (2d). The environment is restored afterwards; tests
     that use the root call :func:`use_data_root` themselves."""
     from samnnu.dataset_conversion.hippocampus import convert_hippocampus
-    from samnnu.planning import plan_and_preprocess
+    from samnnu.pipeline.planning import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("data_root")
     src, cases = demo_subset
@@ -92,7 +92,7 @@ def trained_folds(prepared_root) -> Path:
     """Folds 0 and 1 of the tiny SAMedLoRA model trained on the prepared root (1 epoch of 2 iterations,
     chain run); the model folder. A fold that already has its evaluation.json (e.g. from
     test_integration) is reused."""
-    from samnnu.training import train
+    from samnnu.pipeline.training import train
 
     model_dir = prepared_root / "nnUNet_results" / "Dataset004_Hippocampus" / TINY_MODEL
     with pytest.MonkeyPatch.context() as mp:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from samnnu.benchmark import epochs_for, mean_dice, parse_model, targets, to_markdown, training_subsets
+from samnnu.benchmark.runner import epochs_for, mean_dice, parse_model, targets, to_markdown, training_subsets
 from samnnu.errors import SamnnuError
 from conftest import use_data_root
 

@@ -1,4 +1,4 @@
-"""Tests of samnnu.encoders, samnnu.lora, samnnu.networks.common and samnnu.networks.samed.
+"""Tests of samnnu.modeling.encoders, samnnu.modeling.samed, samnnu.modeling.common and samnnu.modeling.samed.
 
 Everything runs on the CPU with the ``tiny`` encoder, except the LiteMedSAM checks (built once, at
 input 64, and loaded with the real bundled weights).
@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling.image_encoder import Attention as SamViTAttention
 
-import samnnu.encoders
-from samnnu.encoders import (ENCODERS, adapt_mask_token_weights, build_litemedsam, build_sam_parts,
+import samnnu.modeling.encoders
+from samnnu.modeling.encoders import (ENCODERS, adapt_mask_token_weights, build_litemedsam, build_sam_parts,
                              get_encoder_spec, litemedsam_checkpoint_path, load_pretrained)
 from samnnu.errors import SamnnuError
-from samnnu.lora import LoRAQV, apply_lora, is_lora_parameter
-from samnnu.networks.common import IntensityToSAM, fit_square, unfit_square
-from samnnu.networks.samed import SAMedNet
+from samnnu.modeling.samed import LoRAQV, apply_lora, is_lora_parameter
+from samnnu.modeling.common import IntensityToSAM, fit_square, unfit_square
+from samnnu.modeling.samed import SAMedNet
 
 # input sizes each encoder is built at (litemedsam is heavier: one size only)
 SIZES = {"tiny": (32, 64), "litemedsam": (64,)}
@@ -108,7 +108,7 @@ def test_litemedsam_pretrained_weights_load_completely(litemedsam_state):
 
 
 def test_litemedsam_tampered_checksum_is_detected(monkeypatch):
-    monkeypatch.setattr(samnnu.encoders, "LITEMEDSAM_SHA256", "0" * 64)
+    monkeypatch.setattr(samnnu.modeling.encoders, "LITEMEDSAM_SHA256", "0" * 64)
     with pytest.raises(SamnnuError, match="SHA-256"):
         litemedsam_checkpoint_path()
     with pytest.raises(SamnnuError, match="SHA-256"):

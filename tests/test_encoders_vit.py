@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samnnu.encoders import (ENCODERS, SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam_parts, checkpoint_filter_fn,
+from samnnu.modeling.encoders import (ENCODERS, SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam_parts, checkpoint_filter_fn,
                              checkpoint_variant, load_pretrained)
 from samnnu.errors import SamnnuError
 

@@ -8,21 +8,10 @@ import pytest
 import SimpleITK as sitk
 
 from samnnu.errors import SamnnuError
-from samnnu.evaluation import (
-    assd,
-    dice,
-    evaluate_case,
-    evaluate_folders,
-    hd95,
-    iou,
-    main,
-    surface_dice,
-    surface_distances,
-    volume_abs_error_ml,
-    volume_ml,
-    volume_rel_error,
-    write_evaluation,
-)
+from samnnu.cli import evaluate_main as main
+from samnnu.evaluation.metrics import (assd, dice, evaluate_case, hd95, iou, surface_dice, surface_distances,
+                                       volume_abs_error_ml, volume_ml, volume_rel_error)
+from samnnu.evaluation.folders import evaluate_folders, write_evaluation
 
 
 def shifted_boxes(shift: int = 1):

@@ -25,7 +25,7 @@ BUDGET = dict(epochs=1, iters_per_epoch=3, device="cpu", mirroring=False)
 @pytest.fixture(scope="module")
 def trained(prepared_root) -> dict:
     """Fold 0 trained on the prepared demo subset, with the chain run; returns train()'s result."""
-    from samnnu.training import train
+    from samnnu.pipeline.training import train
 
     with pytest.MonkeyPatch.context() as mp:
         use_data_root(mp, prepared_root)
@@ -128,7 +128,7 @@ def test_training_runs_the_chain(trained, data_root):
 
 
 def test_continue_after_finished_training_does_not_retrain(trained, data_root, capsys):
-    from samnnu.training import train
+    from samnnu.pipeline.training import train
 
     fold_dir = Path(trained["fold_dir"])
     final = fold_dir / "checkpoint_final.pth"
@@ -147,8 +147,8 @@ def test_continue_after_finished_training_does_not_retrain(trained, data_root, c
 # prediction
 # --------------------------------------------------------------------------------------------
 def test_predict_restores_input_grid(trained, data_root, raw_inputs, tmp_path):
-    from samnnu.evaluation import evaluate_folders
-    from samnnu.prediction import predict
+    from samnnu.evaluation.folders import evaluate_folders
+    from samnnu.pipeline.prediction import predict
 
     images, labels = raw_inputs
     before = digest(images)

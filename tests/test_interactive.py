@@ -14,14 +14,14 @@ import SimpleITK as sitk
 import torch
 
 from conftest import demo_cases
-from samnnu.auto_prompts import auto_prompts, deepest_voxel
+from samnnu.interactive.auto_prompts import auto_prompts, deepest_voxel
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
-from samnnu.interactive import (InteractiveSession, ObjectResult, RefineOptions, SliceLogits, click_box,
+from samnnu.interactive.refiner import (InteractiveSession, ObjectResult, RefineOptions, SliceLogits, click_box,
                                 compose_label, edit_slice, merge_label, refine_object)
-from samnnu.prompts import (Box, ImageGeometry, ObjectPrompt, Point, load_prompts, prompts_to_json,
+from samnnu.interactive.prompts import (Box, ImageGeometry, ObjectPrompt, Point, load_prompts, prompts_to_json,
                             voxel_to_world, world_to_voxel)
-from samnnu.simulated_user import next_click
+from samnnu.interactive.simulated_user import next_click
 
 LABELS = {"Anterior": 1, "Posterior": 2}
 
@@ -425,7 +425,7 @@ def test_session_click_undo_and_status():
 def test_refine_loop_survives_bad_commands_and_keeps_the_mask(tmp_path, monkeypatch):
     """Every bad command, and one that fails inside the refiner, is one error line; the label map stays as
     it was and the session goes on to save it."""
-    from samnnu.refine import RefineLoop
+    from samnnu.interactive.refine import RefineLoop
 
     image = cone_volume()
     geometry = ImageGeometry(image.shape, (0.5, 0.5, 2.0), (10.0, -5.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -506,7 +506,7 @@ def test_refine_loop_survives_bad_commands_and_keeps_the_mask(tmp_path, monkeypa
 # the pretrained refiner itself (LiteMedSAM at 256, one slice)
 # --------------------------------------------------------------------------------------------
 def test_pretrained_litemedsam_segments_a_boxed_square():
-    from samnnu.interactive import SliceRefiner
+    from samnnu.interactive.refiner import SliceRefiner
 
     torch.set_num_threads(1)
     refiner = SliceRefiner.create("litemedsam")
@@ -568,7 +568,7 @@ def reference_as_prediction(held_out, monkeypatch) -> np.ndarray:
     """The tiny model segments nothing after its 2 training iterations: for the prompted cases its
     prompt-free prediction is replaced by the case's reference (probabilities 0.05 / 0.95), so that the
     prompts have labels to refine and to keep. Returns the reference of the rotated case, (Z, Y, X)."""
-    import samnnu.prediction as prediction
+    import samnnu.pipeline.prediction as prediction
 
     _, labels, case = held_out
     original = prediction._read_prediction

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samnnu.encoders import ENCODERS
+from samnnu.modeling.encoders import ENCODERS
 from samnnu.plans.samnnu_planner import (CPU_GFLOP_PER_ITERATION, MIN_BATCH_SIZE, PLANS_NAME,
                                          estimate_training_memory_gb, plan_batch_size, plan_input_size,
                                          training_gflop_per_sample)
@@ -172,7 +172,7 @@ def test_plans_on_demo_data(data_root, demo_subset):
 
 
 def test_planning_twice_gives_identical_plans(data_root):
-    from samnnu.planning import plan_and_preprocess
+    from samnnu.pipeline.planning import plan_and_preprocess
 
     plans_file = data_root / "nnUNet_preprocessed" / DATASET / f"{PLANS_NAME}.json"
     first = plans_file.read_bytes()
@@ -184,7 +184,7 @@ def test_planning_twice_gives_identical_plans(data_root):
 
 def test_plan_unknown_dataset(data_root):
     from samnnu.errors import SamnnuError
-    from samnnu.planning import plan_and_preprocess
+    from samnnu.pipeline.planning import plan_and_preprocess
 
     with pytest.raises(SamnnuError, match="unknown dataset ID 999"):
         plan_and_preprocess(999, encoder="tiny", device_type="cpu", device_memory_gb=8)

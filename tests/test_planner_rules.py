@@ -119,7 +119,7 @@ def test_large_isotropic_ct_recommends_3d_with_slices_per_sample(root):
     assert full["sam"]["input_size"] == min(256, -(-side // 16) * 16)  # in-plane side rounded up, capped
     assert full["sam"]["batch_size"] >= 2
     # the 3D batch is planned for depth x the 2D memory of one image
-    from samnnu.encoders import ENCODERS
+    from samnnu.modeling.encoders import ENCODERS
     from samnnu.plans.samnnu_planner import estimate_training_memory_gb
 
     est = estimate_training_memory_gb(ENCODERS["litemedsam"], full["sam"]["input_size"], full["sam"]["batch_size"],
@@ -157,7 +157,7 @@ def test_five_cases_recommend_2d_and_keep_minimum_batch(root):
         if "sam" in c:
             assert c["sam"]["batch_size"] >= 2
     # a 2D batch fits 8 GB; two 3D samples of many slices each do not, and the summary says so
-    from samnnu.planning import summarize_plans
+    from samnnu.pipeline.planning import summarize_plans
 
     assert plans["configurations"]["2d"]["sam"]["fits_device_memory"] is True
     full = plans["configurations"]["3d_fullres"]["sam"]
@@ -179,7 +179,7 @@ def test_recommendation_rule_thresholds():
 def test_sam_checkpoint_picks_the_variant_and_rejects_garbage(root, tmp_path):
     import torch
 
-    from samnnu.encoders import build_sam_parts
+    from samnnu.modeling.encoders import build_sam_parts
     from samnnu.errors import SamnnuError
     from samnnu.plans.samnnu_planner import encoder_for_checkpoint
 
@@ -222,7 +222,7 @@ def test_cpu_plans_2d_when_a_minimum_3d_batch_exceeds_the_cpu_work_budget(root):
 def test_volumetric_memory_estimate_matches_its_measurements():
     """The 3D estimate reproduces the peaks it was fitted on (documented next to its constants) within
     10 % and grows linearly in slices and batch; the 2D estimate is unchanged by the 3D terms."""
-    from samnnu.encoders import get_encoder_spec
+    from samnnu.modeling.encoders import get_encoder_spec
     from samnnu.plans.samnnu_planner import estimate_training_memory_gb
 
     spec = get_encoder_spec("litemedsam")
@@ -235,7 +235,7 @@ def test_volumetric_memory_estimate_matches_its_measurements():
 
 
 def test_the_plans_pick_configuration_and_trainer_when_the_user_does_not():
-    from samnnu.training import default_model
+    from samnnu.pipeline.training import default_model
 
     plans = {"configurations": {"2d": {"patch_size": [56, 40]}, "3d_fullres": {"patch_size": [40, 56, 40]}},
              "samnnu": {"recommended_configuration": "3d_fullres"}}

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from samnnu.lora import LoRAQV
-from samnnu.networks.samed import SAMedNet
-from samnnu.networks.self_prompt import CoarseAuxiliaryLoss, SelfPromptOutput
-from samnnu.point_sampling import (PointLogits, PointSampledLoss, pixel_centers, sample_features, sample_labels,
+from samnnu.modeling.samed import LoRAQV
+from samnnu.modeling.samed import SAMedNet
+from samnnu.modeling.self_prompt import CoarseAuxiliaryLoss, SelfPromptOutput
+from samnnu.modeling.implicit_decoder import (PointLogits, PointSampledLoss, pixel_centers, sample_features, sample_labels,
                                    uncertain_points)
-from samnnu.training import get_trainer_class
+from samnnu.pipeline.training import get_trainer_class
 
 TRAINERS = ["SelfPromptTrainer", "ImplicitDecoderTrainer"]
 NUM_CLASSES = 3
@@ -225,8 +225,8 @@ def test_implicit_decoder_outputs_agree_across_resolutions():
 @pytest.mark.parametrize("name", TRAINERS)
 def test_train_two_iterations_then_predict(name, data_root, tmp_path, monkeypatch):
     from samnnu.demo_data import demo_dataset_path
-    from samnnu.prediction import predict
-    from samnnu.training import train
+    from samnnu.pipeline.prediction import predict
+    from samnnu.pipeline.training import train
 
     wrapper = CoarseAuxiliaryLoss if name == "SelfPromptTrainer" else PointSampledLoss
     seen = []

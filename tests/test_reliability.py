@@ -225,7 +225,7 @@ def test_known_postprocessing_is_applied_from_json(own_root):
 
 
 def test_continue_falls_back_to_the_newest_intact_checkpoint(own_root, capsys):
-    from samnnu.training import train
+    from samnnu.pipeline.training import train
 
     fold = fold_dir(own_root)
     final, latest, best = (fold / f"checkpoint_{n}.pth" for n in ("final", "latest", "best"))
@@ -453,7 +453,7 @@ def test_workers_die_with_a_killed_command(own_root, tmp_path, command):
 
 @pytest.mark.slow
 def test_terminated_prediction_cleans_up_and_resumes(own_root, tmp_path):
-    from samnnu.prediction import WORK_FOLDER
+    from samnnu.pipeline.prediction import WORK_FOLDER
 
     inp, out = _many_cases(tmp_path / "in", 8), tmp_path / "out"
     proc = _start(_predict_command(own_root, inp, out))
@@ -540,7 +540,7 @@ def test_fold_outside_the_splits_is_refused(data_root, capsys):
 
 
 def test_budget_checked_by_the_api(data_root):
-    from samnnu.training import train
+    from samnnu.pipeline.training import train
 
     for bad in (dict(epochs=0), dict(iters_per_epoch=-3)):
         with pytest.raises(SamnnuError, match="must be a whole number of at least 1"):
@@ -556,8 +556,8 @@ def test_unknown_trainer_is_named_before_its_plans(data_root, capsys):
 @pytest.mark.slow
 def test_small_dataset_gets_fewer_folds(tmp_path, monkeypatch, capsys):
     from samnnu.dataset_conversion.hippocampus import convert_hippocampus
-    from samnnu.planning import plan_and_preprocess
-    from samnnu.training import train
+    from samnnu.pipeline.planning import plan_and_preprocess
+    from samnnu.pipeline.training import train
 
     paths = use_data_root(monkeypatch, tmp_path / "root")
     src = copy_demo_cases(tmp_path / "src", demo_cases()[:3])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samnnu.evaluation import evaluate_folders
-from samnnu.report import SECTIONS, pick_cases, write_fold_report
+from samnnu.evaluation.folders import evaluate_folders
+from samnnu.reporting.report import SECTIONS, pick_cases, write_fold_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

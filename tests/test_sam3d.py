@@ -7,11 +7,12 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from samnnu.adapter3d import (DepthEmbedding, DepthwiseAdapter3D, adapter3d_modules, apply_adapters3d,
+from samnnu.modeling.sam3d import (DepthEmbedding, DepthwiseAdapter3D, adapter3d_modules, apply_adapters3d,
                               norm_parameter_names, set_depth)
-from samnnu.encoders import build_sam_parts
-from samnnu.networks.sam3d import SAM3DAdapterNet
-from samnnu.training import TRAINERS_3D, get_trainer_class
+from samnnu.modeling.encoders import build_sam_parts
+from samnnu.modeling.sam3d import SAM3DAdapterNet
+from samnnu.defaults import DEFAULT_TRAINERS
+from samnnu.pipeline.training import get_trainer_class
 
 from conftest import copy_demo_cases, demo_cases, use_data_root
 
@@ -44,7 +45,7 @@ def numel(params) -> int:
 
 
 def test_registered_as_the_3d_trainer():
-    assert NAME in TRAINERS_3D
+    assert DEFAULT_TRAINERS[3] == NAME and get_trainer_class(NAME).patch_dimensions == (3,)
     assert isinstance(build(), SAM3DAdapterNet)
 
 
@@ -162,7 +163,7 @@ def test_refuses_a_2d_configuration():
 def root_3d(tmp_path_factory):
     """A data root with 5 demo cases converted, planned (tiny encoder, CPU 8 GB) and preprocessed (3d_fullres)."""
     from samnnu.dataset_conversion.hippocampus import convert_hippocampus
-    from samnnu.planning import plan_and_preprocess
+    from samnnu.pipeline.planning import plan_and_preprocess
 
     root = tmp_path_factory.mktemp("data_root_3d")
     src = copy_demo_cases(tmp_path_factory.mktemp("demo_3d"), demo_cases()[:5])
@@ -182,8 +183,8 @@ def test_train_3d_fullres_then_predict(trainer, root_3d, monkeypatch, tmp_path):
     import SimpleITK as sitk
 
     from samnnu.demo_data import demo_dataset_path
-    from samnnu.prediction import predict
-    from samnnu.training import train
+    from samnnu.pipeline.prediction import predict
+    from samnnu.pipeline.training import train
 
     use_data_root(monkeypatch, root_3d)
     plans = json.loads((root_3d / "nnUNet_preprocessed" / "Dataset004_Hippocampus" / "samnnuPlans.json").read_text())

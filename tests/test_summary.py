@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_MODEL
 from samnnu.cli import summarize_main
 from samnnu.errors import SamnnuError
-from samnnu.summary import summarize
+from samnnu.evaluation.summary import summarize
 
 DATASET = "Dataset004_Hippocampus"
 PERFECT = "nnUNetTrainer__nnUNetPlans__2d"       # validation = the references: Dice 1

@@ -7,9 +7,9 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from samnnu.adapters import ParallelAdapter, adapter_parameter_count, apply_adapters
-from samnnu.encoders import build_sam_parts
-from samnnu.training import get_trainer_class
+from samnnu.modeling.sammed2d import ParallelAdapter, adapter_parameter_count, apply_adapters
+from samnnu.modeling.encoders import build_sam_parts
+from samnnu.pipeline.training import get_trainer_class
 
 NEW_TRAINERS = ["SAMMed2DAdapterTrainer", "SAMUNetTrainer", "nnSAMTrainer"]
 NUM_CLASSES = 3
@@ -157,8 +157,8 @@ def test_rebuilt_from_plans_gives_identical_outputs(name, tmp_path):
 @pytest.mark.parametrize("name", NEW_TRAINERS)
 def test_train_two_iterations_then_predict(name, data_root, tmp_path):
     from samnnu.demo_data import demo_dataset_path
-    from samnnu.prediction import predict
-    from samnnu.training import train
+    from samnnu.pipeline.prediction import predict
+    from samnnu.pipeline.training import train
 
     result = train(4, 0, trainer=name, epochs=1, iters_per_epoch=2, device="cpu", run_chain=False)
     inputs = tmp_path / "in"

@@ -1,9 +1,9 @@
 """ImplicitDecoderTrainer: SAM encoder + implicit per-point decoder (I-MedSAM's idea), any output size.
 
-Recipe of :class:`~samnnu.trainers.samed_lora.SAMedLoRATrainer` (LoRA rank 4 on q/v, AdamW on the
+Recipe of :class:`~samnnu.trainers.base.SAMTrainerBase` (LoRA rank 4 on q/v, AdamW on the
 trainable parameters, warm-up + poly, batch size from the ``sam`` block) with a 1:1 CE + Dice loss
 (the decoder trains from scratch); two overrides: the network is
-:class:`~samnnu.networks.implicit_decoder.ImplicitDecoderNet`, which in training returns logits at
+:class:`~samnnu.modeling.implicit_decoder.ImplicitDecoderNet`, which in training returns logits at
 uncertainty-guided points, and the loss is computed at those points against the labels there.
 Validation and prediction see dense logits at the patch size, so nnU-Net's inference is unchanged.
 """
@@ -12,14 +12,15 @@ from __future__ import annotations
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from samnnu.networks.implicit_decoder import ImplicitDecoderNet
-from samnnu.point_sampling import PointSampledLoss
-from samnnu.trainers.samed_lora import SAMedLoRATrainer
+from samnnu.modeling.implicit_decoder import ImplicitDecoderNet
+from samnnu.modeling.implicit_decoder import PointSampledLoss
+from samnnu.trainers.base import SAMTrainerBase
 
 
-class ImplicitDecoderTrainer(SAMedLoRATrainer):
+class ImplicitDecoderTrainer(SAMTrainerBase):
     """LoRA encoder, conv stem and an MLP decoder trained on uncertainty-guided points."""
 
+    lora_rank = 4  # LoRA on q and v, as SAMed
     loss_weights = (1.0, 1.0)  # (cross-entropy, Dice), on the sampled points
     coarse_stride = 4  # training: one coarse-grid point per 4 x 4 pixels ...
     point_fraction = 0.25  # ... plus this fraction of the patch's pixel count as guided points

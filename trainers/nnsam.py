@@ -2,7 +2,7 @@
 
 Everything is nnUNetTrainer's - SGD with Nesterov momentum and poly learning rate, 1:1 CE + Dice,
 deep supervision, batch size and patch from nnU-Net's plans - except the network
-(:class:`samnnu.networks.nnsam.NNSAMNet`, built from the plans' ``architecture`` entry plus the ``sam``
+(:class:`samnnu.modeling.nnsam.NNSAMNet`, built from the plans' ``architecture`` entry plus the ``sam``
 block) and loading the SAM encoder's pretrained weights when training starts.
 """
 from __future__ import annotations
@@ -11,13 +11,14 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from samnnu.networks.nnsam import NNSAMNet
-from samnnu.trainers.samed_lora import load_sam_pretrained
+from samnnu.modeling.nnsam import NNSAMNet
+from samnnu.trainers.base import load_sam_pretrained
 
 
 class nnSAMTrainer(nnUNetTrainer):
     """nnSAM: nnU-Net's U-Net and recipe, frozen SAM embedding concatenated into the bottleneck."""
 
+    patch_dimensions = (2, 3)  # nnU-Net's U-Net takes either
     sam_channels = 64  # channels of the projected SAM embedding concatenated to the bottleneck
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

@@ -1,9 +1,9 @@
 """SAM3DAdapterTrainer: a 2D SAM encoder made volumetric (3DSAM-adapter / MA-SAM's idea) for ``3d_fullres``.
 
-Same recipe as :class:`~samnnu.trainers.samed_lora.SAMedLoRATrainer` (AdamW on the trainable parameters,
+Same recipe as :class:`~samnnu.trainers.base.SAMTrainerBase` (AdamW on the trainable parameters,
 warm-up + poly, 0.2 CE + 0.8 Dice, no deep supervision, batch size from the ``sam`` block, pretrained
 encoder weights loaded when training starts); only the network differs:
-:class:`samnnu.networks.sam3d.SAM3DAdapterNet`, built for the configuration's 3D patch (its depth is the
+:class:`samnnu.modeling.sam3d.SAM3DAdapterNet`, built for the configuration's 3D patch (its depth is the
 ``sam`` block's ``slices_per_sample``).
 """
 from __future__ import annotations
@@ -12,13 +12,14 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from samnnu.errors import SamnnuError
-from samnnu.networks.sam3d import SAM3DAdapterNet
-from samnnu.trainers.samed_lora import SAMedLoRATrainer
+from samnnu.modeling.sam3d import SAM3DAdapterNet
+from samnnu.trainers.base import SAMTrainerBase
 
 
-class SAM3DAdapterTrainer(SAMedLoRATrainer):
+class SAM3DAdapterTrainer(SAMTrainerBase):
     """3D adapters (depth-wise 3x3x3 bottleneck) at the start of every encoder block, a 3D conv decoder."""
 
+    patch_dimensions = (3,)
     adapter_reduction = 4  # adapter bottleneck = block width / adapter_reduction
     stem_channels = (16, 32, 64, 128)  # full-resolution stem / decoder widths, finest first
 

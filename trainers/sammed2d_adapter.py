@@ -1,19 +1,19 @@
 """SAMMed2DAdapterTrainer: SAM-Med2D's parallel adapters in a prompt-free multi-class network.
 
-Same recipe as :class:`~samnnu.trainers.samed_lora.SAMedLoRATrainer` (AdamW, warm-up + poly, 0.2 CE +
+Same recipe as :class:`~samnnu.trainers.base.SAMTrainerBase` (AdamW, warm-up + poly, 0.2 CE +
 0.8 Dice, no deep supervision, batch size from the ``sam`` block); only the network differs:
-:class:`samnnu.networks.sammed2d.SAMMed2DNet`.
+:class:`samnnu.modeling.sammed2d.SAMMed2DNet`.
 """
 from __future__ import annotations
 
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from samnnu.networks.sammed2d import SAMMed2DNet
-from samnnu.trainers.samed_lora import SAMedLoRATrainer
+from samnnu.modeling.sammed2d import SAMMed2DNet
+from samnnu.trainers.base import SAMTrainerBase
 
 
-class SAMMed2DAdapterTrainer(SAMedLoRATrainer):
+class SAMMed2DAdapterTrainer(SAMTrainerBase):
     """SAM-Med2D: a bottleneck adapter beside every encoder block's MLP; only adapters train in the encoder."""
 
     adapter_reduction = 4  # adapter bottleneck = block width / adapter_reduction

@@ -1,6 +1,6 @@
 """SAMUNetTrainer: frozen SAM encoder + full-resolution conv branch + fusion decoder (SAM-UNet's idea).
 
-Recipe of :class:`~samnnu.trainers.samed_lora.SAMedLoRATrainer` (AdamW on the trainable parameters,
+Recipe of :class:`~samnnu.trainers.base.SAMTrainerBase` (AdamW on the trainable parameters,
 warm-up + poly, no deep supervision, batch size from the ``sam`` block) with an equal CE/Dice loss,
 since most of the network (conv branch, decoder) trains from scratch.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from samnnu.networks.samunet import SAMUNet
-from samnnu.trainers.samed_lora import SAMedLoRATrainer
+from samnnu.modeling.samunet import SAMUNet
+from samnnu.trainers.base import SAMTrainerBase
 
 
-class SAMUNetTrainer(SAMedLoRATrainer):
+class SAMUNetTrainer(SAMTrainerBase):
     """SAM-UNet: the SAM encoder frozen; a ResNet-like conv branch and a multi-scale decoder trained."""
 
     base_width = 32

@@ -1,8 +1,8 @@
 """SelfPromptTrainer: SAM that prompts itself (ESP-MedSAM's idea), prompt-free at inference.
 
-Recipe of :class:`~samnnu.trainers.samed_lora.SAMedLoRATrainer` (LoRA rank 4 on q/v, AdamW on the
+Recipe of :class:`~samnnu.trainers.base.SAMTrainerBase` (LoRA rank 4 on q/v, AdamW on the
 trainable parameters, warm-up + poly, 0.2 CE + 0.8 Dice, batch size from the ``sam`` block); two
-overrides: the network is :class:`~samnnu.networks.self_prompt.SelfPromptSAMNet`, and the loss adds
+overrides: the network is :class:`~samnnu.modeling.self_prompt.SelfPromptSAMNet`, and the loss adds
 ``coarse_loss_weight`` times the same loss on the coarse head's logits (resized to the patch).
 """
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from samnnu.networks.self_prompt import CoarseAuxiliaryLoss, SelfPromptSAMNet
-from samnnu.trainers.samed_lora import SAMedLoRATrainer
+from samnnu.modeling.self_prompt import CoarseAuxiliaryLoss, SelfPromptSAMNet
+from samnnu.trainers.base import SAMTrainerBase
 
 
-class SelfPromptTrainer(SAMedLoRATrainer):
+class SelfPromptTrainer(SAMTrainerBase):
     """Coarse mask head -> dense prompt, learned query tokens; LoRA encoder; auxiliary coarse loss."""
 
+    lora_rank = 4  # LoRA on q and v, as SAMed
     num_query_tokens = 4
     coarse_loss_weight = 0.4
 

@@ -1,0 +1,1 @@
+"""samnnu against nnU-Net on the same fold, subsets and budget."""

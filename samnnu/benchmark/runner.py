@@ -1,0 +1,521 @@
+"""Side-by-side benchmark of samnnu trainers and plain nnU-Net on the same fold, budget and chain.
+
+Every model (``trainer:configuration``) is trained in its own process through :func:`samnnu.pipeline.training.train`
+(so its peak memory is its own), on the same seeded subset of the fold's training cases for each
+training-set size, with the same iteration budget — or the same wall-clock budget, converted into
+iterations from a short timed run of that model. Each run then goes through samnnu's fixed chain
+(validation without test-time mirroring -> nnU-Net's postprocessing decision -> samnnu's evaluation),
+its inference speed is timed with and without mirroring on a few validation volumes, and an optional
+external test folder is predicted and evaluated. Results go to ``results.json`` and ``results.md``;
+a finished run is never repeated, an interrupted one resumes from its last checkpoint.
+
+Nothing is tuned per model: each one trains with its plans' defaults (patch, batch, learning rate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from samnnu.errors import SamnnuError
+from samnnu.safe_io import weights_only_loading, write_text_atomic
+
+RESULTS = "results.json"
+MARKDOWN = "results.md"
+NNUNET_TRAINER = "nnUNetTrainer"
+
+
+@dataclass(frozen=True)
+class Model:
+    trainer: str
+    configuration: str
+    plans: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.trainer}:{self.configuration}"
+
+    @property
+    def is_samnnu(self) -> bool:
+        from samnnu.trainers import samnnu_trainers
+
+        return self.trainer in samnnu_trainers()
+
+
+def parse_model(text: str) -> Model:
+    """``trainer:configuration[:plans]``; plans default to samnnuPlans (samnnu trainers) or nnUNetPlans."""
+    from samnnu.pipeline.training import default_plans_name
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise SamnnuError(f"model '{text}': expected trainer:configuration (e.g. SAMedLoRATrainer:2d or "
+                          f"nnUNetTrainer:3d_fullres)")
+    return Model(parts[0], parts[1], default_plans_name(parts[0], parts[2] if len(parts) == 3 else None))
+
+
+def size_label(size: int | None) -> str:
+    return "all" if size is None else str(size)
+
+
+def parse_size(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise SamnnuError(f"training-set size '{text}': expected a positive number or 'all'") from None
+    if n < 1:
+        raise SamnnuError(f"training-set size {n}: must be at least 1")
+    return n
+
+
+def training_subsets(train_keys: list[str], sizes: list[int | None], seed: int) -> dict[str, list[str] | None]:
+    """The same seeded subsets for every model: prefixes of one shuffled order, so smaller subsets are
+    contained in larger ones. ``None`` (all cases) maps to ``None``."""
+    order = sorted(train_keys)
+    random.Random(seed).shuffle(order)
+    out = {}
+    for n in sizes:
+        if n is not None and n > len(order):
+            raise SamnnuError(f"training-set size {n} exceeds the fold's {len(order)} training cases")
+        out[size_label(n)] = None if n is None else sorted(order[:n])
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+def _worker(spec: dict) -> dict:
+    """Train, validate, time and (optionally) test one model on one training-set size; runs in its own process."""
+    from samnnu.config import setup_environment
+
+    setup_environment(spec["data_root"], quiet=True)
+    os.environ["nnUNet_results"] = spec["results_root"]  # before nnunetv2 is imported: keep runs apart
+    Path(spec["results_root"]).mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from samnnu.pipeline.training import train
+
+    if spec.get("timing_only"):
+        from samnnu.datasets import dataset_name
+
+        out = _time_inference(spec, dataset_name(spec["dataset"]), Path(spec["fold_dir"]))
+        out["timing_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+        return out
+    kwargs = dict(trainer=spec["trainer"], configuration=spec["configuration"], plans=spec["plans"],
+                  epochs=spec["epochs"], iters_per_epoch=spec["iters_per_epoch"], device=spec["device"],
+                  mirroring=False, train_cases=spec["train_cases"])
+    if spec.get("calibrate"):
+        result = train(spec["dataset"], spec["fold"], run_chain=False, **kwargs)
+        return {"seconds_per_iteration": result["train_seconds"] / (spec["epochs"] * spec["iters_per_epoch"])}
+    # resume an interrupted run of this very spec (a finished one is recognised by checkpoint_final.pth)
+    from samnnu.datasets import dataset_name, model_folder
+
+    name = dataset_name(spec["dataset"])
+    fold_dir = model_folder(name, spec["trainer"], spec["plans"], spec["configuration"]) / f"fold_{spec['fold']}"
+    resume = any((fold_dir / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+    result = train(spec["dataset"], spec["fold"], continue_training=resume, **kwargs)
+    fold_dir = Path(result["fold_dir"])
+    evaluation = json.loads(Path(result["evaluation"]).read_text())
+    report = json.loads((fold_dir / "report.json").read_text())
+    summary = report.get("plans_summary", {})
+    iterations = spec["epochs"] * spec["iters_per_epoch"]
+    out = {
+        "dice": {k: v.get("dice") for k, v in evaluation["mean"].items()},
+        "hd95_mm": {k: v.get("hd95") for k, v in evaluation["mean"].items()},
+        "n_validation_cases": evaluation.get("n_cases"),
+        "iterations": iterations,
+        "batch_size": summary.get("batch_size"),
+        "patch_size": summary.get("patch_size"),
+        "trainable_parameters": summary.get("trainable_parameters"),
+        "training_seconds": result["train_seconds"],
+        "seconds_per_iteration": result["train_seconds"] / iterations,
+        "resumed": resume,
+    }
+    out.update(_time_inference(spec, name, fold_dir))
+    if spec.get("test_images"):
+        out["test"] = _external_test(spec, name)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    if torch.cuda.is_available() and spec["device"] != "cpu":
+        out["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
+    return out
+
+
+def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
+    """Seconds per volume, raw file in -> label file out, with and without test-time mirroring, on the
+    first ``timing_cases`` validation cases (the network is loaded once, before timing)."""
+    import tempfile
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from samnnu.config import current_paths
+    from samnnu.datasets import load_json_file
+    from samnnu.pipeline.training import pick_device
+
+    n = spec["timing_cases"]
+    if n <= 0:
+        return {}
+    splits = load_json_file(current_paths().preprocessed / name / "splits_final.json", "splits_final.json")
+    cases = sorted(splits[spec["fold"]]["val"])[:n]
+    dataset_json = load_json_file(current_paths().raw / name / "dataset.json", "dataset.json")
+    ending, n_ch = dataset_json["file_ending"], len(dataset_json["channel_names"])
+    images = current_paths().raw / name / "imagesTr"
+    lists = [[str(images / f"{c}_{ch:04d}{ending}") for ch in range(n_ch)] for c in cases]
+    dev = pick_device(spec["device"])
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    with weights_only_loading():
+        predictor.initialize_from_trained_model_folder(str(fold_dir.parent), use_folds=(spec["fold"],),
+                                                       checkpoint_name="checkpoint_final.pth")
+    if predictor.allowed_mirroring_axes is None:  # the benchmark trains with test-time mirroring off
+        predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
+    out = {"timing_cases": len(cases)}
+    with tempfile.TemporaryDirectory() as tmp:
+        # warm-up (untimed): the first call pays for worker start-up and first-touch allocations
+        predictor.predict_from_files(lists[:1], [os.path.join(tmp, "warmup")], save_probabilities=False,
+                                     overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+        for mirroring in (False, True):
+            predictor.use_mirroring = mirroring
+            targets = [os.path.join(tmp, f"{c}_{int(mirroring)}") for c in cases]
+            start = time.perf_counter()
+            predictor.predict_from_files(lists, targets, save_probabilities=False, overwrite=True,
+                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            key = "inference_seconds_per_volume_mirroring" if mirroring else "inference_seconds_per_volume"
+            out[key] = (time.perf_counter() - start) / len(cases)
+    return out
+
+
+def _external_test(spec: dict, name: str) -> dict:
+    """Predict the external test images (no mirroring, the fold's postprocessing) and evaluate them."""
+    from samnnu.config import current_paths
+    from samnnu.datasets import load_json_file
+    from samnnu.evaluation.folders import evaluate_folders
+    from samnnu.pipeline.prediction import predict
+
+    pred_dir = Path(spec["results_root"]) / "external_test" / f"{spec['trainer']}__{spec['configuration']}"
+    predict(spec["test_images"], pred_dir, spec["dataset"], folds=(spec["fold"],), trainer=spec["trainer"],
+            configuration=spec["configuration"], plans=spec["plans"], device=spec["device"], mirroring=False)
+    dataset_json = load_json_file(current_paths().raw / name / "dataset.json", "dataset.json")
+    evaluation = evaluate_folders(Path(spec["test_labels"]), pred_dir, dataset_json=dataset_json,
+                                  file_ending=dataset_json["file_ending"])
+    return {"dice": {k: v.get("dice") for k, v in evaluation["mean"].items()},
+            "hd95_mm": {k: v.get("hd95") for k, v in evaluation["mean"].items()},
+            "n_cases": evaluation.get("n_cases")}
+
+
+def _run_worker(spec: dict, log: Path) -> dict:
+    """Run :func:`_worker` in a fresh Python process; its stdout/stderr go to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    spec_file = log.with_suffix(".spec.json")
+    result_file = log.with_suffix(".result.json")
+    result_file.unlink(missing_ok=True)
+    write_text_atomic(spec_file, json.dumps(spec, indent=2))
+    with open(log, "a") as fh:
+        proc = subprocess.run([sys.executable, "-m", "samnnu.benchmark.runner", "--worker", str(spec_file),
+                               str(result_file)], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode or not result_file.is_file():
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        raise SamnnuError(f"{log}: {spec['trainer']}:{spec['configuration']} failed (exit {proc.returncode}): "
+                          f"{tail[0][:300]}")
+    return json.loads(result_file.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def epochs_for(iterations: int, max_iters_per_epoch: int = 50) -> tuple[int, int]:
+    """(epochs, iterations per epoch) with epochs * iterations_per_epoch == iterations rounded down to
+    whole epochs of at most ``max_iters_per_epoch``."""
+    if iterations < 1:
+        raise SamnnuError(f"iteration budget {iterations}: must be at least 1")
+    per_epoch = min(max_iters_per_epoch, iterations)
+    return max(1, iterations // per_epoch), per_epoch
+
+
+def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLike, *, fold: int = 0,
+                  iterations: int | None = None, budget_minutes: float | None = None,
+                  sizes: list[int | None] | None = None, seed: int = 0, timing_cases: int = 5,
+                  test_images: str | None = None, test_labels: str | None = None, device: str = "cpu",
+                  data_root: str | None = None, calibration_iterations: int = 10,
+                  max_iters_per_epoch: int = 50, command: str | None = None, retime: bool = False) -> dict:
+    """Run every model on every training-set size; return the results dict also written to ``output``.
+
+    Exactly one of ``iterations`` and ``budget_minutes`` is given. ``sizes``: training-set sizes
+    (``None`` = all of the fold's training cases); default all only. ``retime``: train nothing; time
+    the inference of each listed model again on its run with the most training cases.
+    """
+    from tqdm import tqdm
+
+    from samnnu.config import current_paths, setup_environment
+    from samnnu.datasets import dataset_name, load_json_file
+
+    if (iterations is None) == (budget_minutes is None):
+        raise SamnnuError("give exactly one budget: iterations or budget minutes")
+    if (test_images is None) != (test_labels is None):
+        raise SamnnuError("an external test set needs both its images and its labels folder")
+    for folder in (test_images, test_labels):
+        if folder is not None and not Path(folder).is_dir():
+            raise SamnnuError(f"{folder}: external test folder does not exist")
+    parsed = [parse_model(m) for m in models]
+    if len({m.key for m in parsed}) != len(parsed):
+        raise SamnnuError("a model is listed twice")
+    sizes = sizes or [None]
+    setup_environment(data_root, quiet=data_root is not None)
+    paths = current_paths()
+    data_root = str(paths.raw.parent) if data_root is None else str(Path(data_root).resolve())
+    name = dataset_name(dataset)
+    pre = paths.preprocessed / name
+    from samnnu.pipeline.training import get_trainer_class
+
+    for m in parsed:
+        get_trainer_class(m.trainer)  # unknown trainer names fail here, before anything runs
+        plans = load_json_file(pre / f"{m.plans}.json", f"plans '{m.plans}' (plan and preprocess first)")
+        if m.configuration not in plans["configurations"]:
+            raise SamnnuError(f"{pre / (m.plans + '.json')}: no configuration '{m.configuration}' for {m.key}")
+        data_id = plans["configurations"][m.configuration].get("data_identifier", "")
+        if not (pre / data_id).is_dir():
+            raise SamnnuError(f"{pre / data_id}: not preprocessed; run nnUNetv2_preprocess -d {dataset} "
+                              f"-plans_name {m.plans} -c {m.configuration}")
+    splits = load_json_file(pre / "splits_final.json", "splits_final.json (train any fold once, or plan first)")
+    if fold >= len(splits):
+        raise SamnnuError(f"{pre / 'splits_final.json'}: has no fold {fold}")
+    subsets = training_subsets(splits[fold]["train"], sizes, seed)
+
+    out = Path(output).resolve()
+    results_file = out / RESULTS
+    state = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    budget = {"iterations": iterations} if iterations is not None else {"minutes": budget_minutes}
+    if state and (state["setup"]["budget"] != budget or state["setup"]["fold"] != fold
+                  or state["setup"]["seed"] != seed or state["setup"]["dataset"] != name):
+        raise SamnnuError(f"{results_file}: holds a run with another dataset, fold, seed or budget; "
+                          f"use another --output")
+    state.setdefault("runs", {})
+    state.setdefault("calibration", {})
+    # a later call may add sizes or models to the same output; subsets of one seed never change
+    all_subsets = dict(state.get("setup", {}).get("training_subsets", {}), **subsets)
+    all_subsets = dict(sorted(all_subsets.items(), key=lambda kv: math.inf if kv[0] == "all" else int(kv[0])))
+    state["setup"] = {
+        "dataset": name, "fold": fold, "seed": seed, "budget": budget,
+        "n_training_cases_in_fold": len(splits[fold]["train"]), "n_validation_cases": len(splits[fold]["val"]),
+        "training_subsets": all_subsets, "timing_cases": timing_cases, "device": device,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "command": command or "", "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "test_images": test_images, "test_labels": test_labels,
+    }
+
+    def save():
+        write_text_atomic(results_file, json.dumps(state, indent=2))
+        write_text_atomic(out / MARKDOWN, to_markdown(state))
+
+    base = {"data_root": data_root, "dataset": name, "fold": fold, "device": device, "timing_cases": timing_cases,
+            "test_images": test_images and str(Path(test_images).resolve()),
+            "test_labels": test_labels and str(Path(test_labels).resolve())}
+    if retime:
+        return _retime(state, parsed, base, out, save)
+    jobs = [(m, label) for label in subsets for m in parsed if f"{m.key}@{label}" not in state["runs"]]
+    ran = []
+    bar = tqdm(jobs, desc="benchmark", unit="run")
+    for m, label in bar:
+        bar.set_postfix_str(f"{m.key} on {label} cases")
+        if budget_minutes is not None and m.key not in state["calibration"]:
+            spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=1,
+                        iters_per_epoch=calibration_iterations, train_cases=None, calibrate=True,
+                        results_root=str(out / "calibration" / "nnUNet_results"))
+            log = out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log"
+            state["calibration"][m.key] = _run_worker(spec, log)
+            save()
+        if iterations is not None:
+            n_iter = iterations
+        else:
+            spi = state["calibration"][m.key]["seconds_per_iteration"]
+            n_iter = max(1, math.floor(budget_minutes * 60 / spi))
+        epochs, per_epoch = epochs_for(n_iter, max_iters_per_epoch)
+        # inference speed does not depend on the training subset: time each model once
+        timed = any(r["model"] == m.key and "inference_seconds_per_volume" in r for r in state["runs"].values())
+        spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=epochs,
+                    iters_per_epoch=per_epoch, train_cases=subsets[label],
+                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
+        if timed:
+            spec["timing_cases"] = 0
+        start = time.time()
+        result = _run_worker(spec, out / "logs" / f"{m.trainer}_{m.configuration}_{label}.log")
+        result.update({"model": m.key, "trainer": m.trainer, "configuration": m.configuration, "plans": m.plans,
+                       "train_size": label, "n_training_cases": len(subsets[label] or splits[fold]["train"]),
+                       "process_wall_seconds": time.time() - start, "samnnu": m.is_samnnu})
+        state["runs"][f"{m.key}@{label}"] = result
+        save()
+        ran.append(f"{m.key}@{label}")
+        tqdm.write(f"{m.key} on {label} training cases: mean Dice {mean_dice(result):.3f}, "
+                   f"{result['seconds_per_iteration']:.2f} s/iter")
+    save()
+    state["ran"] = ran
+    return state
+
+
+def _retime(state: dict, models: list[Model], base: dict, out: Path, save) -> dict:
+    """Time inference again for already trained models (e.g. after a timing change), nothing else."""
+    ran = []
+    for m in models:
+        runs = [r for r in state["runs"].values() if r["model"] == m.key]
+        if not runs:
+            raise SamnnuError(f"{m.key}: no finished run in {out / RESULTS} to time")
+        run = max(runs, key=lambda r: r["n_training_cases"])
+        fold_dir = (out / "runs" / f"train_{run['train_size']}" / "nnUNet_results" / state["setup"]["dataset"] /
+                    f"{m.trainer}__{m.plans}__{m.configuration}" / f"fold_{state['setup']['fold']}")
+        spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, timing_only=True,
+                    fold_dir=str(fold_dir), results_root=str(out / "runs" / f"train_{run['train_size']}" /
+                                                           "nnUNet_results"))
+        timing = _run_worker(spec, out / "logs" / f"retime_{m.trainer}_{m.configuration}.log")
+        for r in runs:  # one timing per model, kept on its largest run only
+            for key in ("inference_seconds_per_volume", "inference_seconds_per_volume_mirroring", "timing_cases"):
+                r.pop(key, None)
+        run.update(timing)
+        ran.append(f"{m.key}@{run['train_size']} (timing)")
+        save()
+    state["ran"] = ran
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+def mean_dice(run: dict) -> float:
+    values = [v for v in run["dice"].values() if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _runs(state: dict, size: str) -> list[dict]:
+    return [r for r in state["runs"].values() if r["train_size"] == size]
+
+
+def _find(state: dict, model: str, size: str) -> dict | None:
+    return state["runs"].get(f"{model}@{size}")
+
+
+def _timed_run(state: dict, model: str) -> dict | None:
+    """The run of ``model`` that carries its inference timing (the "all" run first), if any."""
+    runs = sorted(state["runs"].values(), key=lambda r: r["train_size"] != "all")
+    return next((r for r in runs if r["model"] == model and "inference_seconds_per_volume" in r), None)
+
+
+def targets(state: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the targets samnnu holds itself to; verdict 'met', 'missed' or
+    'not measured' (a model or size missing from this run)."""
+    from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER
+
+    default = f"{DEFAULT_TRAINER}:{DEFAULT_CONFIGURATION}"
+    baselines = [f"{NNUNET_TRAINER}:2d", f"{NNUNET_TRAINER}:3d_fullres"]
+    rows = []
+    for size, margin in (("10", 3.0), ("5", 5.0)):
+        goal = f"{size} training cases: {default} mean Dice >= nnU-Net 2d and 3d_fullres + {margin:g} points"
+        d = _find(state, default, size)
+        base = [_find(state, b, size) for b in baselines]
+        if d is None or any(b is None for b in base):
+            rows.append((goal, "-", "not measured"))
+            continue
+        gaps = [100 * (mean_dice(d) - mean_dice(b)) for b in base]
+        measured = ", ".join(f"{g:+.1f} vs {b.split(':')[1]}" for g, b in zip(gaps, baselines))
+        rows.append((goal, measured, "met" if min(gaps) >= margin else "missed"))
+    full = _runs(state, "all")
+    sam = [r for r in full if r["samnnu"]]
+    nn = [r for r in full if not r["samnnu"]]
+    goal = "all training cases: best samnnu model mean Dice >= best nnU-Net model"
+    if sam and nn:
+        bs, bn = max(sam, key=mean_dice), max(nn, key=mean_dice)
+        rows.append((goal, f"{bs['model']} {mean_dice(bs):.3f} vs {bn['model']} {mean_dice(bn):.3f}",
+                     "met" if mean_dice(bs) >= mean_dice(bn) else "missed"))
+    else:
+        rows.append((goal, "-", "not measured"))
+    goal = f"CPU inference: {default} s/volume <= nnU-Net 3d_fullres (same mirroring setting)"
+    d, b = _timed_run(state, default), _timed_run(state, baselines[1])
+    if d and b and state["setup"]["device"] == "cpu":
+        ok = all(d[k] <= b[k] for k in ("inference_seconds_per_volume", "inference_seconds_per_volume_mirroring"))
+        rows.append((goal, f"{d['inference_seconds_per_volume']:.2f} vs {b['inference_seconds_per_volume']:.2f} "
+                           f"without mirroring, {d['inference_seconds_per_volume_mirroring']:.2f} vs "
+                           f"{b['inference_seconds_per_volume_mirroring']:.2f} with",
+                     "met" if ok else "missed"))
+    else:
+        rows.append((goal, "-", "not measured"))
+    return rows
+
+
+def to_markdown(state: dict) -> str:
+    s = state["setup"]
+    budget = (f"{s['budget']['iterations']} training iterations per model" if "iterations" in s["budget"]
+              else f"{s['budget']['minutes']:g} minutes of training per model (converted to iterations from a "
+                   "timed run of each model)")
+    sizes = list(s["training_subsets"])
+    models = list(dict.fromkeys(r["model"] for r in state["runs"].values()))
+    lines = [f"# Benchmark: {s['dataset']}, fold {s['fold']}", "",
+             f"- Budget: {budget}; training subsets seeded with {s['seed']} (smaller subsets are contained in "
+             f"larger ones); validation on the fold's {s['n_validation_cases']} validation cases, no test-time "
+             f"mirroring, nnU-Net's postprocessing decision, samnnu's metrics.",
+             f"- Machine: {s['machine']['cpu']}, {s['machine']['cores']} cores, device {s['device']}.",
+             f"- Command: `{s['command']}`", f"- Updated: {s['updated']}", "",
+             "## Mean foreground Dice by number of training cases", "",
+             "| model | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for m in models:
+        cells = []
+        for size in sizes:
+            r = _find(state, m, size)
+            cells.append("-" if r is None else f"{mean_dice(r):.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Every run", "",
+              "| model | cases | iters | batch | Dice per class | mean Dice | HD95 mm per class | train s | s/iter | "
+              "infer s/vol (mirror) | peak RSS GB | trainable params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        for r in _runs(state, size):
+            dice = " / ".join("-" if v is None else f"{v:.3f}" for v in r["dice"].values())
+            hd = " / ".join("-" if v is None else f"{v:.2f}" for v in r["hd95_mm"].values())
+            inf = (f"{r['inference_seconds_per_volume']:.2f} ({r['inference_seconds_per_volume_mirroring']:.2f})"
+                   if "inference_seconds_per_volume" in r else "-")
+            params = f"{r['trainable_parameters']:,}" if r.get("trainable_parameters") else "-"
+            lines.append(f"| {r['model']} | {r['n_training_cases']} | {r['iterations']} | {r['batch_size']} | {dice} | "
+                         f"{mean_dice(r):.3f} | {hd} | {r['training_seconds']:.0f} | {r['seconds_per_iteration']:.2f} "
+                         f"| {inf} | {r['peak_rss_gb']:.2f} | {params} |")
+    tested = [r for r in state["runs"].values() if "test" in r]
+    if tested:
+        lines += ["", "## External test set", "", "| model | cases | training cases | Dice per class | mean Dice |",
+                  "|---|---|---|---|---|"]
+        for r in tested:
+            t = r["test"]
+            dice = " / ".join("-" if v is None else f"{v:.3f}" for v in t["dice"].values())
+            lines.append(f"| {r['model']} | {t['n_cases']} | {r['n_training_cases']} | {dice} | {mean_dice(t):.3f} |")
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {g} | {m} | {v} |" for g, m, v in targets(state)]
+    if state.get("calibration"):
+        lines += ["", "Calibration (seconds per iteration from a short timed run, used to convert the minutes "
+                      "budget): " + ", ".join(f"{k} {v['seconds_per_iteration']:.2f}"
+                                              for k, v in state["calibration"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _worker_main(argv: list[str]) -> int:
+    spec_file, result_file = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_file.read_text())
+    result = _worker(spec)
+    write_text_atomic(result_file, json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # one model's process, started by run_benchmark (the command is samnnu_benchmark)
+    if len(sys.argv) != 4 or sys.argv[1] != "--worker":
+        sys.exit("usage: python -m samnnu.benchmark.runner --worker SPEC.json RESULT.json (use samnnu_benchmark)")
+    sys.exit(_worker_main(sys.argv[2:]))

@@ -1,0 +1,13 @@
+"""samnnu's defaults that several modules share (names written into plans, folders and checkpoints)."""
+from __future__ import annotations
+
+#: the plans samnnu's planner writes (nnU-Net's own are ``nnUNetPlans``)
+PLANS_NAME = "samnnuPlans"
+#: the trainer used when the user names none, by the configuration's patch dimension
+DEFAULT_TRAINERS = {2: "SAMedLoRATrainer", 3: "SAM3DAdapterTrainer"}
+DEFAULT_CONFIGURATION = "2d"
+DEFAULT_TRAINER = DEFAULT_TRAINERS[2]
+#: the settings of a training run, written into its fold folder (used by --continue and the report)
+RUN_SETTINGS = "samnnu_training.json"
+#: a fold's checkpoints, newest first: the order in which they are tried when resuming or predicting
+CHECKPOINTS_NEWEST_FIRST = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")

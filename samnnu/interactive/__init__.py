@@ -1,0 +1,1 @@
+"""Prompts (boxes, clicks), automatic prompts, the refinement engine and the terminal loop."""

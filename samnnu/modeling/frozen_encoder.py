@@ -1,0 +1,56 @@
+"""A frozen SAM image encoder as a feature extractor, shared by the frozen-encoder networks."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
+from samnnu.modeling.common import IntensityToSAM, fit_square, freeze_batchnorm_stats
+
+
+class FrozenSAMEncoder(nn.Module):
+    """Frozen SAM image encoder with its fixed intensity mapping; runs without autograd.
+
+    Nothing here trains: the channel mix stays at the channel mean, the encoder at its pretrained
+    weights and BatchNorm statistics. 2D input is fitted into the encoder's square input; 3D input
+    (B, C, D, H, W) is encoded slice by slice along D.
+
+    x: (B, C, H, W) -> (B, D_e, g, g) embedding of the square-fitted input, and the content size
+       (h, w) of the image inside the size x size square (see fit_square);
+       (B, C, D, H, W) -> (B, D_e, D, g, g), content size.
+    """
+
+    def __init__(self, *, encoder: str, input_size: int, in_channels: int,
+                 intensity_windows: list[tuple[float, float]]):
+        super().__init__()
+        parts = build_sam_parts(encoder, input_size=input_size, num_mask_tokens=1)
+        self.encoder_name = encoder
+        self.input_size = input_size
+        self.stride = parts.stride
+        self.embed_dim = parts.embed_dim
+        self.intensity = IntensityToSAM(in_channels, intensity_windows)
+        self.image_encoder = parts.image_encoder
+        for p in self.parameters():
+            p.requires_grad = False
+
+    def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
+        """Load the pretrained image encoder (training start only)."""
+        parts = SAMParts(self.image_encoder, None, None, self.input_size, self.stride, self.embed_dim)
+        return load_pretrained(self.encoder_name, parts, checkpoint=checkpoint, new_encoder_keys=lambda key: False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        freeze_batchnorm_stats(self.image_encoder)
+        return self
+
+    @torch.no_grad()
+    def encode_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, content = fit_square(self.intensity(x), self.input_size)
+        return self.image_encoder(x), content
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.dim() == 4:
+            return self.encode_2d(x)
+        b, c, d, h, w = x.shape
+        emb, content = self.encode_2d(x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w))
+        return emb.view(b, d, *emb.shape[1:]).permute(0, 2, 1, 3, 4), content

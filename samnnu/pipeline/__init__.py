@@ -1,0 +1,1 @@
+"""The fixed chain: planning, training a fold, validation/postprocessing/evaluation/report, prediction."""

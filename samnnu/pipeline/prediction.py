@@ -1,0 +1,442 @@
+"""Predict a folder of volumes with trained folds (ensembled), writing label maps on the inputs' grids."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from samnnu.config import num_processes, setup_environment
+from samnnu.datasets import dataset_name, load_json_file, model_folder
+from samnnu.errors import SamnnuError
+from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER
+from samnnu.pipeline.training import default_model, default_plans_name, pick_device
+from samnnu.safe_io import (check_image_file, describe_os_error, load_postprocessing, remove_stale_tmp,
+                            weights_only_loading, write_atomic, write_json_atomic)
+
+if TYPE_CHECKING:
+    from samnnu.interactive.prompts import ImageGeometry
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _strip(name: str, ending: str) -> str | None:
+    return name[: -len(ending)] if name.endswith(ending) else None
+
+
+def collect_cases(input_folder: Path, file_ending: str, n_channels: int) -> dict[str, list[Path]]:
+    """Group the input files by case: ``CASE_0000.ext`` ... per channel, or ``CASE.ext`` for one channel.
+
+    Raises SamnnuError naming the file for unreadable, truncated or 4D volumes and wrong channel counts.
+    """
+    files = sorted(p for p in input_folder.iterdir() if p.is_file() and p.name.endswith(file_ending)
+                   and not p.name.startswith("."))
+    if not files:
+        raise SamnnuError(f"{input_folder}: no {file_ending} files to predict")
+    cases: dict[str, dict[int, Path]] = {}
+    for p in files:
+        stem = _strip(p.name, file_ending)
+        m = _CHANNEL.match(stem)
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if channel in cases.setdefault(case, {}):
+            raise SamnnuError(f"{p}: case '{case}' has channel {channel} twice (mixing CASE{file_ending} and "
+                              f"CASE_0000{file_ending}?)")
+        cases[case][channel] = p
+    out = {}
+    for case, channels in cases.items():
+        if sorted(channels) != list(range(n_channels)):
+            raise SamnnuError(f"{input_folder}: case '{case}' has channels {sorted(channels)} but the model "
+                              f"expects {n_channels} (files CASE_0000{file_ending} .. "
+                              f"CASE_{n_channels - 1:04d}{file_ending})")
+        paths = [channels[c] for c in range(n_channels)]
+        for p in paths:
+            check_input_image(p)
+        out[case] = paths
+    return out
+
+
+def check_input_image(path: Path) -> None:
+    """Refuse an input image that is truncated, damaged or 4D (one-line SamnnuError naming it); say how many
+    NaN voxels a floating-point image holds (they are read as 0)."""
+    info = check_image_file(path)
+    if info.dimension > 3 and any(n > 1 for n in info.size[3:]):
+        raise SamnnuError(f"{path}: is {info.dimension}D (size {info.size}); samnnu predicts 2D and 3D images, "
+                          f"one file per channel (CASE_0000, CASE_0001, ...)")
+    if info.floating:
+        n_nan = _count_nan(path)
+        if n_nan:
+            print(f"samnnu: warning: {path}: {n_nan} NaN voxel(s), predicted as if they were 0", file=sys.stderr)
+
+
+def _count_nan(path: Path) -> int:
+    """NaN voxels in a floating-point image (SimpleITK's NIfTI reader turns them into 0, so NIfTI files
+    are read with nibabel)."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        return int(np.isnan(np.asanyarray(nibabel.load(str(path)).dataobj)).sum())
+    import SimpleITK as sitk
+
+    return int(np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).sum())
+
+
+@dataclass
+class _Model:
+    """A trained model found and checked for prediction; its folds are loaded on first use."""
+
+    folder: Path
+    dataset_json: dict
+    postprocessing: tuple | None
+    reader_writer: object
+    folds: tuple
+    checkpoint: str
+    device: object
+    mirroring: bool
+    _predictor: object = None
+
+    @property
+    def file_ending(self) -> str:
+        return self.dataset_json["file_ending"]
+
+    def labels(self) -> dict[str, int]:
+        from samnnu.interactive.prompts import label_values
+
+        return label_values(self.dataset_json["labels"])
+
+    def predictor(self):
+        """The nnUNetPredictor holding every fold (loaded once)."""
+        if self._predictor is None:
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+            dev = self.device
+            self._predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.mirroring,
+                                              perform_everything_on_device=dev.type == "cuda", device=dev,
+                                              verbose=False, verbose_preprocessing=False, allow_tqdm=True)
+            with weights_only_loading():  # nnU-Net would unpickle the checkpoints with weights_only=False
+                self._predictor.initialize_from_trained_model_folder(str(self.folder), use_folds=self.folds,
+                                                                     checkpoint_name=self.checkpoint)
+        return self._predictor
+
+
+def _default_trained_model(name: str, trainer: str | None, configuration: str | None,
+                           plans: str | None) -> tuple[str, str]:
+    """What the user left open, decided as ``samnnu_train`` decides it (:func:`samnnu.pipeline.training.default_model`),
+    from the preprocessed plans or, without them, from the plans saved with a trained model."""
+    from samnnu.config import current_paths
+
+    plans_name = default_plans_name(trainer, plans)
+    candidates = [current_paths().preprocessed / name / f"{plans_name}.json"]
+    candidates += sorted((current_paths().results / name).glob(f"*__{plans_name}__*/plans.json"))
+    for path in candidates:
+        if path.is_file():
+            return default_model(load_json_file(path, "plans"), trainer, configuration)
+    return trainer or DEFAULT_TRAINER, configuration or DEFAULT_CONFIGURATION
+
+
+def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, configuration: str | None,
+                plans: str | None,
+                device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
+    """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
+    setup_environment()
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    name = dataset_name(dataset)
+    if trainer is None or configuration is None:
+        trainer, configuration = _default_trained_model(name, trainer, configuration, plans)
+    plans_name = default_plans_name(trainer, plans)
+    mfolder = model_folder(name, trainer, plans_name, configuration)
+    if not mfolder.is_dir():
+        raise SamnnuError(f"{mfolder}: no trained model for trainer {trainer}, plans {plans_name}, "
+                          f"configuration {configuration} (train it with samnnu_train)")
+    folds = tuple(f if f == "all" else int(f) for f in folds)
+    for f in folds:
+        ckpt = mfolder / f"fold_{f}" / checkpoint
+        if not ckpt.is_file():
+            raise SamnnuError(f"{ckpt}: checkpoint missing (is fold {f} trained?)")
+    dataset_json = load_json_file(mfolder / "dataset.json", "dataset.json of the model")
+    dev = pick_device(device)
+
+    pp_folder = (mfolder / f"fold_{folds[0]}" / "validation") if len(folds) == 1 else mfolder
+    pp = load_postprocessing(pp_folder) if postprocess else None
+    if postprocess and pp is None and (pp_folder / "postprocessing.pkl").is_file():
+        print(f"samnnu: {pp_folder / 'postprocessing.pkl'} is not used (pickles can run code and are never "
+              f"loaded; samnnu reads postprocessing.json)", file=sys.stderr)
+    rw = PlansManager(str(mfolder / "plans.json")).image_reader_writer_class()
+    return _Model(mfolder, dataset_json, pp, rw, folds, checkpoint, dev, mirroring)
+
+
+def _intact_raw_prediction(work: Path, case: str, ending: str, probabilities: bool) -> bool:
+    """Whether an earlier, interrupted run left a complete raw prediction of ``case`` in ``work``."""
+    try:
+        check_image_file(work / f"{case}{ending}")
+        if probabilities:
+            with np.load(work / f"{case}.npz") as z:
+                z["probabilities"].shape  # noqa: B018  (reads the array's header: a truncated file fails)
+        return True
+    except (SamnnuError, OSError, ValueError, KeyError, EOFError):
+        return False
+
+
+def _run_model(model: _Model, cases: Mapping[str, list[Path]], work: Path, probabilities: bool) -> dict[str, Path]:
+    """Predict ``cases`` into ``work``: {case: post-processed label map}; with ``probabilities``, nnU-Net's
+    ``CASE.npz`` (key ``probabilities``, (C, Z, Y, X) on the input grid) lies beside each.
+
+    Raw predictions already complete in ``work`` (from an interrupted run of the same model) are reused;
+    damaged ones are predicted again. Every label map returned has passed :func:`check_image_file`.
+    """
+    from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
+
+    ending = model.file_ending
+    todo = {c: p for c, p in cases.items() if not _intact_raw_prediction(work, c, ending, probabilities)}
+    if len(todo) < len(cases):
+        print(f"samnnu: reusing {len(cases) - len(todo)} raw predictions of the interrupted run in {work}",
+              file=sys.stderr)
+    if todo:
+        lists = [[str(p) for p in paths] for paths in todo.values()]
+        truncated = [str(work / case) for case in todo]
+        try:
+            model.predictor().predict_from_files(lists, truncated, save_probabilities=probabilities,
+                                                 overwrite=True, num_processes_preprocessing=1,
+                                                 num_processes_segmentation_export=min(2, num_processes()))
+        except OSError as e:  # nnU-Net's own files (plans.json, ...) and exports; a write error names no file
+            raise SamnnuError(f"{e.filename or work}: cannot write predictions ({describe_os_error(e)})") from None
+    out = {}
+    for case in cases:
+        produced = work / f"{case}{ending}"
+        try:
+            check_image_file(produced)
+        except SamnnuError as e:
+            raise SamnnuError(f"the prediction of case '{case}' was not written completely ({e}; disk full?)") \
+                from None
+        if model.postprocessing is not None and model.postprocessing[0]:
+            final = work / "postprocessed" / f"{case}{ending}"
+            write_atomic(final, lambda tmp: load_postprocess_save(str(produced), str(tmp), model.reader_writer,
+                                                                  model.postprocessing[0], model.postprocessing[1]),
+                         check_image_file)
+            produced = final
+        out[case] = produced
+    return out
+
+
+def read_image(path: Path) -> tuple[np.ndarray, ImageGeometry]:
+    """A volume as a (Z, Y, X) float32 array (2D images: Z = 1) and its geometry."""
+    import SimpleITK as sitk
+
+    from samnnu.interactive.prompts import ImageGeometry
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    return array, ImageGeometry.from_sitk(image)
+
+
+def _geometry(path: Path):
+    import SimpleITK as sitk
+
+    from samnnu.interactive.prompts import ImageGeometry
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return ImageGeometry.from_sitk(reader)
+
+
+def prompt_free_predictions(cases: Mapping[str, list[Path]], dataset: str | int, *, folds: tuple = (0,),
+                            trainer: str | None = None, configuration: str | None = None,
+                            plans: str | None = None, device: str | None = None,
+                            checkpoint: str = "checkpoint_final.pth", mirroring: bool = True,
+                            postprocess: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Predict cases ({case: [channel files]}) in memory: ({case: (labels (Z, Y, X), probabilities
+    (C, Z, Y, X))}, the model's dataset.json). Labels are post-processed; probabilities are not."""
+    model = _open_model(dataset, folds=folds, trainer=trainer, configuration=configuration, plans=plans,
+                        device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="samnnu_predict_") as tmp:
+        for case, seg_file in _run_model(model, cases, Path(tmp), probabilities=True).items():
+            out[case] = _read_prediction(seg_file, Path(tmp) / f"{case}.npz")
+    return out, model.dataset_json
+
+
+def _read_prediction(seg_file: Path, probs_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (Z, Y, X), probabilities (C, Z, Y, X)) of one predicted case."""
+    import SimpleITK as sitk
+
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_file)))
+    probs = np.load(probs_file)["probabilities"].astype(np.float32)
+    if seg.ndim == 2:
+        seg, probs = seg[None], probs[:, None] if probs.ndim == 3 else probs
+    return seg, probs
+
+
+def _write_like(array: np.ndarray, like: Path, target: Path) -> None:
+    """Write a (Z, Y, X) label array with the geometry of the label file ``like`` into ``target`` (atomic,
+    checked)."""
+    import SimpleITK as sitk
+
+    from samnnu.safe_io import write_image_atomic
+
+    ref = sitk.ReadImage(str(like))
+    data = array if ref.GetDimension() == 3 else array[0]
+    image = sitk.GetImageFromArray(data.astype(sitk.GetArrayViewFromImage(ref).dtype, copy=False))
+    image.CopyInformation(ref)
+    write_image_atomic(image, target)
+
+
+RESUME_FILE = ".samnnu_predict.json"
+WORK_FOLDER = ".samnnu_partial"
+
+
+def _file_stamp(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, refine_options) -> dict:
+    """What makes two prediction runs interchangeable: the model files and every option that changes outputs."""
+    if prompts is None:
+        prompt_id = None
+    elif isinstance(prompts, Mapping):
+        prompt_id = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
+    else:
+        prompt_id = hashlib.sha256(Path(prompts).read_bytes()).hexdigest() if Path(prompts).is_file() else str(prompts)
+    return {"model": str(model.folder), "folds": [str(f) for f in model.folds], "checkpoint": model.checkpoint,
+            "checkpoints": [_file_stamp(model.folder / f"fold_{f}" / model.checkpoint) for f in model.folds],
+            "mirroring": model.mirroring, "postprocessing": repr(model.postprocessing), "prompts": prompt_id,
+            "auto_prompts": auto_prompts, "refiner": refiner if (prompts is not None or auto_prompts) else None,
+            "refine_options": repr(refine_options)}
+
+
+def _load_resume_state(out: Path, signature: dict) -> dict | None:
+    """{case: input stamps} of cases an interrupted run with the same signature finished in ``out``; None
+    when there is no such run (no record, or one of another model or options)."""
+    try:
+        state = json.loads((out / RESUME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("signature") != signature or not isinstance(state.get("done"), dict):
+        return None
+    return state["done"]
+
+
+def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int, *,
+            folds: tuple = (0,), trainer: str | None = None, configuration: str | None = None,
+            plans: str | None = None, device: str | None = None, checkpoint: str = "checkpoint_final.pth",
+            mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
+            auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,
+            write_prompts: str | os.PathLike | None = None, overwrite: bool = False) -> list[Path]:
+    """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
+
+    Output label maps have exactly the inputs' size, spacing, origin and direction (nnU-Net restores
+    them). Several folds are ensembled by averaging softmax outputs. Files appear in the output folder
+    only once complete. Inputs are never modified.
+
+    prompts: a prompts file (schema in docs/interactive.md) or its dict; cases it names are refined with
+    the promptable refiner (:mod:`samnnu.interactive.refiner`; ``refiner`` = its encoder, ``refine_options`` a
+    :class:`~samnnu.interactive.refiner.RefineOptions`). The whole file is checked before anything is predicted:
+    a bad prompt is a one-line SamnnuError and no file is written. auto_prompts: every case also gets
+    automatic first prompts from its prompt-free prediction (:mod:`samnnu.interactive.auto_prompts`).
+    write_prompts: write every prompt used (automatic and given, voxel coordinates) to this JSON file.
+
+    Interrupted runs resume: cases an earlier, interrupted run of the same model and options finished (its
+    record is ``OUTPUT/.samnnu_predict.json``, removed when a run completes; inputs unchanged) are kept, raw
+    predictions it left in ``OUTPUT/.samnnu_partial/`` are reused when intact, and the rest are predicted. ``overwrite`` redoes
+    every case. Every output is re-read before it takes its final name: a full disk is a SamnnuError,
+    never a silently empty file.
+    """
+    setup_environment()
+    inp = Path(input_folder).resolve()
+    out = Path(output_folder).resolve()
+    if not inp.is_dir():
+        raise SamnnuError(f"{inp}: input folder does not exist")
+    if inp == out:
+        raise SamnnuError(f"{out}: the output folder must differ from the input folder")
+    if out.exists() and not out.is_dir():
+        raise SamnnuError(f"{out}: is a file, not a folder (-o names the output folder)")
+    model = _open_model(dataset, folds=folds, trainer=trainer, configuration=configuration, plans=plans,
+                        device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
+    ending = model.file_ending
+    cases = collect_cases(inp, ending, len(model.dataset_json["channel_names"]))
+
+    given = {}
+    if prompts is not None:
+        from samnnu.interactive.prompts import load_prompts
+
+        given = load_prompts(prompts, model.labels(), {c: _geometry(p[0]) for c, p in cases.items()},
+                             input_name=str(inp))
+    prompted = [c for c in cases if c in given or auto_prompts]
+    refiner_model = None
+    if prompted:
+        from samnnu.interactive.refiner import RefineOptions, SliceRefiner
+
+        refine_options = refine_options or RefineOptions()
+        refiner_model = SliceRefiner.create(refiner, device=device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".samnnu_tmp_*"):  # left by versions that could not resume
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_tmp(out)
+    signature = _run_signature(model, prompts, auto_prompts, refiner, refine_options)
+    stamps = {c: [_file_stamp(p) for p in paths] for c, paths in cases.items()}
+    previous = None if overwrite else _load_resume_state(out, signature)
+    work = out / WORK_FOLDER
+    if previous is None and work.is_dir():
+        shutil.rmtree(work)  # raw predictions of another model or options
+    finished = [c for c in cases if (previous or {}).get(c) == stamps[c] and _intact_output(out / f"{c}{ending}")]
+    done = {c: stamps[c] for c in finished}
+    if finished:
+        print(f"samnnu: {len(finished)} of {len(cases)} cases were already predicted into {out} by the same model "
+              f"and options; predicting the other {len(cases) - len(finished)} (--overwrite redoes all)",
+              file=sys.stderr)
+    todo = {c: p for c, p in cases.items() if c not in done}
+    write_json_atomic(out / RESUME_FILE, {"signature": signature, "done": done})
+
+    written = [out / f"{c}{ending}" for c in finished]
+    used_prompts = {}
+    work.mkdir(exist_ok=True)
+    produced = _run_model(model, todo, work, probabilities=bool(prompted)) if todo else {}
+    for case, seg_file in produced.items():
+        target = out / f"{case}{ending}"
+        if case in prompted:
+            from samnnu.interactive.auto_prompts import auto_prompts as make_auto_prompts
+            from samnnu.interactive.refiner import apply_prompts
+
+            seg, probs = _read_prediction(seg_file, work / f"{case}.npz")
+            image, geometry = read_image(cases[case][0])
+            case_prompts = []
+            if auto_prompts:
+                case_prompts += make_auto_prompts(seg, model.labels().values(), probs,
+                                                  spacing=tuple(reversed(geometry.spacing)))
+            case_prompts += given.get(case, [])
+            used_prompts[case] = case_prompts
+            refined = apply_prompts(refiner_model, image, seg, probs, case_prompts, refine_options)
+            _write_like(refined, seg_file, target)
+        else:
+            os.replace(seg_file, target)  # checked by _run_model; the same file system
+        written.append(target)
+        done[case] = stamps[case]
+        write_json_atomic(out / RESUME_FILE, {"signature": signature, "done": done})
+    shutil.rmtree(work, ignore_errors=True)
+    (out / RESUME_FILE).unlink()  # every case is done: nothing left to resume
+    if write_prompts is not None:
+        from samnnu.interactive.prompts import prompts_to_json
+
+        names = {v: k for k, v in model.labels().items()}
+        write_json_atomic(write_prompts, prompts_to_json(used_prompts, names), indent=1)
+    return sorted(written)
+
+
+def _intact_output(path: Path) -> bool:
+    try:
+        check_image_file(path)
+        return True
+    except SamnnuError:
+        return False

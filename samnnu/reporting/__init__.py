@@ -1,0 +1,1 @@
+"""Per-fold HTML/JSON reports."""

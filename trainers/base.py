@@ -1,0 +1,122 @@
+"""SAMTrainerBase: the recipe every SAM trainer shares, as a small set of nnUNetTrainer overrides.
+
+What differs from nnU-Net's trainer, each in one small override:
+- the network is whatever :meth:`SAMTrainerBase.build_network_architecture` builds from the plans'
+  ``sam`` block (the one method a concrete trainer must write); the SAM encoder's pretrained weights
+  are loaded when training starts (:func:`load_sam_pretrained`), never at inference;
+- batch size from the ``sam`` block (planned for the SAM encoder, not for a U-Net);
+- no deep supervision; loss ``loss_weights`` = (cross-entropy, Dice), default 0.2 / 0.8;
+- AdamW on the trainable parameters only, linear warm-up then polynomial decay, stepped per
+  iteration (:class:`samnnu.trainers.schedules.WarmupPolyLR`);
+- a progress bar over all iterations with the time left.
+
+nnU-Net finds every concrete subclass by name (``nnUNet_extTrainer`` points at this package), and so
+does samnnu (:func:`samnnu.trainers.samnnu_trainers`): a new trainer is a new module here, nothing more.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from tqdm import tqdm
+
+from samnnu.modeling.common import count_parameters
+from samnnu.modeling.encoders import get_encoder_spec
+from samnnu.trainers.schedules import WarmupPolyLR
+
+
+def load_sam_pretrained(trainer: nnUNetTrainer) -> None:
+    """Load the SAM encoder's pretrained weights into ``trainer.network`` (after initialize, training only).
+
+    The checkpoint is the plans' ``sam.sam_checkpoint`` (the user's file, for ``vit_*``/``mobilesam``);
+    encoders without pretrained weights (``tiny``) keep their initialisation.
+    """
+    net = trainer.network
+    checkpoint = trainer.configuration_manager.configuration["sam"].get("sam_checkpoint")
+    if trainer.load_pretrained_weights and get_encoder_spec(net.encoder_name).pretrained is not None:
+        net.load_pretrained(checkpoint=checkpoint)
+        trainer.print_to_log_file(f"Loaded pretrained {net.encoder_name} weights"
+                                  + (f" from {checkpoint}" if checkpoint else ""))
+    trainer.print_to_log_file(f"Parameters: {count_parameters(net)} total, "
+                              f"{count_parameters(net, trainable_only=True)} trainable")
+
+
+class SAMTrainerBase(nnUNetTrainer, abc.ABC):
+    """The shared SAM recipe; a concrete trainer writes :meth:`build_network_architecture` and what its
+    idea changes (its loss, a hyper-parameter as a class attribute)."""
+
+    #: the patch dimensions this trainer's network takes (2: the ``2d`` configuration; 3: ``3d_fullres``);
+    #: a configuration with other patches is refused before any work
+    patch_dimensions: tuple[int, ...] = (2,)
+    warmup_fraction = 0.05
+    sam_initial_lr = 1e-3
+    sam_weight_decay = 0.01
+    loss_weights = (0.2, 0.8)  # (cross-entropy, Dice)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.initial_lr = self.sam_initial_lr
+        self.weight_decay = self.sam_weight_decay
+        self.load_pretrained_weights = True
+        self._progress = None
+
+    @classmethod
+    @abc.abstractmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = False) -> torch.nn.Module:
+        """The network for one configuration, from its ``sam`` block
+        (``configuration_manager.configuration["sam"]``): x (B, C, *patch) -> logits (B, K, *patch)."""
+
+    def initialize(self):
+        super().initialize()
+        load_sam_pretrained(self)
+
+    def _set_batch_size_and_oversample(self):
+        self.batch_size = int(self.configuration_manager.configuration["sam"]["batch_size"])
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """The SAM networks have a single output: nothing to switch."""
+
+    def _build_loss(self):
+        ce, dice = self.loss_weights
+        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                               "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=ce, weight_dice=dice,
+                              ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        scheduler = WarmupPolyLR(optimizer, self.initial_lr, total, round(self.warmup_fraction * total))
+        return optimizer, scheduler
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.lr_scheduler.step(self.current_epoch, self.num_iterations_per_epoch)
+
+    def on_train_start(self):
+        super().on_train_start()
+        total = self.num_epochs * self.num_iterations_per_epoch
+        self._progress = tqdm(total=total, initial=self.current_epoch * self.num_iterations_per_epoch,
+                              desc=f"training {self.__class__.__name__} fold {self.fold}", unit="it",
+                              dynamic_ncols=True)
+
+    def train_step(self, batch: dict) -> dict:
+        out = super().train_step(batch)
+        self.lr_scheduler.step_iteration()
+        if self._progress is not None:
+            self._progress.update(1)
+            self._progress.set_postfix(loss=f"{float(out['loss']):.3f}")
+        return out
+
+    def on_train_end(self):
+        if self._progress is not None:
+            self._progress.close()
+        super().on_train_end()
