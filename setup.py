@@ -39,7 +39,7 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "ruff"]},
     entry_points={
         "console_scripts": [
             "samnnu_convert=samnnu.cli:convert_main",

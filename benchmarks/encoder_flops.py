@@ -1,6 +1,12 @@
-"""Forward GFLOP of each registered image encoder at its native input, counted on the meta device.
+"""Forward GFLOP of each registered image encoder, and the share of the machine's matmul peak it reaches.
 
-    python benchmarks/encoder_flops.py [--size N]
+    python benchmarks/encoder_flops.py [--size N]                 # counted GFLOP of every encoder
+    python benchmarks/encoder_flops.py --peak litemedsam --size 64 --batches 1 8 32 [-o OUT.json]
+
+``--peak``: in one run, the median of 5 timings of a 2048 x 2048 fp32 matmul (the machine's peak,
+2 x 2048^3 FLOP each) and of the encoder's forward pass at the given input size and batches (under
+``torch.inference_mode``, after a warm-up); achieved GFLOP/s = counted GFLOP / seconds, and its share of
+the peak. torch's threads are set to the available cores (``samnnu.config.configure_threads``).
 
 torch.utils.flop_counter counts matmul/conv FLOPs (2 per multiply-add) without running real math,
 so even vit_h at 1024 costs nothing to count (TinyViTs are built on the CPU). Elementwise ops, softmax and norms are not counted.
@@ -8,6 +14,8 @@ so even vit_h at 1024 costs nothing to count (TinyViTs are built on the CPU). El
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,10 +33,59 @@ def encoder_gflop(name: str, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b) / 1e9
+
+
+def achieved(name: str, size: int, batches: list[int]) -> dict:
+    """{batch: (GFLOP per image, seconds per image, GFLOP/s)} of the encoder's forward pass."""
+    gflop = encoder_gflop(name, size)
+    encoder = build_sam_parts(name, input_size=size, num_mask_tokens=4).image_encoder.eval()
+    out = {}
+    for batch in batches:
+        x = torch.rand(batch, 3, size, size)
+        with torch.inference_mode():
+            seconds = _median_seconds(lambda: encoder(x))
+        out[batch] = {"gflop_per_image": gflop, "seconds_per_image": seconds / batch,
+                      "gflops": gflop * batch / seconds}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=None, help="input size (default: each encoder's native size)")
+    p.add_argument("--peak", default=None, metavar="ENCODER", help="time ENCODER against the matmul peak")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batches timed with --peak")
+    p.add_argument("-o", "--output", default=None, help="with --peak: write the figures to this JSON file")
     args = p.parse_args()
+    if args.peak:
+        from samnnu.config import configure_threads
+        from samnnu.safe_io import write_json_atomic
+
+        threads = configure_threads()
+        size = args.size or ENCODERS[args.peak].native_size
+        peak = matmul_peak_gflops()
+        result = {"encoder": args.peak, "input_size": size, "threads": threads, "matmul_peak_gflops": peak,
+                  "batches": achieved(args.peak, size, args.batches)}
+        print(f"matmul peak ({threads} threads): {peak:.1f} GFLOP/s")
+        for batch, r in result["batches"].items():
+            r["share_of_peak"] = r["gflops"] / peak
+            print(f"{args.peak} input {size} batch {batch:3d}: {r['seconds_per_image'] * 1e3:7.2f} ms/image, "
+                  f"{r['gflops']:6.1f} GFLOP/s = {100 * r['share_of_peak']:5.1f} % of peak")
+        if args.output:
+            write_json_atomic(args.output, result)
+        return
     for name, spec in ENCODERS.items():
         size = args.size or spec.native_size
         print(f"{name:11s} input {size:5d}: {encoder_gflop(name, size):9.1f} GFLOP")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -54,8 +53,8 @@ def parse_variant(text: str):
 
 def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, start, clicks):
     """One label of one case from one starting point: Dice after 0..clicks clicks and the clicks made."""
-    from samnnu.interactive.auto_prompts import auto_prompts
     from samnnu.evaluation.metrics import dice
+    from samnnu.interactive.auto_prompts import auto_prompts
     from samnnu.interactive.refiner import InteractiveSession
     from samnnu.interactive.simulated_user import next_click
 
@@ -84,10 +83,10 @@ def prompt_probe(refiner, ref, labels, base=None):
     Per label and case: 3D Dice when every reference slice gets the tight box (the refiner's ceiling with
     perfect boxes) and, with ``base`` (probabilities (C, Z, Y, X)), the same fused 50/50 with them.
     """
-    from samnnu.interactive.auto_prompts import bounding_rectangle
     from samnnu.evaluation.metrics import dice
-    from samnnu.interactive.refiner import _deepest_2d, _sigmoid, enlarge
+    from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
     from samnnu.interactive.prompts import Point
+    from samnnu.interactive.refiner import enlarge, sigmoid
 
     slices, volumes = [], []
     for label in sorted(labels.values()):
@@ -101,16 +100,16 @@ def prompt_probe(refiner, ref, labels, base=None):
             out = refiner.decode(z, box=rect)
             oracle[z] = out.full > 0
             if base is not None:
-                fused[z] = 0.5 * _sigmoid(out.full) + 0.5 * base[label][z] > 0.5
+                fused[z] = 0.5 * sigmoid(out.full) + 0.5 * base[label][z] > 0.5
             if target[z].sum() < 20:
                 continue
-            y, x = _deepest_2d(target[z])
+            y, x = deepest_voxel(target[z])
             pos = Point((z, y, x), True)
             grown = enlarge(rect, 4, target.shape[1:])
             background = np.zeros_like(target[z])
             background[grown[0]:grown[2] + 1, grown[1]:grown[3] + 1] = True
             background &= ~target[z]
-            ny, nx = _deepest_2d(background)
+            ny, nx = deepest_voxel(background) if background.any() else (0, 0)  # no room around it
             neg = Point((z, ny, nx), False)
             row = {"label": label, "z": z}
             for name, kw in (("click", dict(points=[pos])), ("box", dict(box=rect)),
@@ -233,12 +232,20 @@ def main(argv=None) -> int:
     import torch
 
     from samnnu.config import setup_environment
-    from samnnu.datasets import dataset_name, load_json_file, model_folder
-    from samnnu.evaluation.folders import to_jsonable
-    from samnnu.safe_io import write_text_atomic
+    from samnnu.datasets import dataset_name, model_folder, model_folder_name
+    from samnnu.defaults import PLANS_NAME
+    from samnnu.interactive.prompts import label_values
     from samnnu.interactive.refiner import SliceRefiner
     from samnnu.pipeline.prediction import prompt_free_predictions, read_image
-    from samnnu.interactive.prompts import label_values
+    from samnnu.safe_io import (
+        check_torch_archive,
+        load_torch_safely,
+        read_json,
+        to_jsonable,
+        write_atomic,
+        write_json_atomic,
+        write_text_atomic,
+    )
 
     out_dir = Path(args.output).resolve()
     data_root = Path(args.data_root).resolve()
@@ -249,28 +256,29 @@ def main(argv=None) -> int:
     total_start = time.perf_counter()
     paths = setup_environment(data_root, quiet=True)
     name = dataset_name(args.dataset)
-    splits = load_json_file(paths.preprocessed / name / "splits_final.json", "splits_final.json")
+    splits = read_json(paths.preprocessed / name / "splits_final.json", "splits_final.json")
     cases = list(args.cases or splits[args.fold]["val"])[: args.max_cases]
     raw = paths.raw / name
-    ending = load_json_file(raw / "dataset.json", "dataset.json")["file_ending"]
+    ending = read_json(raw / "dataset.json", "dataset.json")["file_ending"]
     inputs = {c: [raw / "imagesTr" / f"{c}_0000{ending}"] for c in cases}
 
     start = time.perf_counter()
     cache = Path(args.embedding_cache) if args.embedding_cache else None
     tta = int(not args.disable_tta)
-    tag = f"{args.trainer}_{args.plans or 'samnnuPlans'}_{args.configuration}_f{args.fold}_tta{tta}"
+    plans = args.plans or PLANS_NAME
+    tag = f"{args.trainer}_{plans}_{args.configuration}_f{args.fold}_tta{tta}"
     cached = {c: cache / f"{c}_{tag}.npz" for c in cases} if cache else {}
     if cache and all(f.is_file() for f in cached.values()):
         predictions = {c: (np.load(f)["seg"], np.load(f)["probs"]) for c, f in cached.items()}
-        folder = model_folder(name, args.trainer, args.plans or "samnnuPlans", args.configuration)
-        dataset_json = load_json_file(folder / "dataset.json", "dataset.json of the model")
+        folder = model_folder(name, args.trainer, plans, args.configuration)
+        dataset_json = read_json(folder / "dataset.json", "dataset.json of the model")
     else:
         predictions, dataset_json = prompt_free_predictions(inputs, name, folds=(args.fold,), trainer=args.trainer,
                                                             configuration=args.configuration, plans=args.plans,
                                                             device=args.device, mirroring=not args.disable_tta)
         for c, f in cached.items():
-            f.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(f, seg=predictions[c][0], probs=predictions[c][1])
+            seg, probs = predictions[c]
+            write_atomic(f, lambda tmp: np.savez_compressed(tmp, seg=seg, probs=probs))
     prompt_free_seconds = time.perf_counter() - start
     labels = label_values(dataset_json["labels"])
     names = {v: k for k, v in labels.items()}
@@ -288,7 +296,7 @@ def main(argv=None) -> int:
         refiner.set_volume(image)
         cache_file = cache / f"{case}_{args.refiner}.pt" if cache else None
         if cache_file is not None and cache_file.is_file():
-            saved = torch.load(cache_file, map_location=refiner.device, weights_only=True)
+            saved = load_torch_safely(cache_file, map_location=refiner.device)
             refiner.embeddings.update(saved)
             from_cache += len(saved)
         for vname, options in variants.items():
@@ -303,13 +311,13 @@ def main(argv=None) -> int:
         if args.prompt_probe:
             probes.append(prompt_probe(refiner, ref, labels, probs))
         if cache_file is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(refiner.embeddings), cache_file)
+            embeddings = dict(refiner.embeddings)
+            write_atomic(cache_file, lambda tmp: torch.save(embeddings, tmp), check_torch_archive)
 
     st = refiner.stats
     result = {
         "command": " ".join(["python benchmarks/interactive_benchmark.py", *(argv or sys.argv[1:])]),
-        "settings": {"model": f"{args.trainer}__{args.plans or 'samnnuPlans'}__{args.configuration}",
+        "settings": {"model": model_folder_name(args.trainer, plans, args.configuration),
                      "dataset": name, "fold": args.fold, "clicks": args.clicks, "refiner": args.refiner,
                      "tta": not args.disable_tta,
                      "variants": {k: dataclasses.asdict(v) for k, v in variants.items()}},
@@ -323,7 +331,7 @@ def main(argv=None) -> int:
                    "prompt_free_seconds": prompt_free_seconds,
                    "total_seconds": time.perf_counter() - total_start, "torch_threads": torch.get_num_threads()},
     }
-    write_text_atomic(out_dir / "results.json", json.dumps(to_jsonable(result), indent=1) + "\n")
+    write_json_atomic(out_dir / "results.json", to_jsonable(result), indent=1)
     write_text_atomic(out_dir / "results.md", markdown(result))
     print(markdown(result))
     return 0

@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from samnnu.config import setup_environment
 from samnnu.errors import SamnnuError
 
 PROG = "samnnu_convert"
@@ -57,22 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (hippo, folder):
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-        p.add_argument("--data-root", default=None, help="folder holding nnUNet_raw etc. (overrides env)")
+        p.add_argument("--data-root", default=None,
+                       help="folder holding nnUNet_raw, nnUNet_preprocessed and nnUNet_results (overrides the "
+                            "nnUNet_* environment variables; default: those variables, else ~/samnnu_data)")
     return parser
 
 
 def run(args: argparse.Namespace):
     """Call the converter that ``args.command`` names; return its ConversionResult."""
-    from samnnu.config import setup_environment
-    from samnnu.safe_io import reported_os_errors
+    from samnnu.safe_io import reported_os_errors  # local: pulls in numpy (slow to import)
 
     with reported_os_errors(args.data_root or "nnU-Net data folders"):
         raw_root = setup_environment(args.data_root).raw
     if args.command == "hippocampus":
+        # local: pulls in SimpleITK (slow to import)
         from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 
         return convert_hippocampus(args.src, args.dataset_id, raw_root=raw_root, overwrite=args.overwrite)
-    from samnnu.dataset_conversion.folder import convert_folder
+    from samnnu.dataset_conversion.folder import convert_folder  # local: pulls in SimpleITK (slow to import)
 
     return convert_folder(
         args.images,

@@ -31,9 +31,17 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from samnnu.config import setup_environment
+from samnnu.datasets import dataset_folder_name, datasets_with_id
 from samnnu.errors import SamnnuError
-from samnnu.safe_io import (ImageInfo, check_image_file, describe_os_error, reported_os_errors,
-                            write_image_atomic, write_json_atomic)
+from samnnu.safe_io import (
+    ImageInfo,
+    check_image_file,
+    describe_os_error,
+    reported_os_errors,
+    write_image_atomic,
+    write_json_atomic,
+)
 
 # Two grids are "the same" when they agree within these tolerances (physical units, mm).
 SPACING_RTOL = 1e-4
@@ -118,11 +126,6 @@ class ConversionResult:
 # --------------------------------------------------------------------------------------------
 # Validation of names, labels maps and channel names
 # --------------------------------------------------------------------------------------------
-def dataset_folder_name(dataset_id: int, name: str) -> str:
-    """``DatasetNNN_Name`` as nnU-Net expects it."""
-    return f"Dataset{dataset_id:03d}_{name}"
-
-
 def validate_dataset_id_and_name(dataset_id: int, name: str) -> None:
     """Raise SamnnuError unless ``dataset_id`` is in 1..999 and ``name`` is a plain word."""
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)):
@@ -408,13 +411,9 @@ def check_target(raw_root: Path, dataset_id: int, name: str, overwrite: bool) ->
     name, or when the target exists and ``overwrite`` is False.
     """
     target = raw_root / dataset_folder_name(dataset_id, name)
-    prefix = f"Dataset{dataset_id:03d}_"
-    if raw_root.is_dir():
-        for other in sorted(raw_root.iterdir()):
-            if other.name.startswith(prefix) and other.name != target.name:
-                raise SamnnuError(
-                    f"{other}: dataset ID {dataset_id} is taken by this dataset; choose another ID"
-                )
+    for other in datasets_with_id(dataset_id, [raw_root]):
+        if other != target.name:
+            raise SamnnuError(f"{raw_root / other}: dataset ID {dataset_id} is taken by this dataset; choose another ID")
     if target.exists() and not overwrite:
         raise SamnnuError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
     return target
@@ -533,6 +532,4 @@ def default_raw_root(raw_root: str | Path | None) -> Path:
     """``raw_root`` if given, else nnU-Net's raw folder from :func:`samnnu.config.setup_environment`."""
     if raw_root is not None:
         return Path(raw_root).expanduser()
-    from samnnu.config import setup_environment
-
     return setup_environment().raw

@@ -14,7 +14,6 @@ nnU-Net normalises per case). Labels stored as float are accepted when their val
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import partial
 from pathlib import Path
@@ -27,11 +26,11 @@ from samnnu.dataset_conversion.common import (
     DatasetSpec,
     convert_cases,
     default_raw_root,
-    one_line,
     prepare_volume_case,
     reported_os_errors,
 )
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import read_json
 
 NAME = "Hippocampus"
 CHANNEL_NAMES = {"0": "MRI"}
@@ -63,10 +62,7 @@ def check_msd_labels(src: Path) -> None:
     path = src / "dataset.json"
     if not path.is_file():
         return
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SamnnuError(f"{path}: cannot be read as JSON ({one_line(str(err))})") from None
+    content = read_json(path, "MSD dataset.json")
     if not isinstance(content, dict):
         raise SamnnuError(f"{path}: holds a JSON {type(content).__name__}, not an object with a \"labels\" entry")
     msd_labels = content.get("labels")

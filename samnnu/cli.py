@@ -2,6 +2,10 @@
 
 A :class:`~samnnu.errors.SamnnuError` (bad input, missing files, unknown names) is printed as one
 line, ``<command>: error: <message>``, and the command exits with status 1.
+
+Commands are quiet (:mod:`samnnu.quiet`): third-party deprecation warnings are filtered, and what
+nnU-Net prints is shown only with ``--verbose`` (or when the command fails). Flags are spelled with
+dashes; a renamed flag keeps its old spelling, hidden from ``--help``, for one release (:func:`_old_spelling`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,11 @@ from typing import Callable, Sequence
 
 from samnnu.errors import SamnnuError
 from samnnu.processes import Terminated, adopt_parent_lifetime, install_command_hooks, stop_children
+from samnnu.quiet import quiet_warnings, third_party_output
+
+# Imports inside functions here are on purpose: a command imports its module (and samnnu.config,
+# samnnu.safe_io, tqdm) only when it runs, so importing this file stays cheap (no numpy, torch or
+# nnU-Net) and --help and argument errors need not load them.
 
 # A worker process spawned by a samnnu command re-imports the command's script, which imports this
 # module: from then on the worker dies with the command (no orphans after kill -9).
@@ -52,11 +61,27 @@ def _fold(text: str) -> str:
     raise argparse.ArgumentTypeError(f"fold '{text}' is neither a number (0, 1, ...) nor 'all'")
 
 
-def _run(prog: str, fn: Callable[[], object]) -> int:
-    """Run a command's body: user errors, full disks and signals end it with one line, never a traceback."""
+def _old_spelling(parser: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """Accept ``old``, a flag's former spelling, as a hidden alias (absent from ``--help``) that sets ``dest``."""
+    parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def _verbose(parser: argparse.ArgumentParser, also: str = "") -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show what nnU-Net prints (its configuration dumps, per-case and per-epoch "
+                             f"lines{also}); without it they are shown only when the command fails")
+
+
+def _run(prog: str, fn: Callable[[], object], verbose: bool = True) -> int:
+    """Run a command's body: user errors, full disks and signals end it with one line, never a traceback.
+
+    Third-party deprecation warnings are filtered throughout; unless ``verbose``, what third-party code
+    (nnU-Net) prints is held back and shown only if the body fails (before the error line).
+    """
     install_command_hooks()
     try:
-        fn()
+        with quiet_warnings(), third_party_output(shown=verbose):
+            fn()
     except SamnnuError as e:
         return _fail(prog, f"error: {e}", 1)
     except OSError as e:  # the machine's problem, not samnnu's: a full disk, a read-only or vanished folder
@@ -96,30 +121,46 @@ def _setup(args) -> None:
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    from samnnu.dataset_conversion.cli import main
+    with quiet_warnings():
+        from samnnu.dataset_conversion.cli import main
 
-    return main(argv)
+        return main(argv)
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``samnnu_evaluate --reference DIR --prediction DIR [-d DATASET_JSON_OR_ID] [-o OUT.json] [--tolerance MM]
-    [--data-root DIR]``; problems are one ``samnnu_evaluate: error:`` line and exit status 1."""
+    [--data-root DIR]``; problems are one ``samnnu_evaluate: error:`` line and exit status 1.
+    ``-ref``/``-pred``, the former spellings, still work (hidden from ``--help``)."""
     parser = _Parser(prog="samnnu_evaluate",
                      description="Dice, IoU, HD95, ASSD, surface Dice and volume errors of a folder of predictions.")
-    parser.add_argument("--reference", "-ref", dest="ref", required=True, help="folder of reference label maps")
-    parser.add_argument("--prediction", "-pred", dest="pred", required=True, help="folder of predicted label maps")
-    parser.add_argument("-d", dest="dataset", default=None,
+    parser.add_argument("--reference", dest="ref", default=None, metavar="FOLDER",
+                        help="folder of reference label maps (required)")
+    _old_spelling(parser, "-ref", "ref")
+    parser.add_argument("--prediction", dest="pred", default=None, metavar="FOLDER",
+                        help="folder of predicted label maps (required)")
+    _old_spelling(parser, "-pred", "pred")
+    parser.add_argument("-d", "--dataset", dest="dataset", default=None,
                         help="dataset.json (file or folder) or dataset ID/name under nnUNet_raw; gives class names")
-    parser.add_argument("-o", dest="out", default=None, help="output JSON (default: PRED/evaluation.json)")
+    parser.add_argument("-o", "--output", dest="out", default=None,
+                        help="output JSON (default: PREDICTION/evaluation.json)")
     parser.add_argument("--tolerance", type=_positive_float, default=1.0,
                         help="surface Dice tolerance in mm (default 1)")
     parser.add_argument("-np", dest="num_processes", type=_positive_int, default=1, help="worker processes (default 1)")
     _data_root(parser)
     args = parser.parse_args(argv)
+    missing = [flag for flag, value in (("--reference", args.ref), ("--prediction", args.pred)) if value is None]
+    if missing:  # not argparse's required=True: the hidden former spellings must satisfy it too
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
 
     def go():
-        from samnnu.evaluation.folders import (check_output_path, dataset_json_from_arg, evaluate_folders,
-                                               format_dice_table, missing_line, write_evaluation)
+        from samnnu.evaluation.folders import (
+            check_output_path,
+            dataset_json_from_arg,
+            evaluate_folders,
+            format_dice_table,
+            missing_line,
+            write_evaluation,
+        )
 
         out = Path(args.out) if args.out else Path(args.pred) / "evaluation.json"
         check_output_path(out)
@@ -134,7 +175,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         print(format_dice_table(result))
         print(f"wrote {out_json} and {out_csv}")
 
-    return _run(parser.prog, go)
+    return _run(parser.prog, go, verbose=True)
 
 
 def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
@@ -153,10 +194,12 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
                    help="device the plans are made for (default: cuda if visible, else cpu)")
     p.add_argument("--device-memory-gb", type=_positive_float, default=None,
                    help="memory budget for training (default: the GPU's memory, or half the RAM up to 16 GB)")
-    p.add_argument("--verify_dataset_integrity", action="store_true", help="run nnU-Net's dataset checks first")
+    p.add_argument("--verify-dataset-integrity", action="store_true", help="run nnU-Net's dataset checks first")
+    _old_spelling(p, "--verify_dataset_integrity", "verify_dataset_integrity", action="store_true")
     p.add_argument("-np", type=_positive_int, default=None, help="worker processes")
     p.add_argument("--nnunet-baseline-plans", action="store_true",
                    help="also plan and preprocess with nnU-Net's own planner (nnUNetPlans) for baselines")
+    _verbose(p)
     _data_root(p)
     args = p.parse_args(argv)
 
@@ -171,7 +214,7 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
                             verify_dataset_integrity=args.verify_dataset_integrity, processes=args.np,
                             nnunet_baseline_plans=args.nnunet_baseline_plans)
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -190,10 +233,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from the fold's last checkpoint")
-    p.add_argument("--no-mirroring", action="store_true", help="no test-time mirroring in validation/prediction")
+    p.add_argument("--disable-tta", action="store_true",
+                   help="no test-time mirroring in validation (stored with the model: prediction follows it)")
+    _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
     p.add_argument("--no-chain", action="store_true", help="train only: skip validation, evaluation and report")
     p.add_argument("--sam-checkpoint", default=None,
                    help="SAM checkpoint file (vit_*, mobilesam); overrides the plans' sam_checkpoint")
+    _verbose(p, "; the fold's training_log_*.txt has them either way")
     _data_root(p)
     args = p.parse_args(argv)
 
@@ -204,13 +250,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         result = train(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                        plans=args.plans, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                        device=args.device, continue_training=args.continue_training,
-                       mirroring=not args.no_mirroring, run_chain=not args.no_chain,
+                       mirroring=not args.disable_tta, run_chain=not args.no_chain,
                        sam_checkpoint=args.sam_checkpoint)
         if "dice" in result:
             dice = ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items())
             print(f"validation Dice: {dice}\nreport: {result['report']}")
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
@@ -226,6 +272,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
+    _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
     p.add_argument("--overwrite", action="store_true",
                    help="predict every case again (default: an interrupted run resumes, keeping the cases it "
@@ -237,8 +284,15 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--auto-prompts", action="store_true",
                    help="refine every case from automatic first prompts derived from its prompt-free prediction")
     p.add_argument("--write-prompts", default=None, help="write every prompt used (voxel coordinates) to this JSON")
+    p.add_argument("--num-parts", type=_positive_int, default=1,
+                   help="split the cases into this many parts, one per machine or GPU (default 1)")
+    p.add_argument("--part-id", type=int, default=0,
+                   help="which part this run predicts, 0 .. num-parts - 1 (default 0)")
+    _verbose(p)
     _data_root(p)
     args = p.parse_args(argv)
+    if not 0 <= args.part_id < args.num_parts:
+        p.error(f"--part-id {args.part_id} must be one of 0 .. {args.num_parts - 1} (--num-parts {args.num_parts})")
 
     def go():
         _setup(args)
@@ -250,10 +304,12 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                           checkpoint=args.checkpoint, mirroring=not args.disable_tta,
                           postprocess=not args.no_postprocessing, prompts=args.prompts,
                           auto_prompts=args.auto_prompts, refiner=args.refiner_encoder, refine_options=options,
-                          write_prompts=args.write_prompts, overwrite=args.overwrite)
-        print(f"wrote {len(written)} segmentations to {args.output}")
+                          write_prompts=args.write_prompts, overwrite=args.overwrite, num_parts=args.num_parts,
+                          part_id=args.part_id)
+        part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
+        print(f"wrote {len(written)} segmentations to {args.output}{part}")
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)
 
 
 def _prompt_arguments(p: argparse.ArgumentParser) -> None:
@@ -282,14 +338,15 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
     p.add_argument("-i", "--input", nargs="+", required=True, help="the case's image file(s), one per channel")
     p.add_argument("-o", "--output", default=None, help="label map written by 'save'")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"])
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
     p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
     p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
     p.add_argument("-p", "--plans", default=None)
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("--device", default=None)
-    p.add_argument("--disable-tta", action="store_true")
-    p.add_argument("--no-postprocessing", action="store_true")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
+    _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
+    p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
     p.add_argument("--reference", default=None, help="reference label map: Dice is shown after every change")
     p.add_argument("--label", default=None, help="label to refine first (name or value; default: the first)")
     p.add_argument("--prompts", default=None, help="prompts file; the case's entries start the session")
@@ -297,6 +354,7 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
     p.add_argument("--auto-prompts", action="store_true", help="start from automatic first prompts")
     p.add_argument("--commands", default=None, help="read commands from this file instead of stdin")
     _prompt_arguments(p)
+    _verbose(p)
     _data_root(p)
     args = p.parse_args(argv)
     out = stdout or sys.stdout
@@ -323,17 +381,19 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
             lines = stdin or sys.stdin
         loop.run(lines)
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="samnnu_demo", description="The whole chain on the hippocampus cases shipped "
                                                                  "with samnnu: convert, plan, preprocess, train, "
                                                                  "predict, evaluate, report.")
-    p.add_argument("--output", default=None, help="work folder (default: ./samnnu_demo_output)")
-    p.add_argument("--iterations", type=_positive_int, default=None, help="training iterations (default: a few minutes' worth)")
-    p.add_argument("--encoder", default="litemedsam")
-    p.add_argument("--device", default=None)
+    p.add_argument("-o", "--output", default=None, help="work folder (default: ./samnnu_demo_output)")
+    p.add_argument("--iterations", type=_positive_int, default=None,
+                   help="training iterations (default: a few minutes' worth)")
+    p.add_argument("--encoder", default="litemedsam", help="SAM encoder (default litemedsam)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    _verbose(p)
     args = p.parse_args(argv)
 
     def go():
@@ -341,7 +401,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
         run_demo(args.output, iterations=args.iterations, encoder=args.encoder, device=args.device)
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
@@ -370,12 +430,13 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", default=None, help="output folder (default: nnUNet_results/DatasetXXX/summary)")
     p.add_argument("--no-ensembles", action="store_true", help="compare single models only")
     p.add_argument("-np", type=_positive_int, default=None, help="worker processes for evaluation")
+    _verbose(p)
     _data_root(p)
     args = p.parse_args(argv)
 
     def go():
         _setup(args)
-        from samnnu.evaluation.summary import summarize
+        from samnnu.reporting.summary import summarize
 
         result = summarize(args.dataset, output_dir=args.output, ensembles=not args.no_ensembles,
                            num_processes=args.np)
@@ -383,7 +444,7 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
         print(f"best: {best['name']} (mean foreground Dice {best['foreground_dice_mean']:.4f} over folds "
               f"{' '.join(map(str, best['folds']))})\n{best['predict_command']}\nsummary: {result['html']}")
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)
 
 
 DEFAULT_BENCHMARK_MODELS = ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d", "nnUNetTrainer:3d_fullres")
@@ -416,6 +477,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 iterations per model, one timed volume (unless given otherwise)")
     p.add_argument("-o", "--output", required=True, help="output folder (results.json, results.md, runs, logs)")
+    _verbose(p, " of this process; each model's full output is in OUTPUT/logs")
     _data_root(p)
     args = p.parse_args(argv)
 
@@ -437,4 +499,4 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
         print(f"results: {args.output}/results.json and results.md ({len(state['ran'])} runs now, "
               f"{len(state['runs']) - len(state['ran'])} from before)")
 
-    return _run(p.prog, go)
+    return _run(p.prog, go, verbose=args.verbose)

@@ -15,6 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import samnnu.trainers
+from samnnu.errors import SamnnuError
+
 _FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 _announced = False
 
@@ -28,8 +31,6 @@ class Paths:
 
 def trainers_folder() -> Path:
     """Folder holding samnnu's trainer modules (the installed ``samnnu.trainers`` package)."""
-    import samnnu.trainers
-
     return Path(samnnu.trainers.__file__).resolve().parent
 
 
@@ -63,12 +64,46 @@ def setup_environment(data_root: str | os.PathLike | None = None, quiet: bool = 
     if trainers not in ext:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join(ext + [trainers])
 
-    cpus = os.cpu_count() or 1
+    cpus = available_cores()
     os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(cpus, 8))))
     # nnU-Net's augmentation workers: on a small machine they compete with the network for the same
     # cores, so keep them few (nnU-Net needs at least one).
     os.environ.setdefault("nnUNet_n_proc_DA", str(max(1, min(cpus // 2, 12))))
     return current_paths()
+
+
+def available_cores() -> int:
+    """The CPU cores this process may use: ``SAMNNU_NUM_THREADS`` when set (for a machine shared with other
+    jobs), else the cores of its affinity mask (what a container or ``taskset`` allows, which
+    ``os.cpu_count()`` does not see)."""
+    value = os.environ.get("SAMNNU_NUM_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise SamnnuError(f"SAMNNU_NUM_THREADS must be a whole number of at least 1, got {value!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads() -> int:
+    """Give torch's intra-op pool one thread per available core (:func:`available_cores`); return that count.
+
+    torch's default counts every core of the machine, and so does each of nnU-Net's worker processes:
+    several processes on a small or shared machine then run more threads than there are cores, and
+    everything slows down.
+    """
+    import torch  # local: torch takes seconds to import
+
+    n = available_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def current_paths() -> Paths:

@@ -1,50 +1,86 @@
 """Finding datasets and trained models in nnU-Net's folders, with one-line errors when they are missing."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Iterable
 
 from samnnu.config import current_paths
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import read_json, write_json_atomic
 
 
-def dataset_name(dataset: str | int) -> str:
-    """``4`` / ``"4"`` / ``"Dataset004_Hippocampus"`` -> ``"Dataset004_Hippocampus"`` (SamnnuError if unknown)."""
-    paths = current_paths()
-    text = str(dataset)
+class UnknownDataset(SamnnuError):
+    """No dataset of that ID or name in the folders searched (a one-line message naming them)."""
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """``DatasetNNN_Name`` as nnU-Net expects it."""
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def datasets_with_id(ident: int, roots: Iterable[Path]) -> list[str]:
+    """The ``DatasetNNN_*`` folder names of dataset ID ``ident`` in any of ``roots``, sorted (nothing is created)."""
+    prefix = dataset_folder_name(ident, "")
+    return sorted({p.name for root in roots if root.is_dir() for p in root.iterdir()
+                   if p.is_dir() and p.name.startswith(prefix)})
+
+
+def dataset_name(dataset: str | int, *, roots: Iterable[Path] | None = None) -> str:
+    """``4`` / ``"4"`` / ``"Dataset004_Hippocampus"`` -> ``"Dataset004_Hippocampus"``: samnnu's one dataset lookup.
+
+    Args:
+        roots: the folders to look in; default nnU-Net's three (``nnUNet_raw``, ``nnUNet_preprocessed``,
+            ``nnUNet_results``), as nnU-Net's ``maybe_convert_to_dataset_name`` does. Nothing is created,
+            so a caller can look a dataset up under a folder it has not set up yet.
+    Raises:
+        UnknownDataset: (a SamnnuError) neither an ID nor a name, or no such dataset in ``roots``.
+        SamnnuError: an ID that several dataset folders share.
+    """
+    if roots is None:
+        paths = current_paths()
+        roots = (paths.raw, paths.preprocessed, paths.results)
+    roots = tuple(roots)
+    where = ", ".join(map(str, roots[:-1])) + (" or " if len(roots) > 1 else "") + str(roots[-1])
+    text = str(dataset).strip()
     if text.startswith("Dataset"):
-        name = text
-    else:
-        try:
-            ident = int(text)
-        except ValueError:
-            raise SamnnuError(f"dataset '{dataset}' is neither an ID (e.g. 4) nor a name (DatasetNNN_Name)") from None
-        prefix = f"Dataset{ident:03d}_"
-        found = sorted({p.name for root in (paths.raw, paths.preprocessed, paths.results) if root.is_dir()
-                        for p in root.iterdir() if p.name.startswith(prefix)})
-        if not found:
-            raise SamnnuError(f"unknown dataset ID {ident}: no {prefix}* folder in {paths.raw}, {paths.preprocessed} "
-                              f"or {paths.results} (convert it first with samnnu_convert)")
-        if len(found) > 1:
-            raise SamnnuError(f"dataset ID {ident} is ambiguous: {', '.join(found)}")
-        name = found[0]
-    if not any((root / name).is_dir() for root in (paths.raw, paths.preprocessed, paths.results)):
-        raise SamnnuError(f"unknown dataset '{name}': not found under {paths.raw}, {paths.preprocessed} "
-                          f"or {paths.results}")
-    return name
+        if not any((root / text).is_dir() for root in roots):
+            raise UnknownDataset(f"unknown dataset '{text}': not found under {where}")
+        return text
+    if not (text.isascii() and text.isdigit()):
+        raise UnknownDataset(f"dataset '{dataset}' is neither an ID (e.g. 4) nor a name (DatasetNNN_Name)")
+    ident = int(text)
+    found = datasets_with_id(ident, roots)
+    if not found:
+        raise UnknownDataset(f"unknown dataset ID {ident}: no {dataset_folder_name(ident, '*')} folder in {where} "
+                             f"(convert it first with samnnu_convert)")
+    if len(found) > 1:
+        raise SamnnuError(f"dataset ID {ident} is ambiguous: {', '.join(found)} (in {where})")
+    return found[0]
 
 
-def load_json_file(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise SamnnuError(f"{path}: {what} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SamnnuError(f"{path}: cannot read {what} ({e})") from None
+def model_folder_name(trainer: str, plans: str, configuration: str) -> str:
+    """``TRAINER__PLANS__CONFIGURATION``, the name of a trained model's folder (nnU-Net's own rule)."""
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    return convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
 
 
-def model_folder(name: str, trainer: str, plans: str, configuration: str) -> Path:
-    return current_paths().results / name / f"{trainer}__{plans}__{configuration}"
+def split_model_folder_name(name: str) -> tuple[str, str, str] | None:
+    """(trainer, plans, configuration) of a model folder's name (or path), None when it is not one."""
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
+    from nnunetv2.utilities.file_path_utilities import convert_identifier_to_trainer_plans_config
+
+    parts = convert_identifier_to_trainer_plans_config(str(name))
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+def model_folder(name: str, trainer: str, plans: str, configuration: str, *, fold: int | str | None = None,
+                 results: Path | None = None) -> Path:
+    """``RESULTS/DATASET/TRAINER__PLANS__CONFIGURATION[/fold_F]``; ``results`` defaults to nnUNet_results."""
+    folder = Path(results if results is not None else current_paths().results) / name / \
+        model_folder_name(trainer, plans, configuration)
+    return folder if fold is None else folder / f"fold_{fold}"
 
 
 def ensure_splits(name: str, configuration: str, plans_name: str) -> list[dict]:
@@ -54,16 +90,15 @@ def ensure_splits(name: str, configuration: str, plans_name: str) -> list[dict]:
     cases are needed), and samnnu says so. The split is nnU-Net's own (seeded) function, so for 5 or more
     cases it is the split nnU-Net would make.
     """
-    from samnnu.safe_io import write_json_atomic
-
     pre = current_paths().preprocessed / name
     splits_file = pre / "splits_final.json"
     if splits_file.is_file():
-        splits = load_json_file(splits_file, "cross-validation splits")
+        splits = read_json(splits_file, "cross-validation splits")
         if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s)
                                                    for s in splits):
             raise SamnnuError(f"{splits_file}: not a list of {{'train': [...], 'val': [...]}} splits")
         return splits
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -11,3 +11,5 @@ DEFAULT_TRAINER = DEFAULT_TRAINERS[2]
 RUN_SETTINGS = "samnnu_training.json"
 #: a fold's checkpoints, newest first: the order in which they are tried when resuming or predicting
 CHECKPOINTS_NEWEST_FIRST = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+#: the checkpoint a finished training leaves, the one prediction uses unless told otherwise
+FINAL_CHECKPOINT = CHECKPOINTS_NEWEST_FIRST[0]

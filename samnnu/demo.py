@@ -9,6 +9,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from samnnu.config import setup_environment
+from samnnu.dataset_conversion.hippocampus import convert_hippocampus
+from samnnu.demo_data import demo_dataset_path
+from samnnu.evaluation.folders import evaluate_folders, format_dice_table, write_evaluation
+from samnnu.pipeline.planning import plan_and_preprocess
+from samnnu.pipeline.prediction import predict
+from samnnu.pipeline.training import train
+
 DEMO_DATASET_ID = 4
 DEFAULT_ITERATIONS = 120
 ITERATIONS_PER_EPOCH = 40
@@ -17,18 +25,9 @@ ITERATIONS_PER_EPOCH = 40
 def run_demo(output: str | None = None, *, iterations: int | None = None, encoder: str = "litemedsam",
              device: str | None = None) -> dict:
     """Run the demo; returns the Dice per class of the predicted validation cases and the report path."""
-    from samnnu.config import setup_environment
-
     work = Path(output or "samnnu_demo_output").resolve()
     paths = setup_environment(work)
     start = time.time()
-
-    from samnnu.dataset_conversion.hippocampus import convert_hippocampus
-    from samnnu.demo_data import demo_dataset_path
-    from samnnu.evaluation.folders import evaluate_folders, format_dice_table, write_evaluation
-    from samnnu.pipeline.planning import plan_and_preprocess
-    from samnnu.pipeline.prediction import predict
-    from samnnu.pipeline.training import train
 
     step = _steps(5)
     step("converting the shipped hippocampus cases")

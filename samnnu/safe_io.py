@@ -17,18 +17,25 @@ import contextlib
 import errno
 import gzip
 import json
+import math
 import os
+import pickle
 import re
 import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from samnnu.errors import SamnnuError
+
+try:
+    from numpy._core.multiarray import scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import scalar
 
 TMP_MARK = ".samnnu-tmp-"
 
@@ -186,8 +193,52 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON atomically (NaN and infinities are refused: convert them first)."""
+    """Write ``obj`` as JSON atomically (NaN and infinities are refused: convert them first, e.g. with
+    :func:`to_jsonable`)."""
     return write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays converted, NaN and infinities become None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, np.ndarray)):
+        return [to_jsonable(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+_REQUIRED = object()
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", *, default: Any = _REQUIRED) -> Any:
+    """The parsed JSON file ``path``; ``what`` names it in the one-line error.
+
+    Args:
+        default: returned instead of an error when the file is missing or unreadable (for files that
+            are optional, such as a previous run's record).
+    Raises:
+        SamnnuError: ``PATH: WHAT is missing`` or ``PATH: cannot read WHAT (reason)`` (no ``default``).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if default is not _REQUIRED:
+            return default
+        raise SamnnuError(f"{path}: {what} is missing") from None
+    except (OSError, ValueError) as e:
+        if default is not _REQUIRED:
+            return default
+        reason = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        raise SamnnuError(f"{path}: cannot read {what} ({reason})") from None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -195,15 +246,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
 
 def _torch_safe_globals() -> list:
     """The non-tensor types nnU-Net's checkpoints hold: numpy scalars in the training log."""
-    import numpy
-
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    dtype_classes = [type(numpy.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32",
+    dtype_classes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32",
                                                    "int16", "int8", "uint8", "bool")]
-    return [scalar, numpy.dtype, *dtype_classes]
+    return [scalar, np.dtype, *dtype_classes]
 
 
 def load_torch_safely(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -213,9 +258,7 @@ def load_torch_safely(path: str | os.PathLike, map_location: Any = "cpu") -> Any
         SamnnuError: naming the file, when it holds anything but tensors, plain containers and numpy
             scalars (e.g. a pickle payload), or when it is truncated or damaged.
     """
-    import pickle
-
-    import torch
+    import torch  # local: torch takes seconds to import
 
     path = Path(path)
     try:
@@ -250,7 +293,7 @@ def check_torch_archive(path: str | os.PathLike) -> None:
 
 def _original_torch_load(*args, **kwargs):
     """torch.load itself, also while :func:`weights_only_loading` has replaced it."""
-    import torch
+    import torch  # local: torch takes seconds to import
 
     return getattr(torch.load, "samnnu_original", torch.load)(*args, **kwargs)
 
@@ -263,7 +306,7 @@ def weights_only_loading() -> Iterator[None]:
     on the model's checkpoints; this is how samnnu keeps them from running code while still using
     nnU-Net's own loading logic.
     """
-    import torch
+    import torch  # local: torch takes seconds to import
 
     original = getattr(torch.load, "samnnu_original", torch.load)
 
@@ -290,8 +333,8 @@ def load_postprocessing(folder: str | os.PathLike) -> tuple[list, list] | None:
     Returns:
         (functions, keyword arguments), as nnU-Net's ``apply_postprocessing`` takes them.
     """
-    from nnunetv2.postprocessing.remove_connected_components import \
-        remove_all_but_largest_component_from_segmentation
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
 
     allowed = {f.__name__: f for f in (remove_all_but_largest_component_from_segmentation,)}
     path = Path(folder) / "postprocessing.json"
@@ -334,7 +377,7 @@ class ImageInfo:
 
 
 def _nifti_expected_bytes(path: Path) -> int | None:
-    import nibabel
+    import nibabel  # local: nibabel is slow to import
 
     try:
         proxy = nibabel.load(str(path)).dataobj
@@ -360,7 +403,7 @@ def check_image_file(path: str | os.PathLike) -> ImageInfo:
     Raises:
         SamnnuError: one line naming the file and the problem.
     """
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     path = Path(path)
     if not path.is_file():
@@ -387,7 +430,7 @@ def check_image_file(path: str | os.PathLike) -> ImageInfo:
 
 def write_image_atomic(image, path: str | os.PathLike, compress: bool = True) -> Path:
     """``sitk.WriteImage`` through a temporary file, re-checked with :func:`check_image_file`."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     return write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=compress),
                         check_image_file)

@@ -16,6 +16,7 @@ _NOT_TRAINERS = {"base", "schedules"}
 @functools.lru_cache(maxsize=None)
 def samnnu_trainers() -> dict[str, type]:
     """Every samnnu trainer by class name (imports the trainer modules of this package once)."""
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     found = {}

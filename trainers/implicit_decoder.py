@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from samnnu.modeling.implicit_decoder import ImplicitDecoderNet
-from samnnu.modeling.implicit_decoder import PointSampledLoss
+from samnnu.modeling.implicit_decoder import ImplicitDecoderNet, PointSampledLoss
 from samnnu.trainers.base import SAMTrainerBase
 
 

@@ -13,7 +13,6 @@ Nothing is tuned per model: each one trains with its plans' defaults (patch, bat
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -22,13 +21,22 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tqdm import tqdm
+
+from samnnu.config import current_paths, setup_environment
+from samnnu.datasets import dataset_name, model_folder
+from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
 from samnnu.errors import SamnnuError
-from samnnu.safe_io import weights_only_loading, write_text_atomic
+from samnnu.pipeline.prediction import predict
+from samnnu.pipeline.training import default_plans_name, get_trainer_class, pick_device, train
+from samnnu.safe_io import read_json, to_jsonable, weights_only_loading, write_json_atomic, write_text_atomic
+from samnnu.trainers import samnnu_trainers
 
 RESULTS = "results.json"
 MARKDOWN = "results.md"
@@ -47,15 +55,11 @@ class Model:
 
     @property
     def is_samnnu(self) -> bool:
-        from samnnu.trainers import samnnu_trainers
-
         return self.trainer in samnnu_trainers()
 
 
 def parse_model(text: str) -> Model:
     """``trainer:configuration[:plans]``; plans default to samnnuPlans (samnnu trainers) or nnUNetPlans."""
-    from samnnu.pipeline.training import default_plans_name
-
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise SamnnuError(f"model '{text}': expected trainer:configuration (e.g. SAMedLoRATrainer:2d or "
@@ -104,18 +108,12 @@ def cpu_name() -> str:
 
 def _worker(spec: dict) -> dict:
     """Train, validate, time and (optionally) test one model on one training-set size; runs in its own process."""
-    from samnnu.config import setup_environment
-
     setup_environment(spec["data_root"], quiet=True)
     os.environ["nnUNet_results"] = spec["results_root"]  # before nnunetv2 is imported: keep runs apart
     Path(spec["results_root"]).mkdir(parents=True, exist_ok=True)
-    import torch
-
-    from samnnu.pipeline.training import train
+    import torch  # local: torch takes seconds to import
 
     if spec.get("timing_only"):
-        from samnnu.datasets import dataset_name
-
         out = _time_inference(spec, dataset_name(spec["dataset"]), Path(spec["fold_dir"]))
         out["timing_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
         return out
@@ -126,15 +124,13 @@ def _worker(spec: dict) -> dict:
         result = train(spec["dataset"], spec["fold"], run_chain=False, **kwargs)
         return {"seconds_per_iteration": result["train_seconds"] / (spec["epochs"] * spec["iters_per_epoch"])}
     # resume an interrupted run of this very spec (a finished one is recognised by checkpoint_final.pth)
-    from samnnu.datasets import dataset_name, model_folder
-
     name = dataset_name(spec["dataset"])
-    fold_dir = model_folder(name, spec["trainer"], spec["plans"], spec["configuration"]) / f"fold_{spec['fold']}"
-    resume = any((fold_dir / f).is_file() for f in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+    fold_dir = model_folder(name, spec["trainer"], spec["plans"], spec["configuration"], fold=spec["fold"])
+    resume = any((fold_dir / f).is_file() for f in CHECKPOINTS_NEWEST_FIRST)
     result = train(spec["dataset"], spec["fold"], continue_training=resume, **kwargs)
     fold_dir = Path(result["fold_dir"])
-    evaluation = json.loads(Path(result["evaluation"]).read_text())
-    report = json.loads((fold_dir / "report.json").read_text())
+    evaluation = read_json(result["evaluation"], "evaluation")
+    report = read_json(fold_dir / "report.json", "fold report")
     summary = report.get("plans_summary", {})
     iterations = spec["epochs"] * spec["iters_per_epoch"]
     out = {
@@ -161,30 +157,29 @@ def _worker(spec: dict) -> dict:
 def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
     """Seconds per volume, raw file in -> label file out, with and without test-time mirroring, on the
     first ``timing_cases`` validation cases (the network is loaded once, before timing)."""
-    import tempfile
-
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from samnnu.config import current_paths
-    from samnnu.datasets import load_json_file
-    from samnnu.pipeline.training import pick_device
+    from samnnu.pipeline.inference import BatchedPredictor  # local: pulls in nnU-Net, which reads nnUNet_* at import
 
     n = spec["timing_cases"]
     if n <= 0:
         return {}
-    splits = load_json_file(current_paths().preprocessed / name / "splits_final.json", "splits_final.json")
+    splits = read_json(current_paths().preprocessed / name / "splits_final.json", "splits_final.json")
     cases = sorted(splits[spec["fold"]]["val"])[:n]
-    dataset_json = load_json_file(current_paths().raw / name / "dataset.json", "dataset.json")
+    dataset_json = read_json(current_paths().raw / name / "dataset.json", "dataset.json")
     ending, n_ch = dataset_json["file_ending"], len(dataset_json["channel_names"])
     images = current_paths().raw / name / "imagesTr"
     lists = [[str(images / f"{c}_{ch:04d}{ending}") for ch in range(n_ch)] for c in cases]
     dev = pick_device(spec["device"])
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+    # samnnu's models as samnnu_predict runs them (tiles batched); nnU-Net's as nnUNetv2_predict runs them
+    predictor_class = BatchedPredictor if spec["trainer"] in samnnu_trainers() else nnUNetPredictor
+    predictor = predictor_class(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     with weights_only_loading():
         predictor.initialize_from_trained_model_folder(str(fold_dir.parent), use_folds=(spec["fold"],),
-                                                       checkpoint_name="checkpoint_final.pth")
+                                                       checkpoint_name=FINAL_CHECKPOINT)
     if predictor.allowed_mirroring_axes is None:  # the benchmark trains with test-time mirroring off
         predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
     out = {"timing_cases": len(cases)}
@@ -205,15 +200,12 @@ def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
 
 def _external_test(spec: dict, name: str) -> dict:
     """Predict the external test images (no mirroring, the fold's postprocessing) and evaluate them."""
-    from samnnu.config import current_paths
-    from samnnu.datasets import load_json_file
-    from samnnu.evaluation.folders import evaluate_folders
-    from samnnu.pipeline.prediction import predict
+    from samnnu.evaluation.folders import evaluate_folders  # local: pulls in scipy (slow to import)
 
     pred_dir = Path(spec["results_root"]) / "external_test" / f"{spec['trainer']}__{spec['configuration']}"
     predict(spec["test_images"], pred_dir, spec["dataset"], folds=(spec["fold"],), trainer=spec["trainer"],
             configuration=spec["configuration"], plans=spec["plans"], device=spec["device"], mirroring=False)
-    dataset_json = load_json_file(current_paths().raw / name / "dataset.json", "dataset.json")
+    dataset_json = read_json(current_paths().raw / name / "dataset.json", "dataset.json")
     evaluation = evaluate_folders(Path(spec["test_labels"]), pred_dir, dataset_json=dataset_json,
                                   file_ending=dataset_json["file_ending"])
     return {"dice": {k: v.get("dice") for k, v in evaluation["mean"].items()},
@@ -227,7 +219,7 @@ def _run_worker(spec: dict, log: Path) -> dict:
     spec_file = log.with_suffix(".spec.json")
     result_file = log.with_suffix(".result.json")
     result_file.unlink(missing_ok=True)
-    write_text_atomic(spec_file, json.dumps(spec, indent=2))
+    write_json_atomic(spec_file, spec)
     with open(log, "a") as fh:
         proc = subprocess.run([sys.executable, "-m", "samnnu.benchmark.runner", "--worker", str(spec_file),
                                str(result_file)], stdout=fh, stderr=subprocess.STDOUT)
@@ -235,7 +227,7 @@ def _run_worker(spec: dict, log: Path) -> dict:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise SamnnuError(f"{log}: {spec['trainer']}:{spec['configuration']} failed (exit {proc.returncode}): "
                           f"{tail[0][:300]}")
-    return json.loads(result_file.read_text())
+    return read_json(result_file, "result of the model's process")
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -261,11 +253,6 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     (``None`` = all of the fold's training cases); default all only. ``retime``: train nothing; time
     the inference of each listed model again on its run with the most training cases.
     """
-    from tqdm import tqdm
-
-    from samnnu.config import current_paths, setup_environment
-    from samnnu.datasets import dataset_name, load_json_file
-
     if (iterations is None) == (budget_minutes is None):
         raise SamnnuError("give exactly one budget: iterations or budget minutes")
     if (test_images is None) != (test_labels is None):
@@ -282,25 +269,23 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     data_root = str(paths.raw.parent) if data_root is None else str(Path(data_root).resolve())
     name = dataset_name(dataset)
     pre = paths.preprocessed / name
-    from samnnu.pipeline.training import get_trainer_class
-
     for m in parsed:
         get_trainer_class(m.trainer)  # unknown trainer names fail here, before anything runs
-        plans = load_json_file(pre / f"{m.plans}.json", f"plans '{m.plans}' (plan and preprocess first)")
+        plans = read_json(pre / f"{m.plans}.json", f"plans '{m.plans}' (plan and preprocess first)")
         if m.configuration not in plans["configurations"]:
             raise SamnnuError(f"{pre / (m.plans + '.json')}: no configuration '{m.configuration}' for {m.key}")
         data_id = plans["configurations"][m.configuration].get("data_identifier", "")
         if not (pre / data_id).is_dir():
             raise SamnnuError(f"{pre / data_id}: not preprocessed; run nnUNetv2_preprocess -d {dataset} "
                               f"-plans_name {m.plans} -c {m.configuration}")
-    splits = load_json_file(pre / "splits_final.json", "splits_final.json (train any fold once, or plan first)")
+    splits = read_json(pre / "splits_final.json", "splits_final.json (train any fold once, or plan first)")
     if fold >= len(splits):
         raise SamnnuError(f"{pre / 'splits_final.json'}: has no fold {fold}")
     subsets = training_subsets(splits[fold]["train"], sizes, seed)
 
     out = Path(output).resolve()
     results_file = out / RESULTS
-    state = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    state = read_json(results_file, "benchmark results") if results_file.is_file() else {}
     budget = {"iterations": iterations} if iterations is not None else {"minutes": budget_minutes}
     if state and (state["setup"]["budget"] != budget or state["setup"]["fold"] != fold
                   or state["setup"]["seed"] != seed or state["setup"]["dataset"] != name):
@@ -321,7 +306,7 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     }
 
     def save():
-        write_text_atomic(results_file, json.dumps(state, indent=2))
+        write_json_atomic(results_file, to_jsonable(state))
         write_text_atomic(out / MARKDOWN, to_markdown(state))
 
     base = {"data_root": data_root, "dataset": name, "fold": fold, "device": device, "timing_cases": timing_cases,
@@ -377,11 +362,11 @@ def _retime(state: dict, models: list[Model], base: dict, out: Path, save) -> di
         if not runs:
             raise SamnnuError(f"{m.key}: no finished run in {out / RESULTS} to time")
         run = max(runs, key=lambda r: r["n_training_cases"])
-        fold_dir = (out / "runs" / f"train_{run['train_size']}" / "nnUNet_results" / state["setup"]["dataset"] /
-                    f"{m.trainer}__{m.plans}__{m.configuration}" / f"fold_{state['setup']['fold']}")
+        results_root = out / "runs" / f"train_{run['train_size']}" / "nnUNet_results"
+        fold_dir = model_folder(state["setup"]["dataset"], m.trainer, m.plans, m.configuration,
+                                fold=state["setup"]["fold"], results=results_root)
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, timing_only=True,
-                    fold_dir=str(fold_dir), results_root=str(out / "runs" / f"train_{run['train_size']}" /
-                                                           "nnUNet_results"))
+                    fold_dir=str(fold_dir), results_root=str(results_root))
         timing = _run_worker(spec, out / "logs" / f"retime_{m.trainer}_{m.configuration}.log")
         for r in runs:  # one timing per model, kept on its largest run only
             for key in ("inference_seconds_per_volume", "inference_seconds_per_volume_mirroring", "timing_cases"):
@@ -417,8 +402,6 @@ def _timed_run(state: dict, model: str) -> dict | None:
 def targets(state: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the targets samnnu holds itself to; verdict 'met', 'missed' or
     'not measured' (a model or size missing from this run)."""
-    from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER
-
     default = f"{DEFAULT_TRAINER}:{DEFAULT_CONFIGURATION}"
     baselines = [f"{NNUNET_TRAINER}:2d", f"{NNUNET_TRAINER}:3d_fullres"]
     rows = []
@@ -509,9 +492,8 @@ def to_markdown(state: dict) -> str:
 
 def _worker_main(argv: list[str]) -> int:
     spec_file, result_file = Path(argv[0]), Path(argv[1])
-    spec = json.loads(spec_file.read_text())
-    result = _worker(spec)
-    write_text_atomic(result_file, json.dumps(result, indent=2))
+    result = _worker(read_json(spec_file, "model spec"))
+    write_json_atomic(result_file, to_jsonable(result))
     return 0
 
 

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
+from samnnu.config import default_data_root, setup_environment
+from samnnu.datasets import UnknownDataset, dataset_name
 from samnnu.errors import SamnnuError
-from samnnu.safe_io import check_image_file, write_json_atomic, write_text_atomic
-
-from samnnu.evaluation.metrics import METRICS, WORST, evaluate_case, foreground_classes
+from samnnu.evaluation.metrics import METRICS, WORST, evaluate_case, evaluate_masks
+from samnnu.safe_io import check_image_file, read_json, to_jsonable, write_json_atomic, write_text_atomic
 
 # --------------------------------------------------------------------------- folders
 
@@ -38,7 +36,7 @@ def _read(path: Path):
     """The image at ``path``, refused with one line naming the file when it is damaged or truncated
     (SimpleITK would read the missing part of a cut-off ``.nii.gz`` as zeros), not 2D/3D, or not a
     single-channel image."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     info = check_image_file(path)
     if info.dimension not in (2, 3):
@@ -99,7 +97,7 @@ def _evaluate_file(
 
     known_values: the label values a prediction may hold (from the dataset.json); others are refused.
     """
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     pred_img, ref_img = _read(pred_path), _read(ref_path)
     _check_same_grid(pred_img, ref_img, pred_path, ref_path)
@@ -131,14 +129,7 @@ def _load_dataset_json(dataset_json) -> dict:
     if isinstance(dataset_json, Mapping):
         return dict(dataset_json)
     path = Path(dataset_json)
-    if path.is_dir():
-        path = path / "dataset.json"
-    if not path.is_file():
-        raise SamnnuError(f"{path}: dataset.json not found")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SamnnuError(f"{path}: cannot read dataset.json ({e})") from None
+    return read_json(path / "dataset.json" if path.is_dir() else path, "dataset.json")
 
 
 def _nan_summary(values: list[float], how: str) -> float:
@@ -286,23 +277,6 @@ def evaluate_folders(
 # --------------------------------------------------------------------------- writing
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars and arrays converted, NaN and infinities become None."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, np.ndarray)):
-        return [to_jsonable(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
 def write_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike) -> tuple[Path, Path]:
     """Write an :func:`evaluate_folders` result as JSON (NaN as null) and a CSV beside it.
 
@@ -343,8 +317,6 @@ def _raw_folder(data_root: str | os.PathLike | None) -> Path:
     the dataset is looked up here first (the same rule: ``data_root`` overrides the environment, which
     overrides the default data root).
     """
-    from samnnu.config import default_data_root
-
     if data_root is not None:
         return Path(data_root).expanduser().resolve() / "nnUNet_raw"
     return Path(os.environ.get("nnUNet_raw") or default_data_root() / "nnUNet_raw")
@@ -360,22 +332,14 @@ def dataset_json_from_arg(value: str, data_root: str | os.PathLike | None = None
     if path.exists():
         return _load_dataset_json(path)
     raw = _raw_folder(data_root)
-    if value.startswith("Dataset"):
-        found = [raw / value]
-    elif value.isascii() and value.isdigit() and raw.is_dir():
-        prefix = f"Dataset{int(value):03d}_"
-        found = sorted(p for p in raw.iterdir() if p.name.startswith(prefix))
-    else:
-        found = []
-    found = [p for p in found if (p / "dataset.json").is_file()]
-    if not found:
+    try:
+        name = dataset_name(value, roots=(raw,))  # looks only: creates no folder
+    except UnknownDataset:
+        name = None
+    if name is None or not (raw / name / "dataset.json").is_file():
         raise SamnnuError(f"{value}: neither a dataset.json file nor a dataset ID found in nnUNet_raw ({raw})")
-    if len(found) > 1:
-        raise SamnnuError(f"{value}: dataset ID is ambiguous in {raw}: {', '.join(p.name for p in found)}")
-    from samnnu.config import setup_environment
-
     paths = setup_environment(data_root)
-    return _load_dataset_json(paths.raw / found[0].name / "dataset.json")
+    return _load_dataset_json(paths.raw / name / "dataset.json")
 
 
 def check_output_path(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Every trained model of a dataset compared across its folds, and the best one chosen by cross-validation.
+"""Every trained model of a dataset compared across its folds, and the best one chosen by cross-validation
+(:func:`compare_models`; ``samnnu_summarize`` writes the result with :func:`samnnu.reporting.summary.summarize`).
 
 A model is a folder ``nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION`` with ``fold_K``
 subfolders; samnnu models and plain nnU-Net models (``nnUNetv2_train``) alike. A fold's score is
@@ -22,10 +23,7 @@ Choosing the best (after nnU-Net's ``find_best_configuration``)
 """
 from __future__ import annotations
 
-import html
-import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,32 +31,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from samnnu.config import current_paths, num_processes as default_num_processes
-from samnnu.datasets import dataset_name
+from samnnu.config import current_paths, trainers_folder
+from samnnu.config import num_processes as default_num_processes
+from samnnu.datasets import model_folder_name, split_model_folder_name
 from samnnu.errors import SamnnuError
-from samnnu.evaluation.folders import evaluate_folders, to_jsonable, write_evaluation
-from samnnu.safe_io import write_text_atomic
+from samnnu.evaluation.folders import evaluate_folders, write_evaluation
+from samnnu.safe_io import read_json, to_jsonable
 
 SUMMARY_FOLDER = "summary"
 ENSEMBLE_PREFIX = "ensemble___"
 
-_CSS = """
-body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222;line-height:1.4}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:0.9em}
-th{background:#f0f0f0}td.k,th.k{text-align:left}
-tr.best td{background:#eaf6ea;font-weight:bold}
-pre{background:#f6f6f6;padding:0.6em 1em;white-space:pre-wrap}
-.note{color:#666;font-style:italic}
-"""
-
 
 # --------------------------------------------------------------------------- collecting
-
-
-def _split_model_name(name: str) -> tuple[str, str, str] | None:
-    parts = name.split("__")
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
 
 
 def _fold_number(path: Path) -> int | None:
@@ -110,10 +94,7 @@ def _collect_model(model_dir: Path, ref_dir: Path, dataset_json: Mapping[str, An
             continue
         eval_json = fold_dir / "evaluation.json"
         if eval_json.is_file():
-            try:
-                evaluation = json.loads(eval_json.read_text())
-            except (OSError, ValueError) as e:
-                raise SamnnuError(f"{eval_json}: cannot read ({e})") from None
+            evaluation = read_json(eval_json, "evaluation")
             source = "evaluation.json"
         else:
             pred_dir = _prediction_folder(fold_dir, file_ending)
@@ -131,7 +112,7 @@ def _collect_model(model_dir: Path, ref_dir: Path, dataset_json: Mapping[str, An
                     "has_probabilities": _has_probabilities(fold_dir / "validation", file_ending)}
     if not folds:
         return None
-    trainer, plans, configuration = _split_model_name(model_dir.name)
+    trainer, plans, configuration = split_model_folder_name(model_dir.name)
     return {"name": model_dir.name, "kind": "model", "trainer": trainer, "plans": plans,
             "configuration": configuration, "folder": str(model_dir),
             "folds": sorted(folds), "per_fold": [folds[k] for k in sorted(folds)]}
@@ -162,11 +143,12 @@ def _aggregate(entry: dict[str, Any]) -> dict[str, Any]:
 def _ensemble(m1: Mapping[str, Any], m2: Mapping[str, Any], dataset_json: Mapping[str, Any], ref_dir: Path,
               out_dir: Path, processes: int) -> dict[str, Any]:
     """Average both models' validation probabilities fold by fold and evaluate the result."""
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.ensembling.ensemble import merge_files
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     name = f"{ENSEMBLE_PREFIX}{m1['name']}___{m2['name']}"
-    plans_manager = PlansManager(json.loads((Path(m1["folder"]) / "plans.json").read_text()))
+    plans_manager = PlansManager(read_json(Path(m1["folder"]) / "plans.json", "plans"))
     rw = plans_manager.image_reader_writer_class()
     label_manager = plans_manager.get_label_manager(dict(dataset_json))
     file_ending = dataset_json.get("file_ending", ".nii.gz")
@@ -200,8 +182,6 @@ def predict_commands(dataset: str, best: Mapping[str, Any], models: Mapping[str,
     if best["kind"] == "model":
         return (f"samnnu_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d {dataset} -f {folds} "
                 f"-tr {best['trainer']} -c {best['configuration']} -p {best['plans']}")
-    from samnnu.config import trainers_folder
-
     lines = [f"# samnnu_predict has no ensembling; nnU-Net's tools do it (export nnUNet_extTrainer="
              f"{trainers_folder()} so that they find samnnu's trainers)"]
     outs = []
@@ -217,36 +197,37 @@ def predict_commands(dataset: str, best: Mapping[str, Any], models: Mapping[str,
 # --------------------------------------------------------------------------- the summary
 
 
-def summarize(dataset: str | int, *, output_dir: str | os.PathLike | None = None, ensembles: bool = True,
-              num_processes: int | None = None) -> dict[str, Any]:
-    """Compare every trained model of ``dataset`` across folds; write ``summary.json`` and ``summary.html``.
+def compare_models(name: str, out_dir: Path, *, ensembles: bool = True,
+                   num_processes: int | None = None) -> dict[str, Any]:
+    """Compare every trained model of the dataset ``name`` across folds and choose the best one.
+
+    Folds without samnnu's ``evaluation.json`` are evaluated into ``out_dir/evaluations/``, ensembles
+    into ``out_dir/ensembles/``; ``summary.json`` and ``summary.html`` are written by
+    :func:`samnnu.reporting.summary.summarize`, which calls this.
 
     Args:
-        dataset: dataset ID or name.
-        output_dir: default ``nnUNet_results/<dataset>/summary``.
+        name: the dataset's folder name (``DatasetNNN_Name``).
         ensembles: also try every two-model ensemble that has validation probabilities.
         num_processes: evaluation workers (default: samnnu.config.num_processes()).
 
     Returns:
-        ``{"dataset", "models": [...], "ranking": [names, best first], "best": {..., "predict_command"},
-        "ensembles_considered", "notes", "json", "html"}``; each model has ``folds``, ``per_fold``
-        (Dice per class and foreground Dice of each fold), ``dice`` ({class: {mean, std, min, max, n}})
-        and ``foreground_dice`` (same statistics).
+        ``{"dataset", "models": [...], "ensembles", "ranking": [names, best first], "best": {...,
+        "predict_command"}, "ensembles_considered", "notes"}`` as plain JSON types; each model has
+        ``folds``, ``per_fold`` (Dice per class and foreground Dice of each fold), ``dice`` ({class: {mean,
+        std, min, max, n}}) and ``foreground_dice`` (same statistics).
 
     Raises:
-        SamnnuError: unknown dataset, or no trained fold with validation results.
+        SamnnuError: no trained fold with validation results.
     """
-    name = dataset_name(dataset)
     paths = current_paths()
     results = paths.results / name
-    out_dir = Path(output_dir).expanduser() if output_dir is not None else results / SUMMARY_FOLDER
     processes = max(1, num_processes or default_num_processes())
     ref_dir = paths.preprocessed / name / "gt_segmentations"
     notes: list[str] = []
 
     models: dict[str, dict[str, Any]] = {}
-    for model_dir in sorted(results.glob("*__*__*")) if results.is_dir() else []:
-        if not model_dir.is_dir() or _split_model_name(model_dir.name) is None:
+    for model_dir in sorted(results.glob(model_folder_name("*", "*", "*"))) if results.is_dir() else []:
+        if not model_dir.is_dir() or split_model_folder_name(model_dir.name) is None:
             continue
         dataset_json = _dataset_json(model_dir, paths.preprocessed / name)
         entry = _collect_model(model_dir, ref_dir, dataset_json, out_dir, processes, notes)
@@ -308,82 +289,11 @@ def summarize(dataset: str | int, *, output_dir: str | os.PathLike | None = None
                                   if k in best},
         "notes": notes,
     }
-    summary = to_jsonable(summary)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, html_path = out_dir / "summary.json", out_dir / "summary.html"
-    write_text_atomic(json_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    write_text_atomic(html_path, _html(summary))
-    summary["json"], summary["html"] = str(json_path), str(html_path)
-    return summary
+    return to_jsonable(summary)
 
 
 def _dataset_json(model_dir: Path, preprocessed: Path) -> dict[str, Any]:
     for path in (model_dir / "dataset.json", preprocessed / "dataset.json"):
         if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise SamnnuError(f"{path}: cannot read dataset.json ({e})") from None
+            return read_json(path, "dataset.json")
     raise SamnnuError(f"{model_dir}: no dataset.json beside the model or in {preprocessed}")
-
-
-# --------------------------------------------------------------------------- HTML
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _model_table(entry: Mapping[str, Any]) -> str:
-    folds = entry["per_fold"]
-    head = ('<tr><th class="k">class</th><th>mean</th><th>std</th><th>min</th><th>max</th>'
-            + "".join(f"<th>fold {f['fold']}</th>" for f in folds) + "</tr>")
-    rows = []
-    for cls, st in list(entry["dice"].items()) + [("foreground (mean of classes)", entry["foreground_dice"])]:
-        per = [f["dice"].get(cls) if cls in f["dice"] else f["foreground_dice"] for f in folds]
-        rows.append(f'<tr><td class="k">{html.escape(cls)}</td>' + "".join(
-            f"<td>{_f(st[s])}</td>" for s in ("mean", "std", "min", "max")) + "".join(
-            f"<td>{_f(v)}</td>" for v in per) + "</tr>")
-    sources = "; ".join(f"fold {f['fold']}: {f['source']} ({f['n_cases']} cases)" for f in folds)
-    return f"<table>{head}{''.join(rows)}</table><p class='note'>Dice per fold is the mean over its validation " \
-           f"cases. {html.escape(sources)}</p>"
-
-
-def _html(summary: Mapping[str, Any]) -> str:
-    best = summary["best"]
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>samnnu summary: {html.escape(summary['dataset'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>samnnu cross-validation summary: {html.escape(summary['dataset'])}</h1>",
-        f"<p>Trained models: {len(summary['models'])}, in {html.escape(summary['results_folder'])}; "
-        f"created {html.escape(summary['created'])}.</p>",
-        "<h2>Best model</h2>",
-        f"<p><b>{html.escape(best['name'])}</b>: mean foreground Dice {_f(best['foreground_dice_mean'])} "
-        f"over folds {html.escape(' '.join(map(str, best['folds'])))}.</p>",
-        "<p>Segment new images with:</p>",
-        f"<pre>{html.escape(best['predict_command'])}</pre>",
-        "<h2>Ranking</h2>",
-        "<table><tr><th>rank</th><th class='k'>model or ensemble</th><th>folds</th>"
-        "<th>mean foreground Dice</th><th>std over folds</th></tr>",
-    ]
-    for i, r in enumerate(summary["ranking"], start=1):
-        cls = " class='best'" if r["name"] == best["name"] else ""
-        parts.append(f"<tr{cls}><td>{i}</td><td class='k'>{html.escape(r['name'])}</td>"
-                     f"<td>{html.escape(' '.join(map(str, r['folds'])))}</td>"
-                     f"<td>{_f(r['foreground_dice_mean'])}</td><td>{_f(r['foreground_dice_std'])}</td></tr>")
-    parts.append("</table>")
-    parts.append("<p class='note'>Ranked by the mean over folds of each fold's foreground Dice (the mean over "
-                 "classes of the mean Dice over the fold's validation cases). Ensembles average the softmax "
-                 "probabilities of two models with the same folds and are scored without postprocessing.</p>")
-    parts.append("<h2>Models</h2>")
-    for entry in summary["models"] + summary["ensembles"]:
-        parts.append(f"<h3>{html.escape(entry['name'])} ({entry['n_folds']} "
-                     f"fold{'s' if entry['n_folds'] != 1 else ''})</h3>")
-        parts.append(_model_table(entry))
-    parts.append("<h2>Notes</h2>")
-    parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in summary["notes"]) + "</ul>"
-                 if summary["notes"] else "<p class='note'>None.</p>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)

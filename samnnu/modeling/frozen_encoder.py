@@ -1,11 +1,13 @@
 """A frozen SAM image encoder as a feature extractor, shared by the frozen-encoder networks."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 
-from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
 from samnnu.modeling.common import IntensityToSAM, fit_square, freeze_batchnorm_stats
+from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
 
 
 class FrozenSAMEncoder(nn.Module):
@@ -32,6 +34,28 @@ class FrozenSAMEncoder(nn.Module):
         self.image_encoder = parts.image_encoder
         for p in self.parameters():
             p.requires_grad = False
+        self._cache: dict[bytes, torch.Tensor] | None = None
+        self._weights_key: tuple[tuple[int, ...], bytes] | None = None
+
+    def use_embedding_cache(self, on: bool) -> None:
+        """Remember the embedding of every image encoded while ``on`` (cleared when switched off).
+
+        An ensemble of folds runs the same frozen encoder on the same tiles once per fold; with the cache
+        on, each tile is encoded once. The key is the image's bytes together with a digest of this
+        module's weights, so folds whose frozen weights differ (an encoder without pretrained weights is
+        initialised at random per fold) never share an embedding.
+        """
+        self._cache = {} if on else None
+
+    def _weights_digest(self) -> bytes:
+        tensors = list(self.parameters()) + list(self.buffers())
+        versions = tuple(t._version for t in tensors)
+        if self._weights_key is None or self._weights_key[0] != versions:  # loaded anew (another fold)
+            h = hashlib.blake2b(digest_size=16)
+            for t in tensors:
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._weights_key = (versions, h.digest())
+        return self._weights_key[1]
 
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         """Load the pretrained image encoder (training start only)."""
@@ -45,8 +69,18 @@ class FrozenSAMEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x, content = fit_square(self.intensity(x), self.input_size)
-        return self.image_encoder(x), content
+        if self._cache is None or self.training:
+            x, content = fit_square(self.intensity(x), self.input_size)
+            return self.image_encoder(x), content
+        weights = self._weights_digest()
+        keys = [weights + hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+                for image in x]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        fitted, content = fit_square(self.intensity(x[missing] if missing else x[:1]), self.input_size)
+        if missing:
+            for i, emb in zip(missing, self.image_encoder(fitted)):
+                self._cache[keys[i]] = emb
+        return torch.stack([self._cache[k] for k in keys]), content
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.dim() == 4:

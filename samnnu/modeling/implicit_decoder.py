@@ -28,10 +28,11 @@ label at the same points.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from typing import NamedTuple
 
 from samnnu.modeling.common import IntensityToSAM, fit_square, freeze_batchnorm_stats
 from samnnu.modeling.conv_branch import ConvBranch

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from samnnu.modeling.common import IntensityToSAM, decode_prompt_free, fit_square, freeze_batchnorm_stats, unfit_square
 from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
-from samnnu.modeling.common import (IntensityToSAM, decode_prompt_free, fit_square, freeze_batchnorm_stats,
-                                    unfit_square)
 
 
 class PromptFreeSAMNet(nn.Module):

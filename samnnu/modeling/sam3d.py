@@ -22,13 +22,13 @@ unchanged and SAM checkpoints load as they are. The adapters need the number of 
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 
-from samnnu.modeling.common import (IntensityToSAM, fit_square, freeze_batchnorm_stats, transformer_blocks,
-                                    unfit_square)
+from samnnu.modeling.common import IntensityToSAM, fit_square, freeze_batchnorm_stats, transformer_blocks, unfit_square
 from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
 
 

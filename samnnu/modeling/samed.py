@@ -14,6 +14,7 @@ load into a wrapped encoder unchanged; only the ``lora_*`` keys are new.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 

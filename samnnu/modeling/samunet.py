@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from samnnu.modeling.conv_branch import ConvBranch, FusionDecoder, branch_widths
 from samnnu.modeling.common import fit_square, unfit_square
+from samnnu.modeling.conv_branch import ConvBranch, FusionDecoder, branch_widths
 from samnnu.modeling.frozen_encoder import FrozenSAMEncoder
 
 

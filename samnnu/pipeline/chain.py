@@ -5,12 +5,13 @@ import time
 from pathlib import Path
 
 from samnnu.config import current_paths, num_processes
+from samnnu.evaluation.folders import evaluate_folders, write_evaluation
+from samnnu.modeling.common import count_parameters
+from samnnu.reporting.report import write_fold_report
 
 
 def plans_summary(trainer) -> dict:
     """What a reader of a fold report needs to know about the model that was trained."""
-    from samnnu.modeling.common import count_parameters
-
     cm = trainer.configuration_manager
     summary = {
         "dataset": trainer.plans_manager.dataset_name,
@@ -39,10 +40,8 @@ def run_fold_chain(trainer, *, train_seconds: float | None = None) -> dict:
 
     Returns {"evaluation": path, "report": path, "dice": {class: mean Dice}, "inference_seconds_per_case": s}.
     """
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.postprocessing.remove_connected_components import determine_postprocessing
-
-    from samnnu.evaluation.folders import evaluate_folders, write_evaluation
-    from samnnu.reporting.report import write_fold_report
 
     fold_dir = Path(trainer.output_folder)
     val_dir = fold_dir / "validation"

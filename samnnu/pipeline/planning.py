@@ -15,7 +15,7 @@ def _dataset_id(name: str) -> int:
 
 def default_device() -> tuple[str, float]:
     """('cuda', GPU memory in GB) when a GPU is visible, else ('cpu', half the RAM, at most 16 GB)."""
-    import torch
+    import torch  # local: torch takes seconds to import
 
     if torch.cuda.is_available():
         return "cuda", torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
@@ -39,11 +39,11 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] |
     Returns the samnnu plans.
     """
     setup_environment()
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      preprocess_dataset)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
-    from samnnu.plans.samnnu_planner import SAMnnUPlanner
+    from samnnu.plans.samnnu_planner import SAMnnUPlanner  # local: pulls in nnU-Net, which reads nnUNet_* at import
 
     name = dataset_name(dataset)
     if not (current_paths().raw / name / "dataset.json").is_file():

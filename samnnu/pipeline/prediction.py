@@ -10,20 +10,27 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from samnnu.config import num_processes, setup_environment
-from samnnu.datasets import dataset_name, load_json_file, model_folder
+from samnnu.config import configure_threads, current_paths, num_processes, setup_environment
+from samnnu.datasets import dataset_name, model_folder, model_folder_name
+from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
 from samnnu.errors import SamnnuError
-from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER
+from samnnu.interactive.prompts import ImageGeometry, label_values, load_prompts, prompts_to_json
 from samnnu.pipeline.training import default_model, default_plans_name, pick_device
-from samnnu.safe_io import (check_image_file, describe_os_error, load_postprocessing, remove_stale_tmp,
-                            weights_only_loading, write_atomic, write_json_atomic)
-
-if TYPE_CHECKING:
-    from samnnu.interactive.prompts import ImageGeometry
+from samnnu.safe_io import (
+    check_image_file,
+    describe_os_error,
+    load_postprocessing,
+    read_json,
+    remove_stale_tmp,
+    weights_only_loading,
+    write_atomic,
+    write_image_atomic,
+    write_json_atomic,
+)
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -80,10 +87,10 @@ def _count_nan(path: Path) -> int:
     """NaN voxels in a floating-point image (SimpleITK's NIfTI reader turns them into 0, so NIfTI files
     are read with nibabel)."""
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        import nibabel
+        import nibabel  # local: nibabel is slow to import
 
         return int(np.isnan(np.asanyarray(nibabel.load(str(path)).dataobj)).sum())
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     return int(np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).sum())
 
@@ -107,19 +114,19 @@ class _Model:
         return self.dataset_json["file_ending"]
 
     def labels(self) -> dict[str, int]:
-        from samnnu.interactive.prompts import label_values
-
         return label_values(self.dataset_json["labels"])
 
     def predictor(self):
-        """The nnUNetPredictor holding every fold (loaded once)."""
+        """The predictor holding every fold (loaded once): nnU-Net's, with tiles batched
+        (:class:`~samnnu.pipeline.inference.BatchedPredictor`)."""
         if self._predictor is None:
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            # local: pulls in torch and nnU-Net, which reads nnUNet_* at import
+            from samnnu.pipeline.inference import BatchedPredictor
 
             dev = self.device
-            self._predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.mirroring,
-                                              perform_everything_on_device=dev.type == "cuda", device=dev,
-                                              verbose=False, verbose_preprocessing=False, allow_tqdm=True)
+            self._predictor = BatchedPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.mirroring,
+                                               perform_everything_on_device=dev.type == "cuda", device=dev,
+                                               verbose=False, verbose_preprocessing=False, allow_tqdm=True)
             with weights_only_loading():  # nnU-Net would unpickle the checkpoints with weights_only=False
                 self._predictor.initialize_from_trained_model_folder(str(self.folder), use_folds=self.folds,
                                                                      checkpoint_name=self.checkpoint)
@@ -130,14 +137,12 @@ def _default_trained_model(name: str, trainer: str | None, configuration: str | 
                            plans: str | None) -> tuple[str, str]:
     """What the user left open, decided as ``samnnu_train`` decides it (:func:`samnnu.pipeline.training.default_model`),
     from the preprocessed plans or, without them, from the plans saved with a trained model."""
-    from samnnu.config import current_paths
-
     plans_name = default_plans_name(trainer, plans)
     candidates = [current_paths().preprocessed / name / f"{plans_name}.json"]
-    candidates += sorted((current_paths().results / name).glob(f"*__{plans_name}__*/plans.json"))
+    candidates += sorted((current_paths().results / name).glob(model_folder_name("*", plans_name, "*") + "/plans.json"))
     for path in candidates:
         if path.is_file():
-            return default_model(load_json_file(path, "plans"), trainer, configuration)
+            return default_model(read_json(path, "plans"), trainer, configuration)
     return trainer or DEFAULT_TRAINER, configuration or DEFAULT_CONFIGURATION
 
 
@@ -146,7 +151,8 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, config
                 device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
     """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
     setup_environment()
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    configure_threads()
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # local: pulls in torch (slow to import)
 
     name = dataset_name(dataset)
     if trainer is None or configuration is None:
@@ -161,7 +167,7 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, config
         ckpt = mfolder / f"fold_{f}" / checkpoint
         if not ckpt.is_file():
             raise SamnnuError(f"{ckpt}: checkpoint missing (is fold {f} trained?)")
-    dataset_json = load_json_file(mfolder / "dataset.json", "dataset.json of the model")
+    dataset_json = read_json(mfolder / "dataset.json", "dataset.json of the model")
     dev = pick_device(device)
 
     pp_folder = (mfolder / f"fold_{folds[0]}" / "validation") if len(folds) == 1 else mfolder
@@ -192,6 +198,7 @@ def _run_model(model: _Model, cases: Mapping[str, list[Path]], work: Path, proba
     Raw predictions already complete in ``work`` (from an interrupted run of the same model) are reused;
     damaged ones are predicted again. Every label map returned has passed :func:`check_image_file`.
     """
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
 
     ending = model.file_ending
@@ -228,9 +235,7 @@ def _run_model(model: _Model, cases: Mapping[str, list[Path]], work: Path, proba
 
 def read_image(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     """A volume as a (Z, Y, X) float32 array (2D images: Z = 1) and its geometry."""
-    import SimpleITK as sitk
-
-    from samnnu.interactive.prompts import ImageGeometry
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     image = sitk.ReadImage(str(path))
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -240,9 +245,7 @@ def read_image(path: Path) -> tuple[np.ndarray, ImageGeometry]:
 
 
 def _geometry(path: Path):
-    import SimpleITK as sitk
-
-    from samnnu.interactive.prompts import ImageGeometry
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -253,7 +256,7 @@ def _geometry(path: Path):
 def prompt_free_predictions(cases: Mapping[str, list[Path]], dataset: str | int, *, folds: tuple = (0,),
                             trainer: str | None = None, configuration: str | None = None,
                             plans: str | None = None, device: str | None = None,
-                            checkpoint: str = "checkpoint_final.pth", mirroring: bool = True,
+                            checkpoint: str = FINAL_CHECKPOINT, mirroring: bool = True,
                             postprocess: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """Predict cases ({case: [channel files]}) in memory: ({case: (labels (Z, Y, X), probabilities
     (C, Z, Y, X))}, the model's dataset.json). Labels are post-processed; probabilities are not."""
@@ -268,7 +271,7 @@ def prompt_free_predictions(cases: Mapping[str, list[Path]], dataset: str | int,
 
 def _read_prediction(seg_file: Path, probs_file: Path) -> tuple[np.ndarray, np.ndarray]:
     """(labels (Z, Y, X), probabilities (C, Z, Y, X)) of one predicted case."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(seg_file)))
     probs = np.load(probs_file)["probabilities"].astype(np.float32)
@@ -280,9 +283,7 @@ def _read_prediction(seg_file: Path, probs_file: Path) -> tuple[np.ndarray, np.n
 def _write_like(array: np.ndarray, like: Path, target: Path) -> None:
     """Write a (Z, Y, X) label array with the geometry of the label file ``like`` into ``target`` (atomic,
     checked)."""
-    import SimpleITK as sitk
-
-    from samnnu.safe_io import write_image_atomic
+    import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     ref = sitk.ReadImage(str(like))
     data = array if ref.GetDimension() == 3 else array[0]
@@ -315,13 +316,10 @@ def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, ref
             "refine_options": repr(refine_options)}
 
 
-def _load_resume_state(out: Path, signature: dict) -> dict | None:
-    """{case: input stamps} of cases an interrupted run with the same signature finished in ``out``; None
-    when there is no such run (no record, or one of another model or options)."""
-    try:
-        state = json.loads((out / RESUME_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+def _load_resume_state(record: Path, signature: dict) -> dict | None:
+    """{case: input stamps} of cases an interrupted run with the same signature finished, from its resume
+    ``record``; None when there is no such run (no record, or one of another model or options)."""
+    state = read_json(record, default=None)
     if not isinstance(state, dict) or state.get("signature") != signature or not isinstance(state.get("done"), dict):
         return None
     return state["done"]
@@ -329,10 +327,11 @@ def _load_resume_state(out: Path, signature: dict) -> dict | None:
 
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int, *,
             folds: tuple = (0,), trainer: str | None = None, configuration: str | None = None,
-            plans: str | None = None, device: str | None = None, checkpoint: str = "checkpoint_final.pth",
+            plans: str | None = None, device: str | None = None, checkpoint: str = FINAL_CHECKPOINT,
             mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
             auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,
-            write_prompts: str | os.PathLike | None = None, overwrite: bool = False) -> list[Path]:
+            write_prompts: str | os.PathLike | None = None, overwrite: bool = False, num_parts: int = 1,
+            part_id: int = 0) -> list[Path]:
     """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
 
     Output label maps have exactly the inputs' size, spacing, origin and direction (nnU-Net restores
@@ -351,7 +350,15 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     predictions it left in ``OUTPUT/.samnnu_partial/`` are reused when intact, and the rest are predicted. ``overwrite`` redoes
     every case. Every output is re-read before it takes its final name: a full disk is a SamnnuError,
     never a silently empty file.
+
+    num_parts, part_id: predict only every ``num_parts``-th case (in sorted order), starting at ``part_id``,
+    as ``nnUNetv2_predict -num_parts -part_id`` does: ``num_parts`` runs with part ids 0 .. num_parts - 1,
+    on as many machines or GPUs, into the same output folder, predict every case exactly once. Each part
+    keeps its own resume record and raw predictions.
     """
+    if not (isinstance(num_parts, int) and isinstance(part_id, int) and num_parts >= 1 and 0 <= part_id < num_parts):
+        raise SamnnuError(f"part {part_id} of {num_parts}: num_parts must be at least 1 and part_id one of "
+                          f"0 .. num_parts - 1")
     setup_environment()
     inp = Path(input_folder).resolve()
     out = Path(output_folder).resolve()
@@ -365,17 +372,17 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                         device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
     ending = model.file_ending
     cases = collect_cases(inp, ending, len(model.dataset_json["channel_names"]))
+    if num_parts > 1:
+        cases = {c: cases[c] for c in sorted(cases)[part_id::num_parts]}
 
     given = {}
     if prompts is not None:
-        from samnnu.interactive.prompts import load_prompts
-
         given = load_prompts(prompts, model.labels(), {c: _geometry(p[0]) for c, p in cases.items()},
                              input_name=str(inp))
     prompted = [c for c in cases if c in given or auto_prompts]
     refiner_model = None
     if prompted:
-        from samnnu.interactive.refiner import RefineOptions, SliceRefiner
+        from samnnu.interactive.refiner import RefineOptions, SliceRefiner  # local: pulls in torch (slow to import)
 
         refine_options = refine_options or RefineOptions()
         refiner_model = SliceRefiner.create(refiner, device=device)
@@ -383,11 +390,15 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".samnnu_tmp_*"):  # left by versions that could not resume
         shutil.rmtree(stale, ignore_errors=True)
-    remove_stale_tmp(out)
+    if num_parts == 1:  # other parts may be writing here, from processes this machine cannot see
+        remove_stale_tmp(out)
+    resume_file, work = out / RESUME_FILE, out / WORK_FOLDER
+    if num_parts > 1:
+        resume_file = out / f"{Path(RESUME_FILE).stem}.part{part_id}of{num_parts}.json"
+        work = out / f"{WORK_FOLDER}.part{part_id}of{num_parts}"
     signature = _run_signature(model, prompts, auto_prompts, refiner, refine_options)
     stamps = {c: [_file_stamp(p) for p in paths] for c, paths in cases.items()}
-    previous = None if overwrite else _load_resume_state(out, signature)
-    work = out / WORK_FOLDER
+    previous = None if overwrite else _load_resume_state(resume_file, signature)
     if previous is None and work.is_dir():
         shutil.rmtree(work)  # raw predictions of another model or options
     finished = [c for c in cases if (previous or {}).get(c) == stamps[c] and _intact_output(out / f"{c}{ending}")]
@@ -397,7 +408,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
               f"and options; predicting the other {len(cases) - len(finished)} (--overwrite redoes all)",
               file=sys.stderr)
     todo = {c: p for c, p in cases.items() if c not in done}
-    write_json_atomic(out / RESUME_FILE, {"signature": signature, "done": done})
+    write_json_atomic(resume_file, {"signature": signature, "done": done})
 
     written = [out / f"{c}{ending}" for c in finished]
     used_prompts = {}
@@ -406,6 +417,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     for case, seg_file in produced.items():
         target = out / f"{case}{ending}"
         if case in prompted:
+            # local: pulls in scipy and torch (slow to import)
             from samnnu.interactive.auto_prompts import auto_prompts as make_auto_prompts
             from samnnu.interactive.refiner import apply_prompts
 
@@ -423,12 +435,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             os.replace(seg_file, target)  # checked by _run_model; the same file system
         written.append(target)
         done[case] = stamps[case]
-        write_json_atomic(out / RESUME_FILE, {"signature": signature, "done": done})
+        write_json_atomic(resume_file, {"signature": signature, "done": done})
     shutil.rmtree(work, ignore_errors=True)
-    (out / RESUME_FILE).unlink()  # every case is done: nothing left to resume
+    resume_file.unlink()  # every case is done: nothing left to resume
     if write_prompts is not None:
-        from samnnu.interactive.prompts import prompts_to_json
-
         names = {v: k for k, v in model.labels().items()}
         write_json_atomic(write_prompts, prompts_to_json(used_prompts, names), indent=1)
     return sorted(written)

@@ -4,11 +4,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from samnnu.config import current_paths, setup_environment
-from samnnu.datasets import dataset_name, ensure_splits, load_json_file
-from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, DEFAULT_CONFIGURATION, DEFAULT_TRAINERS, PLANS_NAME, RUN_SETTINGS
+from samnnu.config import configure_threads, current_paths, setup_environment
+from samnnu.datasets import dataset_name, ensure_splits
+from samnnu.defaults import (
+    CHECKPOINTS_NEWEST_FIRST,
+    DEFAULT_CONFIGURATION,
+    DEFAULT_TRAINERS,
+    FINAL_CHECKPOINT,
+    PLANS_NAME,
+    RUN_SETTINGS,
+)
 from samnnu.errors import SamnnuError
-from samnnu.safe_io import write_json_atomic
+from samnnu.safe_io import (
+    check_torch_archive,
+    load_torch_safely,
+    read_json,
+    remove_stale_tmp,
+    weights_only_loading,
+    write_atomic,
+    write_json_atomic,
+)
 from samnnu.trainers import samnnu_trainers
 
 
@@ -17,6 +32,7 @@ def get_trainer_class(name: str):
     trainers = samnnu_trainers()
     if name in trainers:
         return trainers[name]
+    # local: nnU-Net reads nnUNet_* at import (after setup_environment)
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     try:
@@ -27,7 +43,7 @@ def get_trainer_class(name: str):
 
 
 def pick_device(device: str | None):
-    import torch
+    import torch  # local: torch takes seconds to import
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,8 +60,6 @@ def _resume(trainer, fold_dir: Path) -> bool:
     Checkpoints are tried newest first (final, latest, best); a truncated or damaged one is skipped with
     a line saying so. A checkpoint that would run code is refused (SamnnuError), never loaded.
     """
-    from samnnu.safe_io import load_torch_safely, weights_only_loading
-
     for fname in CHECKPOINTS_NEWEST_FIRST:
         path = fold_dir / fname
         if not path.is_file():
@@ -60,7 +74,7 @@ def _resume(trainer, fold_dir: Path) -> bool:
         with weights_only_loading():
             trainer.load_checkpoint(str(path))
         print(f"samnnu: resuming from {path} (epoch {trainer.current_epoch})")
-        return fname == "checkpoint_final.pth"
+        return fname == FINAL_CHECKPOINT
     print(f"samnnu: no intact checkpoint in {fold_dir}; starting a new training")
     return False
 
@@ -68,8 +82,6 @@ def _resume(trainer, fold_dir: Path) -> bool:
 def _atomic_checkpoints(trainer) -> None:
     """Make the trainer's checkpoints atomic: written to a temporary file, checked, then renamed, so a
     crash or a full disk during a save leaves the previous checkpoint intact."""
-    from samnnu.safe_io import check_torch_archive, remove_stale_tmp, write_atomic
-
     original = trainer.save_checkpoint
 
     def save_checkpoint(filename: str) -> None:
@@ -124,6 +136,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     Returns a dict with the fold folder, wall times and the evaluation summary.
     """
     setup_environment()
+    configure_threads()
     for what, value in (("epochs", epochs), ("iters_per_epoch", iters_per_epoch)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise SamnnuError(f"{what} must be a whole number of at least 1, got {value!r}")
@@ -132,10 +145,10 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     name = dataset_name(dataset)
     plans_name = default_plans_name(trainer, plans)
     pre = current_paths().preprocessed / name
-    plans_dict = load_json_file(pre / f"{plans_name}.json", f"plans file (run samnnu_plan_and_preprocess -d {dataset})")
+    plans_dict = read_json(pre / f"{plans_name}.json", f"plans file (run samnnu_plan_and_preprocess -d {dataset})")
     trainer, configuration = default_model(plans_dict, trainer, configuration)
     trainer_class = get_trainer_class(trainer)
-    dataset_json = load_json_file(pre / "dataset.json", "dataset.json of the preprocessed dataset")
+    dataset_json = read_json(pre / "dataset.json", "dataset.json of the preprocessed dataset")
     if configuration not in plans_dict["configurations"]:
         raise SamnnuError(f"{pre / (plans_name + '.json')}: no configuration '{configuration}' "
                           f"(available: {', '.join(plans_dict['configurations'])})")
@@ -159,7 +172,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
                       device=dev)
     fold_dir = Path(t.output_folder)
     settings_file = fold_dir / RUN_SETTINGS
-    previous = load_json_file(settings_file, "settings of the interrupted run") \
+    previous = read_json(settings_file, "settings of the interrupted run") \
         if continue_training and settings_file.is_file() else {}
     epochs = epochs or previous.get("epochs")
     iters_per_epoch = iters_per_epoch or previous.get("iters_per_epoch")
@@ -191,6 +204,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     result = {"fold_dir": str(fold_dir), "train_seconds": train_seconds, "trainer": trainer, "plans": plans_name,
               "configuration": configuration, "fold": fold, "device": str(dev)}
     if run_chain:
+        # local: pulls in torch, segment_anything and scipy (slow to import)
         from samnnu.pipeline.chain import run_fold_chain
 
         result.update(run_fold_chain(t, train_seconds=train_seconds))

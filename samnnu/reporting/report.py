@@ -14,20 +14,28 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
+import SimpleITK as sitk
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-from samnnu.defaults import RUN_SETTINGS
+from samnnu.config import current_paths
+from samnnu.datasets import split_model_folder_name
+from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, FINAL_CHECKPOINT, RUN_SETTINGS
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import METRICS, WORST, foreground_classes
-from samnnu.evaluation.folders import to_jsonable
-from samnnu.safe_io import write_text_atomic
+from samnnu.reporting.html import format_value, kv_table, page
+from samnnu.safe_io import load_torch_safely, read_json, to_jsonable, write_json_atomic, write_text_atomic
 
 #: ``<h2>`` headings of report.html, in order.
 SECTIONS = (
@@ -39,18 +47,6 @@ SECTIONS = (
     "Timing and device",
 )
 
-_CSS = """
-body{font-family:sans-serif;margin:2em;max-width:1240px;color:#222}
-h1{font-size:1.6em;overflow-wrap:anywhere}h2{margin-top:1.5em;border-bottom:1px solid #ddd}
-.path{color:#555;font-size:0.9em;overflow-wrap:anywhere}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:0.9em}
-th{background:#f0f0f0}td.k,th.k{text-align:left}
-figure{display:inline-table;vertical-align:top;margin:0 1.5em 1.5em 0}
-figcaption{display:table-caption;caption-side:bottom;font-size:0.85em;color:#555}
-img{max-width:100%;height:auto}
-.note{color:#777;font-style:italic}
-"""
 
 
 # --------------------------------------------------------------------------- figures
@@ -73,9 +69,6 @@ _RC = {
 
 def _figure(width: float, height: float):
     """A figure on its own Agg canvas (no pyplot), ``width`` x ``height`` inches at :data:`DPI`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -89,8 +82,6 @@ def _png_base64(fig) -> str:
 
 def _epoch_axis(ax, n_epochs: int) -> None:
     """Epochs 0..n-1 on the x axis with integer ticks only, also for a single epoch."""
-    from matplotlib.ticker import MaxNLocator
-
     ax.set_xlabel("epoch")
     ax.set_xlim(-0.5, max(n_epochs - 1, 0) + 0.5)
     if n_epochs <= 12:
@@ -129,8 +120,6 @@ def _floats(values: Any) -> np.ndarray:
 
 def _training_figures(training: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:
     """Loss curves, pseudo Dice curves and epoch durations, as HTML ``<figure>`` snippets."""
-    import matplotlib
-
     with matplotlib.rc_context(_RC):
         return _training_figures_rc(training, class_names)
 
@@ -208,15 +197,11 @@ METRIC_LABELS = {
 
 def _metric_figure(evaluation: Mapping[str, Any], metric: str, classes: Sequence[str]) -> str | None:
     """One metric: a box per class with the cases as jittered points, class names horizontal."""
-    import matplotlib
-
     with matplotlib.rc_context(_RC):
         return _metric_figure_rc(evaluation, metric, classes)
 
 
 def _metric_figure_rc(evaluation: Mapping[str, Any], metric: str, classes: Sequence[str]) -> str | None:
-    import textwrap
-
     per_case = evaluation.get("per_case") or {}
     data = []
     for cls in classes:
@@ -267,8 +252,6 @@ def pick_cases(evaluation: Mapping[str, Any], classes: Sequence[str]) -> dict[st
 
 
 def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import SimpleITK as sitk
-
     img = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(img), tuple(reversed(img.GetSpacing()))
 
@@ -308,8 +291,6 @@ def _overlay(
     area = fg.reshape(fg.shape[0], -1).sum(1)
     z = int(np.argmax(area)) if area.any() else ref.shape[0] // 2
 
-    import matplotlib
-
     with matplotlib.rc_context(_RC):
         fig = _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes)
     score_txt = "nan" if math.isnan(score) else f"{score:.3f}"
@@ -317,8 +298,6 @@ def _overlay(
 
 
 def _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes):
-    from matplotlib.lines import Line2D
-
     ratio = ref.shape[1] * spacing[1] / (ref.shape[2] * spacing[2])  # height / width on screen
     width = 3.2
     fig = _figure(width, width * min(2.0, max(0.5, ratio)) + 0.9)
@@ -363,32 +342,6 @@ def _all_values(classes: Mapping[str, Any]) -> list[int]:
 # --------------------------------------------------------------------------- tables
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    if isinstance(v, (float, np.floating)):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.4e}"
-    if isinstance(v, (list, tuple)):
-        return "(" + ", ".join(_fmt(x) for x in v) + ")"
-    if isinstance(v, Mapping):
-        return "; ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
-    return str(v)
-
-
-def _kv_table(d: Mapping[str, Any]) -> str:
-    rows = "".join(
-        f'<tr><th class="k">{html.escape(str(k))}</th><td class="k">{html.escape(_fmt(v))}</td></tr>'
-        for k, v in d.items()
-    )
-    return f"<table>{rows}</table>"
-
-
 def _class_table(evaluation: Mapping[str, Any], classes: Sequence[str]) -> str:
     metrics = [m for m in METRICS if any(m in (evaluation.get("mean") or {}).get(c, {}) for c in classes)]
     head = '<tr><th class="k">class</th><th class="k">statistic</th>' + "".join(
@@ -399,7 +352,7 @@ def _class_table(evaluation: Mapping[str, Any], classes: Sequence[str]) -> str:
         for stat in ("mean", "median", "worst"):
             vals = (evaluation.get(stat) or {}).get(cls, {})
             body += f'<tr><td class="k">{html.escape(cls)}</td><td class="k">{stat}</td>' + "".join(
-                f"<td>{html.escape(_fmt(vals.get(m)))}</td>" for m in metrics
+                f"<td>{html.escape(format_value(vals.get(m)))}</td>" for m in metrics
             ) + "</tr>"
         n_nan = (evaluation.get("n_nan") or {}).get(cls, {})
         if any(n_nan.get(m) for m in metrics):
@@ -409,7 +362,7 @@ def _class_table(evaluation: Mapping[str, Any], classes: Sequence[str]) -> str:
     fg = evaluation.get("foreground_mean") or {}
     if fg:
         body += '<tr><td class="k">foreground</td><td class="k">mean of class means</td>' + "".join(
-            f"<td>{html.escape(_fmt(fg.get(m)))}</td>" for m in metrics
+            f"<td>{html.escape(format_value(fg.get(m)))}</td>" for m in metrics
         ) + "</tr>"
     return f"<table>{head}{body}</table>"
 
@@ -517,21 +470,19 @@ def write_fold_report(
     report = to_jsonable(report)
 
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>samnnu report: {html.escape(fold_dir.name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>samnnu fold report: {html.escape(fold_dir.parent.name)}, {html.escape(fold_dir.name)}</h1>",
         f'<p class="path">{html.escape(str(fold_dir))}</p>',
         f"<p>{evaluation.get('n_cases', 0)} validation cases; foreground mean Dice "
-        f"{html.escape(_fmt((evaluation.get('foreground_mean') or {}).get('dice')))}; "
+        f"{html.escape(format_value((evaluation.get('foreground_mean') or {}).get('dice')))}; "
         f"created {html.escape(report['created'])}.</p>",
         f"<h2>{SECTIONS[0]}</h2>",
-        _kv_table(plans_summary) if plans_summary else '<p class="note">No plans summary given.</p>',
+        kv_table(plans_summary) if plans_summary else '<p class="note">No plans summary given.</p>',
         f"<h2>{SECTIONS[1]}</h2>",
     ]
     figs = _training_figures(training, class_names)
     parts.append("".join(figs) if figs else '<p class="note">No training log given.</p>')
     if training_summary:
-        parts.append(_kv_table(training_summary))
+        parts.append(kv_table(training_summary))
     parts.append(f"<h2>{SECTIONS[2]}</h2>")
     parts.append(
         _class_table(evaluation, class_names) if class_names else '<p class="note">No classes evaluated.</p>'
@@ -557,37 +508,26 @@ def write_fold_report(
     else:
         parts.append('<p class="note">No case has a defined Dice.</p>')
     parts.append(f"<h2>{SECTIONS[5]}</h2>")
-    parts.append(_kv_table(timing) if timing else '<p class="note">No timing or device given.</p>')
+    parts.append(kv_table(timing) if timing else '<p class="note">No timing or device given.</p>')
     if isinstance(inference, Mapping) and inference:
         parts.append(
             "<table><tr><th class='k'>case</th><th>inference time (s)</th></tr>"
             + "".join(
-                f"<tr><td class='k'>{html.escape(str(c))}</td><td>{html.escape(_fmt(t))}</td></tr>"
+                f"<tr><td class='k'>{html.escape(str(c))}</td><td>{html.escape(format_value(t))}</td></tr>"
                 for c, t in inference.items()
             )
             + "</table>"
         )
-    parts.append("</body></html>\n")
-
-    write_text_atomic(fold_dir / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    write_text_atomic(fold_dir / "report.html", "\n".join(parts))
+    write_json_atomic(fold_dir / "report.json", report)
+    write_text_atomic(fold_dir / "report.html", page(f"samnnu report: {fold_dir.name}", parts))
     return report
 
 
 # --------------------------------------------------------------------------- re-rendering
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _nnunet_folder(name: str) -> Path | None:
     """``nnUNet_raw`` / ``nnUNet_preprocessed`` when configured (see samnnu.config), else None."""
-    from samnnu.config import current_paths
-
     try:
         paths = current_paths()
     except KeyError:
@@ -597,9 +537,6 @@ def _nnunet_folder(name: str) -> Path | None:
 
 def _training_log(fold_dir: Path) -> tuple[dict, str | None]:
     """nnU-Net's ``checkpoint['logging']`` of the newest checkpoint, and the file it came from."""
-    from samnnu.safe_io import load_torch_safely
-    from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST
-
     for fname in CHECKPOINTS_NEWEST_FIRST:
         path = fold_dir / fname
         if path.is_file():
@@ -613,12 +550,11 @@ def _training_log(fold_dir: Path) -> tuple[dict, str | None]:
 def _plans_summary_from_disk(fold_dir: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     """What the plans.json / dataset.json beside the fold and the folder names say about the model."""
     model_dir = fold_dir.parent
-    parts = model_dir.name.split("__")
-    trainer, plans_name, configuration = parts if len(parts) == 3 else (None, None, None)
+    trainer, plans_name, configuration = split_model_folder_name(model_dir.name) or (None, None, None)
     summary: dict[str, Any] = {"dataset": model_dir.parent.name, "plans": plans_name,
                                "configuration": configuration, "trainer": trainer,
                                "fold": fold_dir.name.removeprefix("fold_")}
-    plans = _read_json(model_dir / "plans.json") or {}
+    plans = read_json(model_dir / "plans.json", default=None) or {}
     cfg = (plans.get("configurations") or {}).get(configuration) or {}
     for key, out in (("spacing", "spacing"), ("patch_size", "patch_size"), ("batch_size", "batch_size"),
                      ("normalization_schemes", "normalization")):
@@ -631,7 +567,7 @@ def _plans_summary_from_disk(fold_dir: Path, settings: Mapping[str, Any]) -> dic
     if sam:
         summary.update({"encoder": sam.get("encoder"), "sam_input_size": sam.get("input_size"),
                         "intensity_windows": sam.get("intensity_windows")})
-    dataset_json = _read_json(model_dir / "dataset.json") or {}
+    dataset_json = read_json(model_dir / "dataset.json", default=None) or {}
     if dataset_json.get("labels"):
         summary["labels"] = dataset_json["labels"]
     return {k: v for k, v in summary.items() if v is not None}
@@ -659,12 +595,12 @@ def render_fold_report(fold_dir: str | os.PathLike) -> Path:
     eval_path = fold_dir / "evaluation.json"
     if not eval_path.is_file():
         raise SamnnuError(f"{eval_path}: missing (the fold has not been evaluated; run samnnu_train's chain, "
-                          f"or samnnu_evaluate -ref GT -pred {fold_dir / 'validation'} -o {eval_path})")
-    evaluation = _read_json(eval_path)
+                          f"or samnnu_evaluate --reference GT --prediction {fold_dir / 'validation'} -o {eval_path})")
+    evaluation = read_json(eval_path, default=None)
     if not isinstance(evaluation, dict) or "per_case" not in evaluation:
         raise SamnnuError(f"{eval_path}: not a samnnu evaluation (no 'per_case')")
-    previous = _read_json(fold_dir / "report.json") or {}
-    settings = _read_json(fold_dir / RUN_SETTINGS) or {}
+    previous = read_json(fold_dir / "report.json", default=None) or {}
+    settings = read_json(fold_dir / RUN_SETTINGS, default=None) or {}
     training, checkpoint = _training_log(fold_dir)
 
     plans_summary = _plans_summary_from_disk(fold_dir, settings)
@@ -674,7 +610,7 @@ def render_fold_report(fold_dir: str | os.PathLike) -> Path:
         extra["device"] = settings["device"]
     if checkpoint is None:
         extra["training log"] = "no checkpoint in the fold folder"
-    elif checkpoint != "checkpoint_final.pth":
+    elif checkpoint != FINAL_CHECKPOINT:
         extra["training log"] = f"from {checkpoint} (training did not finish)"
 
     dataset = fold_dir.parent.parent.name

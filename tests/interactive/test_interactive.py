@@ -14,13 +14,30 @@ import SimpleITK as sitk
 import torch
 
 from conftest import demo_cases
-from samnnu.interactive.auto_prompts import auto_prompts, deepest_voxel
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
-from samnnu.interactive.refiner import (InteractiveSession, ObjectResult, RefineOptions, SliceLogits, click_box,
-                                compose_label, edit_slice, merge_label, refine_object)
-from samnnu.interactive.prompts import (Box, ImageGeometry, ObjectPrompt, Point, load_prompts, prompts_to_json,
-                            voxel_to_world, world_to_voxel)
+from samnnu.interactive.auto_prompts import auto_prompts, deepest_voxel
+from samnnu.interactive.prompts import (
+    Box,
+    ImageGeometry,
+    ObjectPrompt,
+    Point,
+    load_prompts,
+    prompts_to_json,
+    voxel_to_world,
+    world_to_voxel,
+)
+from samnnu.interactive.refiner import (
+    InteractiveSession,
+    ObjectResult,
+    RefineOptions,
+    SliceLogits,
+    click_box,
+    compose_label,
+    edit_slice,
+    merge_label,
+    refine_object,
+)
 from samnnu.interactive.simulated_user import next_click
 
 LABELS = {"Anterior": 1, "Posterior": 2}
@@ -584,6 +601,7 @@ def reference_as_prediction(held_out, monkeypatch) -> np.ndarray:
     return _read(labels / f"{case}.nii.gz")
 
 
+@pytest.mark.slow
 def test_predict_with_prompts(trained_folds, data_root, held_out, reference_as_prediction, tmp_path, capsys):
     from samnnu.cli import predict_main
 
@@ -632,6 +650,7 @@ def test_predict_with_prompts(trained_folds, data_root, held_out, reference_as_p
     assert written[0]["box"] == [[z, 5, 5], [z, shape[1] - 6, shape[2] - 6]]
 
 
+@pytest.mark.slow
 def test_predict_with_auto_prompts(trained_folds, data_root, held_out, reference_as_prediction, tmp_path):
     from samnnu.cli import predict_main
 
@@ -683,6 +702,7 @@ def test_predict_prompt_errors_write_nothing(trained_folds, data_root, held_out,
     assert not out.exists() or not any(out.iterdir()), "a failed prediction wrote output"
 
 
+@pytest.mark.slow
 def test_refine_driven_by_a_script(trained_folds, data_root, held_out, tmp_path):
     from samnnu.cli import refine_main
 
@@ -727,6 +747,7 @@ def test_refine_driven_by_a_script(trained_folds, data_root, held_out, tmp_path)
     assert not list(tmp_path.glob(".refined*")), "temporary file left behind"
 
 
+@pytest.mark.slow
 def test_refine_errors_are_one_line(trained_folds, data_root, held_out, tmp_path, capsys):
     from samnnu.cli import refine_main
 

@@ -17,14 +17,14 @@ from PIL import Image
 
 from samnnu.cli import convert_main
 from samnnu.dataset_conversion import cli
-from samnnu.dataset_conversion.common import integer_label_array, CaseRefused
+from samnnu.dataset_conversion.common import CaseRefused, integer_label_array
 from samnnu.dataset_conversion.folder import convert_folder
 from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
 from samnnu.safe_io import check_image_file
 
-SHARED_HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+SHARED_HIPPOCAMPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "hippocampus"
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
 
 
@@ -571,6 +571,7 @@ def test_png_dataset_passes_nnunet_integrity_check(tmp_path, nnunet_env):
     verify_dataset_integrity(str(result.dataset_folder), num_processes=1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_HIPPOCAMPUS.is_dir(), reason="shared hippocampus data not present")
 def test_shared_hippocampus_folder_converts_every_case(tmp_path):
     result = convert_hippocampus(SHARED_HIPPOCAMPUS, raw_root=tmp_path / "raw")

@@ -7,11 +7,21 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samnnu.errors import SamnnuError
 from samnnu.cli import evaluate_main as main
-from samnnu.evaluation.metrics import (assd, dice, evaluate_case, hd95, iou, surface_dice, surface_distances,
-                                       volume_abs_error_ml, volume_ml, volume_rel_error)
+from samnnu.errors import SamnnuError
 from samnnu.evaluation.folders import evaluate_folders, write_evaluation
+from samnnu.evaluation.metrics import (
+    assd,
+    dice,
+    evaluate_case,
+    hd95,
+    iou,
+    surface_dice,
+    surface_distances,
+    volume_abs_error_ml,
+    volume_ml,
+    volume_rel_error,
+)
 
 
 def shifted_boxes(shift: int = 1):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import use_data_root
 from samnnu.benchmark.runner import epochs_for, mean_dice, parse_model, targets, to_markdown, training_subsets
 from samnnu.errors import SamnnuError
-from conftest import use_data_root
 
 
 def test_training_subsets_are_seeded_nested_and_sorted():
@@ -81,6 +81,7 @@ def baseline_root(prepared_root, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_quick_benchmark_end_to_end(baseline_root, tmp_path, monkeypatch, capsys):
     from samnnu.cli import benchmark_main
 
@@ -133,6 +134,7 @@ def test_quick_benchmark_end_to_end(baseline_root, tmp_path, monkeypatch, capsys
         assert timed["dice"] == state["runs"][f"{model}@all"]["dice"]  # not retrained
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_bad_input(baseline_root, tmp_path, monkeypatch, capsys):
     from samnnu.cli import benchmark_main
 

@@ -7,11 +7,16 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from samnnu.modeling.samed import LoRAQV
-from samnnu.modeling.samed import SAMedNet
+from samnnu.modeling.implicit_decoder import (
+    PointLogits,
+    PointSampledLoss,
+    pixel_centers,
+    sample_features,
+    sample_labels,
+    uncertain_points,
+)
+from samnnu.modeling.samed import LoRAQV, SAMedNet
 from samnnu.modeling.self_prompt import CoarseAuxiliaryLoss, SelfPromptOutput
-from samnnu.modeling.implicit_decoder import (PointLogits, PointSampledLoss, pixel_centers, sample_features, sample_labels,
-                                   uncertain_points)
 from samnnu.pipeline.training import get_trainer_class
 
 TRAINERS = ["SelfPromptTrainer", "ImplicitDecoderTrainer"]
@@ -222,6 +227,7 @@ def test_implicit_decoder_outputs_agree_across_resolutions():
     assert shifted[0] > 2 * aligned[0] and shifted[1] > 2 * aligned[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINERS)
 def test_train_two_iterations_then_predict(name, data_root, tmp_path, monkeypatch):
     from samnnu.demo_data import demo_dataset_path

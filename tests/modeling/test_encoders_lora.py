@@ -13,12 +13,18 @@ import torch.nn as nn
 from segment_anything.modeling.image_encoder import Attention as SamViTAttention
 
 import samnnu.modeling.encoders
-from samnnu.modeling.encoders import (ENCODERS, adapt_mask_token_weights, build_litemedsam, build_sam_parts,
-                             get_encoder_spec, litemedsam_checkpoint_path, load_pretrained)
 from samnnu.errors import SamnnuError
-from samnnu.modeling.samed import LoRAQV, apply_lora, is_lora_parameter
 from samnnu.modeling.common import IntensityToSAM, fit_square, unfit_square
-from samnnu.modeling.samed import SAMedNet
+from samnnu.modeling.encoders import (
+    ENCODERS,
+    adapt_mask_token_weights,
+    build_litemedsam,
+    build_sam_parts,
+    get_encoder_spec,
+    litemedsam_checkpoint_path,
+    load_pretrained,
+)
+from samnnu.modeling.samed import LoRAQV, SAMedNet, apply_lora, is_lora_parameter
 
 # input sizes each encoder is built at (litemedsam is heavier: one size only)
 SIZES = {"tiny": (32, 64), "litemedsam": (64,)}

@@ -105,6 +105,7 @@ def test_nnunet_finds_trainer_through_ext_trainer(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # training and the fixed chain
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_runs_the_chain(trained, data_root):
     fold_dir = data_root / "nnUNet_results" / DATASET / MODEL / "fold_0"
     assert Path(trained["fold_dir"]) == fold_dir
@@ -146,6 +147,7 @@ def test_continue_after_finished_training_does_not_retrain(trained, data_root, c
 # --------------------------------------------------------------------------------------------
 # prediction
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predict_restores_input_grid(trained, data_root, raw_inputs, tmp_path):
     from samnnu.evaluation.folders import evaluate_folders
     from samnnu.pipeline.prediction import predict
@@ -165,6 +167,7 @@ def test_predict_restores_input_grid(trained, data_root, raw_inputs, tmp_path):
         assert all(0.0 <= m["dice"] <= 1.0 for m in per_class.values())
 
 
+@pytest.mark.slow
 def test_predict_cli(trained, data_root, raw_inputs, tmp_path, capsys):
     images, _ = raw_inputs
     one = tmp_path / "in"

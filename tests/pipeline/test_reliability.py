@@ -178,6 +178,7 @@ def test_checkpoint_payload_never_runs(own_root, tmp_path, capsys, command):
     assert ckpt.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_postprocessing_pickle_is_never_read(own_root, tmp_path, capsys):
     sentinel = tmp_path / "payload_ran"
     model = fold_dir(own_root).parent
@@ -205,8 +206,9 @@ def test_postprocessing_json_names_only_known_functions(own_root, tmp_path, caps
 
 
 def test_known_postprocessing_is_applied_from_json(own_root):
-    from nnunetv2.postprocessing.remove_connected_components import \
-        remove_all_but_largest_component_from_segmentation as keep_largest
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation as keep_largest,
+    )
 
     from samnnu.safe_io import load_postprocessing
 
@@ -224,6 +226,7 @@ def test_known_postprocessing_is_applied_from_json(own_root):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_continue_falls_back_to_the_newest_intact_checkpoint(own_root, capsys):
     from samnnu.pipeline.training import train
 
@@ -244,9 +247,9 @@ def test_continue_falls_back_to_the_newest_intact_checkpoint(own_root, capsys):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
-
     import torch
+
+    from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
 
     target = tmp_path / "checkpoint_latest.pth"
     torch.save({"current_epoch": 3}, target)
@@ -383,6 +386,7 @@ def test_predict_refuses_a_4d_input(own_root, tmp_path, capsys):
     assert "case.nii.gz: is 4D (size (8, 7, 6, 2))" in line, line
 
 
+@pytest.mark.slow
 def test_predict_says_how_many_nan_voxels_it_reads_as_zero(own_root, tmp_path, capsys):
     inp = one_case_folder(tmp_path / "in")
     image = sitk.Cast(sitk.ReadImage(str(inp / "case.nii.gz")), sitk.sitkFloat32)
@@ -481,8 +485,9 @@ def test_terminated_prediction_cleans_up_and_resumes(own_root, tmp_path):
         assert np.array_equal(a, b), p.name
 
 
+@pytest.mark.slow
 def test_finished_cases_of_an_interrupted_run_are_kept(own_root, tmp_path, capsys, monkeypatch):
-    from samnnu import prediction
+    from samnnu.pipeline import prediction
 
     inp, out = _many_cases(tmp_path / "in", 3), tmp_path / "out"
     calls = []

@@ -5,9 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samnnu.modeling.encoders import (ENCODERS, SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam_parts, checkpoint_filter_fn,
-                             checkpoint_variant, load_pretrained)
 from samnnu.errors import SamnnuError
+from samnnu.modeling.encoders import (
+    ENCODERS,
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    build_sam_parts,
+    checkpoint_filter_fn,
+    checkpoint_variant,
+    load_pretrained,
+)
 
 PUBLISHED = {  # embed dim, depth, heads, global attention blocks (segment_anything.build_sam)
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),

@@ -10,9 +10,15 @@ import SimpleITK as sitk
 import torch
 
 from samnnu.modeling.encoders import ENCODERS
-from samnnu.plans.samnnu_planner import (CPU_GFLOP_PER_ITERATION, MIN_BATCH_SIZE, PLANS_NAME,
-                                         estimate_training_memory_gb, plan_batch_size, plan_input_size,
-                                         training_gflop_per_sample)
+from samnnu.plans.samnnu_planner import (
+    CPU_GFLOP_PER_ITERATION,
+    MIN_BATCH_SIZE,
+    PLANS_NAME,
+    estimate_training_memory_gb,
+    plan_batch_size,
+    plan_input_size,
+    training_gflop_per_sample,
+)
 
 LITE = ENCODERS["litemedsam"]
 HIPPO_PATCH = (56, 40)
@@ -171,6 +177,7 @@ def test_plans_on_demo_data(data_root, demo_subset):
     assert sorted(p.name for p in (pre / "gt_segmentations").iterdir()) == sorted(f"{c}.nii.gz" for c in cases)
 
 
+@pytest.mark.slow
 def test_planning_twice_gives_identical_plans(data_root):
     from samnnu.pipeline.planning import plan_and_preprocess
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_MODEL
 from samnnu.cli import summarize_main
 from samnnu.errors import SamnnuError
-from samnnu.evaluation.summary import summarize
+from samnnu.reporting.summary import summarize
 
 DATASET = "Dataset004_Hippocampus"
 PERFECT = "nnUNetTrainer__nnUNetPlans__2d"       # validation = the references: Dice 1
@@ -51,8 +51,8 @@ def fake_nnunet_model(results: Path, name: str, keep: set[int] | None, probabili
     the labels in ``keep``), nnU-Net's validation/summary.json marker, plans.json and dataset.json; with
     ``probabilities`` also CASE.npz/CASE.pkl whose argmax is the full reference (so an ensemble is perfect)."""
     import SimpleITK as sitk
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from batchgenerators.utilities.file_and_folder_operations import save_pickle
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     tiny = results / DATASET / TINY_MODEL
     model = results / DATASET / name
@@ -85,6 +85,7 @@ def fold_dice(model_dir: Path, fold: int) -> dict:
     return json.loads((model_dir / f"fold_{fold}" / "evaluation.json").read_text())
 
 
+@pytest.mark.slow
 def test_summarize_models_and_ranking(trained_folds, data_root, tmp_path, capsys):
     results = data_root / "nnUNet_results"
     perfect = fake_nnunet_model(results, PERFECT, keep=None)
@@ -136,6 +137,7 @@ def test_summarize_models_and_ranking(trained_folds, data_root, tmp_path, capsys
         shutil.rmtree(unfinished.parent.parent)
 
 
+@pytest.mark.slow
 def test_summarize_ensemble_wins(trained_folds, data_root, tmp_path):
     """Two models that each find one class; with probabilities their ensemble is perfect and is chosen."""
     results = data_root / "nnUNet_results"

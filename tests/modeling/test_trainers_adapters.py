@@ -7,8 +7,8 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from samnnu.modeling.sammed2d import ParallelAdapter, adapter_parameter_count, apply_adapters
 from samnnu.modeling.encoders import build_sam_parts
+from samnnu.modeling.sammed2d import ParallelAdapter, adapter_parameter_count, apply_adapters
 from samnnu.pipeline.training import get_trainer_class
 
 NEW_TRAINERS = ["SAMMed2DAdapterTrainer", "SAMUNetTrainer", "nnSAMTrainer"]
@@ -154,6 +154,7 @@ def test_rebuilt_from_plans_gives_identical_outputs(name, tmp_path):
         assert torch.equal(first(net.eval()(x)), first(rebuilt.eval()(x)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_TRAINERS)
 def test_train_two_iterations_then_predict(name, data_root, tmp_path):
     from samnnu.demo_data import demo_dataset_path

@@ -7,14 +7,19 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from samnnu.modeling.sam3d import (DepthEmbedding, DepthwiseAdapter3D, adapter3d_modules, apply_adapters3d,
-                              norm_parameter_names, set_depth)
-from samnnu.modeling.encoders import build_sam_parts
-from samnnu.modeling.sam3d import SAM3DAdapterNet
-from samnnu.defaults import DEFAULT_TRAINERS
-from samnnu.pipeline.training import get_trainer_class
-
 from conftest import copy_demo_cases, demo_cases, use_data_root
+from samnnu.defaults import DEFAULT_TRAINERS
+from samnnu.modeling.encoders import build_sam_parts
+from samnnu.modeling.sam3d import (
+    DepthEmbedding,
+    DepthwiseAdapter3D,
+    SAM3DAdapterNet,
+    adapter3d_modules,
+    apply_adapters3d,
+    norm_parameter_names,
+    set_depth,
+)
+from samnnu.pipeline.training import get_trainer_class
 
 NAME = "SAM3DAdapterTrainer"
 NUM_CLASSES = 3
@@ -175,6 +180,7 @@ def root_3d(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", [NAME, "nnSAMTrainer"])
 def test_train_3d_fullres_then_predict(trainer, root_3d, monkeypatch, tmp_path):
     """Both volumetric SAM trainers train on the planner's own 3d_fullres configuration and predict with it."""

@@ -76,6 +76,7 @@ def plan(ident: int, **kw) -> dict:
     return SAMnnUPlanner(ident, **kw).plan_experiment()
 
 
+@pytest.mark.slow
 def test_anisotropic_ct_plans_2d_reduced_input_on_cpu_and_ct_window(root):
     ct = {"0": _props(-1000.0, 1500.0, 40.0, 200.0)}
     make_dataset(root, 11, "AnisoCT", n_cases=30, channels={"0": "CT"}, spacing=(5.0, 0.8, 0.8),
@@ -102,6 +103,7 @@ def test_anisotropic_ct_plans_2d_reduced_input_on_cpu_and_ct_window(root):
     assert gsam["batch_size"] > sam["batch_size"] and "cpu_compute" not in gsam["batch_size_limits"]
 
 
+@pytest.mark.slow
 def test_large_isotropic_ct_recommends_3d_with_slices_per_sample(root):
     make_dataset(root, 12, "LargeCT", n_cases=50, channels={"0": "CT"}, spacing=(1.5, 1.5, 1.5),
                  shape=(300, 300, 300), props={"0": _props(-1000.0, 1000.0, 0.0, 300.0)})
@@ -176,11 +178,12 @@ def test_recommendation_rule_thresholds():
     assert recommend_configuration((1.0, 1.0), (1, 200), 100, False) == ("2d", "the data are 2D")
 
 
+@pytest.mark.slow
 def test_sam_checkpoint_picks_the_variant_and_rejects_garbage(root, tmp_path):
     import torch
 
-    from samnnu.modeling.encoders import build_sam_parts
     from samnnu.errors import SamnnuError
+    from samnnu.modeling.encoders import build_sam_parts
     from samnnu.plans.samnnu_planner import encoder_for_checkpoint
 
     make_dataset(root, 16, "Ckpt", n_cases=6, channels={"0": "MRI"}, spacing=(1.0, 1.0, 1.0), shape=(36, 50, 35))

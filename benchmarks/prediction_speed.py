@@ -1,0 +1,148 @@
+"""Seconds per hippocampus volume: samnnu's default model against nnU-Net 3d_fullres, in one run.
+
+Prediction time does not depend on what a network has learned, so the models are trained for one
+iteration only, on a small subset of the cases: the point is the time of raw file in -> label file out,
+with and without test-time mirroring, as ``samnnu_predict`` and ``nnUNetv2_predict`` spend it. Three
+predictors are timed on the same cases, interleaved (A, B, C, A, B, C, ...), each ``--repeats`` times,
+after an untimed warm-up; the median is reported:
+
+- ``nnunet_3d_fullres``: nnU-Net's own predictor on nnU-Net's 3d_fullres model (what nnU-Net users get);
+- ``samnnu_2d_per_tile``: nnU-Net's predictor on samnnu's default 2D model (samnnu before batching);
+- ``samnnu_2d_batched``: :class:`samnnu.pipeline.inference.BatchedPredictor` on the same model, with
+  ``--views-per-pass`` network inputs per forward pass (default 16; ``samnnu_predict`` uses 1 on a CPU).
+
+    python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
+
+Run it alone on the machine (it sets torch's threads to the available cores, see
+:func:`samnnu.config.configure_threads`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+DATASET_ID = 990
+
+
+def prepare(src: Path, n_cases: int, root: Path) -> list[str]:
+    """Convert the first ``n_cases`` cases into a fresh data root, plan (samnnu and nnU-Net plans, 2d and
+    3d_fullres), preprocess and train both models for one iteration; the case ids."""
+    from samnnu.config import setup_environment
+    from samnnu.dataset_conversion.hippocampus import convert_hippocampus
+    from samnnu.pipeline.planning import plan_and_preprocess
+    from samnnu.pipeline.training import train
+
+    subset = root / "src"
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (src / "images").glob("*.nii.gz"))[:n_cases]
+    for sub in ("images", "labels"):
+        (subset / sub).mkdir(parents=True)
+        for c in cases:
+            shutil.copy(src / sub / f"{c}.nii.gz", subset / sub / f"{c}.nii.gz")
+    paths = setup_environment(root / "data")
+    convert_hippocampus(subset, DATASET_ID, raw_root=paths.raw)
+    plan_and_preprocess(DATASET_ID, configurations=("2d", "3d_fullres"), nnunet_baseline_plans=True)
+    train(DATASET_ID, 0, configuration="2d", epochs=1, iters_per_epoch=1, run_chain=False, device="cpu")
+    train(DATASET_ID, 0, trainer="nnUNetTrainer", configuration="3d_fullres", epochs=1, iters_per_epoch=1,
+          run_chain=False, device="cpu")
+    return cases
+
+
+def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int) -> dict:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from samnnu.config import current_paths
+    from samnnu.datasets import dataset_name, model_folder
+    from samnnu.defaults import DEFAULT_TRAINER, FINAL_CHECKPOINT, PLANS_NAME
+    from samnnu.pipeline.inference import BatchedPredictor
+    from samnnu.safe_io import weights_only_loading
+
+    name = dataset_name(DATASET_ID)
+    images = current_paths().raw / name / "imagesTr"
+    timed = cases[-timing_cases:]
+    lists = [[str(images / f"{c}_0000.nii.gz")] for c in timed]
+    setups = {
+        "nnunet_3d_fullres": (nnUNetPredictor, model_folder(name, "nnUNetTrainer", "nnUNetPlans", "3d_fullres")),
+        "samnnu_2d_per_tile": (nnUNetPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")),
+        "samnnu_2d_batched": (BatchedPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")),
+    }
+    predictors = {}
+    for key, (cls, folder) in setups.items():
+        extra = {"views_per_pass": views} if cls is BatchedPredictor else {}
+        p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
+                device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False, **extra)
+        with weights_only_loading():
+            p.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name=FINAL_CHECKPOINT)
+        p.allowed_mirroring_axes = tuple(range(len(p.configuration_manager.patch_size)))
+        predictors[key] = p
+    seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(p, mirroring: bool, tag: str) -> float:
+            p.use_mirroring = mirroring
+            targets = [os.path.join(tmp, f"{c}_{tag}") for c in timed]
+            start = time.perf_counter()
+            p.predict_from_files(lists, targets, save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            return (time.perf_counter() - start) / len(timed)
+
+        for key, p in predictors.items():  # warm-up, untimed
+            run(p, False, "warmup")
+        for r in range(repeats):
+            for mirroring in (False, True):
+                for key, p in predictors.items():
+                    seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(p, mirroring, f"{key}{r}"))
+    return {"seconds_per_volume_median": {k: statistics.median(v) for k, v in seconds.items()},
+            "seconds_per_volume_all": seconds, "timing_cases": timed,
+            "views_per_pass": predictors["samnnu_2d_batched"]._views_per_pass()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", required=True, help="folder for prediction_speed.json")
+    parser.add_argument("--src", default=str(DEFAULT_SRC), help="hippocampus folder (images/, labels/)")
+    parser.add_argument("--cases", type=int, default=12, help="cases converted and planned (default 12)")
+    parser.add_argument("--timing-cases", type=int, default=4, help="volumes predicted per timing (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per predictor and mirroring (default 3)")
+    parser.add_argument("--views-per-pass", type=int, default=16, help="network inputs per pass, batched (default 16)")
+    args = parser.parse_args()
+
+    from samnnu.config import configure_threads
+    from samnnu.quiet import quiet_warnings, third_party_output
+    from samnnu.safe_io import write_json_atomic
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with quiet_warnings(), third_party_output(shown=False), tempfile.TemporaryDirectory() as tmp:
+        threads = configure_threads()
+        t0 = time.perf_counter()
+        cases = prepare(Path(args.src), args.cases, Path(tmp))
+        prepared = time.perf_counter() - t0
+        result = time_predictors(cases, args.timing_cases, args.repeats, args.views_per_pass)
+    med = result["seconds_per_volume_median"]
+    result.update({
+        "torch_threads": threads, "prepare_seconds": prepared, "machine": platform.processor() or platform.machine(),
+        "ratios": {
+            "samnnu_batched_over_nnunet_3d": med["samnnu_2d_batched"] / med["nnunet_3d_fullres"],
+            "samnnu_batched_over_nnunet_3d_mirroring":
+                med["samnnu_2d_batched_mirroring"] / med["nnunet_3d_fullres_mirroring"],
+            "per_tile_over_batched": med["samnnu_2d_per_tile"] / med["samnnu_2d_batched"],
+            "per_tile_over_batched_mirroring": med["samnnu_2d_per_tile_mirroring"] / med["samnnu_2d_batched_mirroring"],
+        },
+    })
+    write_json_atomic(out / "prediction_speed.json", result)
+    for k, v in med.items():
+        print(f"{k:36s} {v:6.2f} s/volume")
+    for k, v in result["ratios"].items():
+        print(f"{k:36s} {v:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

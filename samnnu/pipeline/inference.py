@@ -1,0 +1,139 @@
+"""Batched sliding-window inference: nnU-Net's predictor, with many tiles per forward pass.
+
+nnU-Net's predictor sends one tile at a time through the network, and for test-time mirroring one
+more forward pass per mirrored copy. For a 2D configuration on a volume that is one tile per slice: a
+hippocampus volume of 36 slices with mirroring over two axes is 144 forward passes at batch 1, and a
+SAM encoder at batch 1 leaves most of a GPU idle. :class:`BatchedPredictor` computes the same thing
+in a few passes: the tiles of a volume and their mirrored copies go through the network together,
+in batches sized from the plans' memory model, and are then unflipped, averaged and weighted exactly
+as nnU-Net does (Gaussian importance, accumulated in half precision). The result equals nnU-Net's to
+float rounding (the network sees the same inputs; only the batch size differs). On a CPU, measured,
+batches are slower per image than single inputs, so there it passes one input at a time.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import empty_cache
+from tqdm import tqdm
+
+from samnnu.modeling.encoders import get_encoder_spec
+
+#: most network inputs (tiles times mirrored copies) in one forward pass on a GPU
+MAX_VIEWS_PER_PASS = 256
+#: network inputs per forward pass on a CPU. Measured (docs/benchmarks.md, "Prediction speed"): on the
+#: 2-core development CPU, SAMedNet with LiteMedSAM at input 64 takes 74.7 / 90.1 / 102.5 ms per slice at
+#: batch 1 / 4 / 16, and the encoder alone slows down the same way (its activations leave the caches), so a
+#: CPU predicts one input at a time, as nnU-Net does; batching pays on a GPU.
+CPU_VIEWS_PER_PASS = 1
+
+
+def views_in_budget(sam: dict, budget_gb: float) -> int:
+    """How many network inputs of the plans' ``sam`` block fit ``budget_gb``, from the encoder's memory
+    model (:class:`~samnnu.modeling.encoders.EncoderSpec`): the training memory of one sample, an
+    over-estimate for inference, which keeps nothing for a backward pass. At least 1, at most
+    :data:`MAX_VIEWS_PER_PASS`."""
+    spec = get_encoder_spec(sam["encoder"])
+    scale = (int(sam["input_size"]) / spec.native_size) ** 2
+    per_view = (spec.memory_per_sample_gb_at_native * scale + spec.memory_per_sample_gb_constant) \
+        * int(sam.get("slices_per_sample") or 1)
+    return max(1, min(MAX_VIEWS_PER_PASS, int(budget_gb / max(per_view, 1e-3))))
+
+
+def views_per_pass(sam: dict | None, device: torch.device) -> int:
+    """Network inputs (tiles x mirrored copies) per forward pass: :data:`CPU_VIEWS_PER_PASS` on a CPU; on a
+    GPU as many as fit half its free memory (:func:`views_in_budget`), 8 for a network without a ``sam``
+    block (nnU-Net's own)."""
+    if device.type != "cuda":
+        return CPU_VIEWS_PER_PASS
+    if not sam:
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return views_in_budget(sam, 0.5 * free / 2 ** 30)
+
+
+def mirror_combinations(mirror_axes, ndim: int) -> list[tuple[int, ...]]:
+    """Every non-empty combination of the mirroring axes, as tensor axes of an (N, C, *spatial) batch,
+    in nnU-Net's order."""
+    if not mirror_axes:
+        return []
+    assert max(mirror_axes) <= ndim - 3, "mirror axes do not match the input's dimension"
+    axes = [m + 2 for m in mirror_axes]
+    return [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+
+class BatchedPredictor(nnUNetPredictor):
+    """nnU-Net's predictor with tiles and their mirrored copies batched (everything else is nnU-Net's)."""
+
+    def __init__(self, *args, views_per_pass: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.views_per_pass = views_per_pass
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's ensemble over the loaded folds; a frozen encoder the folds share (SAM-UNet, nnSAM) encodes
+        each tile once for all folds, not once per fold (``use_embedding_cache`` of such modules)."""
+        cached = [m for m in self.network.modules() if hasattr(m, "use_embedding_cache")] \
+            if len(self.list_of_parameters) > 1 else []
+        for m in cached:
+            m.use_embedding_cache(True)
+        try:
+            return super().predict_logits_from_preprocessed_data(data)
+        finally:
+            for m in cached:
+                m.use_embedding_cache(False)
+
+    def _views_per_pass(self) -> int:
+        if self.views_per_pass is not None:
+            return self.views_per_pass
+        return views_per_pass(self.configuration_manager.configuration.get("sam"), self.device)
+
+    @torch.inference_mode()
+    def predict_tiles(self, tiles: torch.Tensor, combos: list[tuple[int, ...]]) -> torch.Tensor:
+        """Logits of a batch of tiles, averaged over the mirrored copies.
+
+        tiles: (N, C, *patch) -> (N, K, *patch). The N tiles and their ``len(combos)`` mirrored copies go
+        through the network in one pass.
+        """
+        if not combos:
+            return self.network(tiles)
+        views = torch.cat([tiles] + [torch.flip(tiles, axes) for axes in combos])
+        out = self.network(views).split(tiles.shape[0])
+        prediction = out[0].clone()
+        for o, axes in zip(out[1:], combos):
+            prediction += torch.flip(o, axes)
+        prediction /= len(combos) + 1
+        return prediction
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        """data: (C, *image) padded to at least the patch; slicers: nnU-Net's tiles -> logits (K, *image), half."""
+        results_device = self.device if do_on_device else torch.device("cpu")
+        empty_cache(self.device)
+        data = data.to(results_device)
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half,
+                             device=results_device)
+        n_predictions = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+        gaussian = (compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                     value_scaling_factor=10, device=results_device)
+                    if self.use_gaussian else 1)
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        combos = mirror_combinations(mirror_axes, len(self.configuration_manager.patch_size) + 2)
+        tiles_per_pass = max(1, self._views_per_pass() // (len(combos) + 1))
+        with tqdm(total=len(slicers), disable=not self.allow_tqdm, unit="tile", leave=False) as bar:
+            for start in range(0, len(slicers), tiles_per_pass):
+                chunk = slicers[start:start + tiles_per_pass]
+                tiles = torch.stack([data[s] for s in chunk]).to(self.device)
+                predictions = self.predict_tiles(tiles, combos).to(results_device)
+                for prediction, s in zip(predictions, chunk):
+                    if self.use_gaussian:
+                        prediction *= gaussian
+                    logits[s] += prediction
+                    n_predictions[s[1:]] += gaussian
+                bar.update(len(chunk))
+        torch.div(logits, n_predictions, out=logits)
+        if torch.any(torch.isinf(logits)):
+            raise RuntimeError("inf in the predicted logits (half-precision overflow)")
+        return logits

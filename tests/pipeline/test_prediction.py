@@ -1,0 +1,66 @@
+"""samnnu_predict split into parts (--num-parts/--part-id), as nnUNetv2_predict splits work across machines."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import demo_cases
+from samnnu.cli import predict_main
+from samnnu.demo_data import demo_dataset_path
+from samnnu.errors import SamnnuError
+
+
+def _cases(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True)
+    names = demo_cases()[-n:]
+    for case in names:
+        shutil.copy2(demo_dataset_path() / "images" / f"{case}.nii.gz", folder / f"{case}.nii.gz")
+    return names
+
+
+@pytest.mark.slow
+def test_parts_cover_every_case_exactly_once(trained_folds, data_root, tmp_path, monkeypatch):
+    from samnnu.pipeline import prediction
+
+    names = _cases(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    predicted: dict[int, list[str]] = {}
+    original = prediction._run_model
+
+    def recording(model, cases, work, probabilities):
+        predicted.setdefault(part, []).extend(cases)
+        assert work.name == f".samnnu_partial.part{part}of3"  # each part keeps its own raw predictions
+        return original(model, cases, work, probabilities)
+
+    monkeypatch.setattr(prediction, "_run_model", recording)
+    for part in (2, 0, 1):  # any order; in practice at the same time, on several machines
+        written = prediction.predict(tmp_path / "in", out, 4, trainer="SAMedLoRATrainer", configuration="2d",
+                                     mirroring=False, num_parts=3, part_id=part)
+        assert sorted(p.name for p in written) == sorted(f"{c}.nii.gz" for c in predicted[part])
+    every = [c for part in predicted.values() for c in part]
+    assert sorted(every) == sorted(names) and len(every) == len(set(every))
+    assert predicted[0] == sorted(names)[0::3] and predicted[1] == sorted(names)[1::3]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c}.nii.gz" for c in names)  # no records left
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--num-parts", "0"], "--num-parts: must be at least 1, got 0"),
+    (["--num-parts", "2", "--part-id", "2"], "--part-id 2 must be one of 0 .. 1"),
+    (["--part-id", "-1"], "--part-id -1 must be one of 0 .. 0"),
+])
+def test_bad_parts_are_one_line_errors(tmp_path, capsys, argv, expected):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(SystemExit) as e:
+        predict_main(["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "4", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_parts_refused_by_the_api(tmp_path):
+    from samnnu.pipeline.prediction import predict
+
+    with pytest.raises(SamnnuError, match="part 3 of 3"):
+        predict(tmp_path, tmp_path / "out", 4, num_parts=3, part_id=3)
