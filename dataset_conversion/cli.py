@@ -4,15 +4,14 @@
     samnnu_convert folder IMAGES LABELS -d ID -n NAME --labels background=0,liver=1
                    [--channels MRI] [--overwrite] [--data-root DIR]
 
-Each subcommand parses its arguments and calls one API function
+The command itself is :func:`samnnu.cli.convert_main` (one error handling for every command); here are
+its parser and the call each subcommand makes to one API function
 (:func:`~samnnu.dataset_conversion.hippocampus.convert_hippocampus`,
 :func:`~samnnu.dataset_conversion.folder.convert_folder`).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Sequence
 
 from samnnu.config import setup_environment
 from samnnu.errors import SamnnuError
@@ -87,23 +86,3 @@ def run(args: argparse.Namespace):
         raw_root=raw_root,
         overwrite=args.overwrite,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``samnnu_convert``; returns the exit status (0 ok, 1 user error, 2 usage)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        result = run(args)
-    except SamnnuError as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
-    for line in result.summary_lines():
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -104,7 +104,7 @@ def _fail(prog: str, message: str, status: int) -> int:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-    print(f"{prog}: {message}", file=sys.stderr)
+    print(f"{prog}: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message holds
     return status
 
 
@@ -121,10 +121,18 @@ def _setup(args) -> None:
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
-    with quiet_warnings():
-        from samnnu.dataset_conversion.cli import main
+    from samnnu.dataset_conversion.cli import PROG, build_parser, run
 
-        return main(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
+
+    def go():
+        for line in run(args).summary_lines():
+            print(line)
+
+    return _run(PROG, go)
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

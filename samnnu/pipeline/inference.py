@@ -95,15 +95,21 @@ class BatchedPredictor(nnUNetPredictor):
         """Logits of a batch of tiles, averaged over the mirrored copies.
 
         tiles: (N, C, *patch) -> (N, K, *patch). The N tiles and their ``len(combos)`` mirrored copies go
-        through the network in one pass.
+        through the network in one pass when they fit :meth:`_views_per_pass`, else in one pass per copy
+        (with one tile per pass that is exactly nnU-Net's computation).
         """
         if not combos:
             return self.network(tiles)
-        views = torch.cat([tiles] + [torch.flip(tiles, axes) for axes in combos])
-        out = self.network(views).split(tiles.shape[0])
-        prediction = out[0].clone()
-        for o, axes in zip(out[1:], combos):
-            prediction += torch.flip(o, axes)
+        if tiles.shape[0] * (len(combos) + 1) > self._views_per_pass():  # one pass per mirrored copy
+            prediction = self.network(tiles)
+            for axes in combos:
+                prediction += torch.flip(self.network(torch.flip(tiles, axes)), axes)
+        else:
+            views = torch.cat([tiles] + [torch.flip(tiles, axes) for axes in combos])
+            out = self.network(views).split(tiles.shape[0])
+            prediction = out[0].clone()
+            for o, axes in zip(out[1:], combos):
+                prediction += torch.flip(o, axes)
         prediction /= len(combos) + 1
         return prediction
 
@@ -121,7 +127,8 @@ class BatchedPredictor(nnUNetPredictor):
                     if self.use_gaussian else 1)
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         combos = mirror_combinations(mirror_axes, len(self.configuration_manager.patch_size) + 2)
-        tiles_per_pass = max(1, self._views_per_pass() // (len(combos) + 1))
+        views = self._views_per_pass()
+        tiles_per_pass = max(1, views // (len(combos) + 1)) if views > len(combos) else views
         with tqdm(total=len(slicers), disable=not self.allow_tqdm, unit="tile", leave=False) as bar:
             for start in range(0, len(slicers), tiles_per_pass):
                 chunk = slicers[start:start + tiles_per_pass]

@@ -16,7 +16,6 @@ import SimpleITK as sitk
 from PIL import Image
 
 from samnnu.cli import convert_main
-from samnnu.dataset_conversion import cli
 from samnnu.dataset_conversion.common import CaseRefused, integer_label_array
 from samnnu.dataset_conversion.folder import convert_folder
 from samnnu.dataset_conversion.hippocampus import convert_hippocampus
@@ -358,7 +357,7 @@ def test_folder_rejects_bad_labels_map(tmp_path):
 # command line
 # --------------------------------------------------------------------------------------------
 def test_cli_error_returns_1_and_prints_one_line(tmp_path, capsys, nnunet_env):
-    code = cli.main(["hippocampus", str(tmp_path / "missing"), "-d", "4", "--data-root", str(tmp_path / "data")])
+    code = convert_main(["hippocampus", str(tmp_path / "missing"), "-d", "4", "--data-root", str(tmp_path / "data")])
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1
@@ -366,7 +365,7 @@ def test_cli_error_returns_1_and_prints_one_line(tmp_path, capsys, nnunet_env):
 
 
 def test_cli_bad_labels_option_is_a_one_line_error(tmp_path, capsys, nnunet_env):
-    code = cli.main(["folder", str(tmp_path), str(tmp_path), "-d", "9", "-n", "X", "--labels", "background:0",
+    code = convert_main(["folder", str(tmp_path), str(tmp_path), "-d", "9", "-n", "X", "--labels", "background:0",
                      "--data-root", str(tmp_path / "data")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "expected name=integer pairs" in err
@@ -376,7 +375,7 @@ def test_cli_converts_into_data_root_and_prints_summary(tmp_path, capsys, nnunet
     src = tmp_path / "src"
     make_case(src, "hippocampus_001")
     make_case(src, "hippocampus_002", label=False)
-    code = cli.main(["hippocampus", str(src), "-d", "4", "--data-root", str(tmp_path / "data")])
+    code = convert_main(["hippocampus", str(src), "-d", "4", "--data-root", str(tmp_path / "data")])
     out = capsys.readouterr().out
     target = tmp_path / "data" / "nnUNet_raw" / "Dataset004_Hippocampus"
     assert code == 0 and (target / "dataset.json").is_file()
