@@ -12,6 +12,11 @@ after an untimed warm-up; the median is reported:
   ``--views-per-pass`` network inputs per forward pass (default 16; ``samnnu_predict`` uses 1 on a CPU).
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
+    python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
+
+``--ensemble``/``--ensemble-only``: SAMUNetTrainer's five folds (one iteration each) predicted as one
+ensemble against fold 0 alone, both with ``BatchedPredictor``, whose frozen encoder encodes each tile once
+for all folds.
 
 Run it alone on the machine (it sets torch's threads to the available cores, see
 :func:`samnnu.config.configure_threads`).
@@ -52,6 +57,55 @@ def prepare(src: Path, n_cases: int, root: Path) -> list[str]:
     train(DATASET_ID, 0, trainer="nnUNetTrainer", configuration="3d_fullres", epochs=1, iters_per_epoch=1,
           run_chain=False, device="cpu")
     return cases
+
+
+def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
+    """Seconds per volume of SAMUNetTrainer: fold 0 alone against the 5-fold ensemble (trained here)."""
+    import torch
+
+    from samnnu.config import current_paths
+    from samnnu.datasets import dataset_name, model_folder
+    from samnnu.defaults import FINAL_CHECKPOINT, PLANS_NAME
+    from samnnu.pipeline.inference import BatchedPredictor
+    from samnnu.pipeline.training import train
+    from samnnu.safe_io import weights_only_loading
+
+    for fold in range(5):
+        train(DATASET_ID, fold, trainer="SAMUNetTrainer", configuration="2d", epochs=1, iters_per_epoch=1,
+              run_chain=False, device="cpu")
+    name = dataset_name(DATASET_ID)
+    images = current_paths().raw / name / "imagesTr"
+    timed = cases[-timing_cases:]
+    lists = [[str(images / f"{c}_0000.nii.gz")] for c in timed]
+    predictors = {}
+    for key, folds in (("one_fold", (0,)), ("five_folds", (0, 1, 2, 3, 4))):
+        p = BatchedPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                             perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                             verbose_preprocessing=False, allow_tqdm=False)
+        with weights_only_loading():
+            p.initialize_from_trained_model_folder(str(model_folder(name, "SAMUNetTrainer", PLANS_NAME, "2d")),
+                                                   use_folds=folds, checkpoint_name=FINAL_CHECKPOINT)
+        p.allowed_mirroring_axes = (0, 1)
+        predictors[key] = p
+    seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(p, mirroring: bool, tag: str) -> float:
+            p.use_mirroring = mirroring
+            start = time.perf_counter()
+            p.predict_from_files(lists, [os.path.join(tmp, f"{c}_{tag}") for c in timed], save_probabilities=False,
+                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            return (time.perf_counter() - start) / len(timed)
+
+        for p in predictors.values():
+            run(p, False, "warmup")
+        for r in range(repeats):
+            for mirroring in (False, True):
+                for key, p in predictors.items():
+                    seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(p, mirroring, f"{key}{r}"))
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"seconds_per_volume_median": med, "seconds_per_volume_all": seconds,
+            "five_over_one": med["five_folds"] / med["one_fold"],
+            "five_over_one_mirroring": med["five_folds_mirroring"] / med["one_fold_mirroring"]}
 
 
 def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int) -> dict:
@@ -110,6 +164,8 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=12, help="cases converted and planned (default 12)")
     parser.add_argument("--timing-cases", type=int, default=4, help="volumes predicted per timing (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per predictor and mirroring (default 3)")
+    parser.add_argument("--ensemble", action="store_true", help="also time SAMUNetTrainer's 5-fold ensemble")
+    parser.add_argument("--ensemble-only", action="store_true", help="time only the 5-fold ensemble")
     parser.add_argument("--views-per-pass", type=int, default=16, help="network inputs per pass, batched (default 16)")
     args = parser.parse_args()
 
@@ -124,23 +180,29 @@ def main() -> int:
         t0 = time.perf_counter()
         cases = prepare(Path(args.src), args.cases, Path(tmp))
         prepared = time.perf_counter() - t0
-        result = time_predictors(cases, args.timing_cases, args.repeats, args.views_per_pass)
-    med = result["seconds_per_volume_median"]
-    result.update({
-        "torch_threads": threads, "prepare_seconds": prepared, "machine": platform.processor() or platform.machine(),
-        "ratios": {
+        result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
+                                                                args.views_per_pass)
+        if args.ensemble or args.ensemble_only:
+            result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
+    result.update({"torch_threads": threads, "prepare_seconds": prepared,
+                   "machine": platform.processor() or platform.machine()})
+    if "seconds_per_volume_median" in result:
+        med = result["seconds_per_volume_median"]
+        result["ratios"] = {
             "samnnu_batched_over_nnunet_3d": med["samnnu_2d_batched"] / med["nnunet_3d_fullres"],
             "samnnu_batched_over_nnunet_3d_mirroring":
                 med["samnnu_2d_batched_mirroring"] / med["nnunet_3d_fullres_mirroring"],
             "per_tile_over_batched": med["samnnu_2d_per_tile"] / med["samnnu_2d_batched"],
             "per_tile_over_batched_mirroring": med["samnnu_2d_per_tile_mirroring"] / med["samnnu_2d_batched_mirroring"],
-        },
-    })
+        }
+        for k, v in list(med.items()) + list(result["ratios"].items()):
+            print(f"{k:36s} {v:6.2f}")
+    if "ensemble" in result:
+        for k, v in list(result["ensemble"]["seconds_per_volume_median"].items()):
+            print(f"SAMUNetTrainer {k:26s} {v:6.2f} s/volume")
+        print(f"five folds / one fold: {result['ensemble']['five_over_one']:.2f} "
+              f"(mirroring {result['ensemble']['five_over_one_mirroring']:.2f})")
     write_json_atomic(out / "prediction_speed.json", result)
-    for k, v in med.items():
-        print(f"{k:36s} {v:6.2f} s/volume")
-    for k, v in result["ratios"].items():
-        print(f"{k:36s} {v:6.2f}")
     return 0
 
 

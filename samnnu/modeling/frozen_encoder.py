@@ -35,7 +35,7 @@ class FrozenSAMEncoder(nn.Module):
         for p in self.parameters():
             p.requires_grad = False
         self._cache: dict[bytes, torch.Tensor] | None = None
-        self._weights_key: tuple[tuple[int, ...], bytes] | None = None
+        self._weights_key: bytes | None = None
 
     def use_embedding_cache(self, on: bool) -> None:
         """Remember the embedding of every image encoded while ``on`` (cleared when switched off).
@@ -43,19 +43,23 @@ class FrozenSAMEncoder(nn.Module):
         An ensemble of folds runs the same frozen encoder on the same tiles once per fold; with the cache
         on, each tile is encoded once. The key is the image's bytes together with a digest of this
         module's weights, so folds whose frozen weights differ (an encoder without pretrained weights is
-        initialised at random per fold) never share an embedding.
+        initialised at random per fold) never share an embedding. Whoever loads other weights into the
+        module while the cache is on calls :meth:`weights_loaded` (the predictor does, for every fold).
         """
         self._cache = {} if on else None
+        self._weights_key = None
+
+    def weights_loaded(self) -> None:
+        """New weights were loaded: the next cached encoding digests them anew."""
+        self._weights_key = None
 
     def _weights_digest(self) -> bytes:
-        tensors = list(self.parameters()) + list(self.buffers())
-        versions = tuple(t._version for t in tensors)
-        if self._weights_key is None or self._weights_key[0] != versions:  # loaded anew (another fold)
+        if self._weights_key is None:
             h = hashlib.blake2b(digest_size=16)
-            for t in tensors:
+            for t in list(self.parameters()) + list(self.buffers()):
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
-            self._weights_key = (versions, h.digest())
-        return self._weights_key[1]
+            self._weights_key = h.digest()
+        return self._weights_key
 
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         """Load the pretrained image encoder (training start only)."""

@@ -85,6 +85,13 @@ class BatchedPredictor(nnUNetPredictor):
             for m in cached:
                 m.use_embedding_cache(False)
 
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
+        """nnU-Net's, after telling cached frozen encoders that a fold's weights were just loaded."""
+        for m in self.network.modules():
+            if hasattr(m, "weights_loaded"):
+                m.weights_loaded()
+        return super().predict_sliding_window_return_logits(input_image)
+
     def _views_per_pass(self) -> int:
         if self.views_per_pass is not None:
             return self.views_per_pass

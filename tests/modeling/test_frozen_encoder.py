@@ -41,11 +41,12 @@ def test_folds_with_other_frozen_weights_never_share_an_embedding():
     enc = _encoder()
     calls = _counting(enc)
     enc.use_embedding_cache(True)
-    enc.load_state_dict(fold0.state_dict())  # the predictor loads each fold's weights into one network
-    enc(x)
-    enc.load_state_dict(fold1.state_dict())
-    got1, _ = enc(x)
-    assert calls == [2, 2] and torch.equal(got1, expected1)
+    for fold in (fold0, fold1):  # the predictor loads each fold's weights into one network, and says so
+        enc.load_state_dict(fold.state_dict())
+        enc.weights_loaded()
+        got, _ = enc(x)
+    assert calls == [2, 2] and torch.equal(got, expected1)
     enc.load_state_dict(fold0.state_dict())  # the same weights as the first fold: cached
+    enc.weights_loaded()
     enc(x)
     assert calls == [2, 2]

@@ -75,3 +75,26 @@ def test_views_per_pass_follows_the_memory_model():
     assert large == max(1, int(4.0 / per_view))
     assert views_in_budget({"encoder": "litemedsam", "input_size": 64, "slices_per_sample": 8}, 4.0) < small
     assert views_per_pass({"encoder": "litemedsam", "input_size": 64}, torch.device("cpu")) == CPU_VIEWS_PER_PASS
+
+
+@pytest.mark.slow
+def test_frozen_encoder_ensemble_equals_nnunets(prepared_root, tmp_path, monkeypatch):
+    """SAMUNetTrainer, two folds (the tiny encoder: each fold has its own random frozen weights, so nothing
+    may be shared across them), mirroring: the ensemble with the embedding cache is nnU-Net's, bit for bit."""
+    import shutil
+
+    from conftest import use_data_root
+    from samnnu.pipeline.training import train
+
+    root = tmp_path / "root"
+    for folder in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(prepared_root / folder, root / folder)
+    use_data_root(monkeypatch, root)
+    for fold in (0, 1):
+        train(4, fold, trainer="SAMUNetTrainer", configuration="2d", epochs=1, iters_per_epoch=1,
+              run_chain=False, device="cpu")
+    model_dir = root / "nnUNet_results" / "Dataset004_Hippocampus" / "SAMUNetTrainer__samnnuPlans__2d"
+    reference, batched = _predictors(model_dir, 1)
+    data = torch.randn(1, 4, 40, 36)
+    assert torch.equal(batched.predict_logits_from_preprocessed_data(data),
+                       reference.predict_logits_from_preprocessed_data(data))
