@@ -11,24 +11,13 @@ and the operators that take the most time at batch 4. Run it alone: torch uses e
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from encoder_flops import median_seconds  # benchmarks/encoder_flops.py, beside this script
 
 from samnnu.config import configure_threads
 from samnnu.modeling.samed import SAMedNet
 from samnnu.safe_io import write_json_atomic
-
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ def encoder_gflop(name: str, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _median_seconds(fn, repeats: int = 5) -> float:
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -45,7 +46,7 @@ def _median_seconds(fn, repeats: int = 5) -> float:
 
 def matmul_peak_gflops(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / _median_seconds(lambda: a @ b) / 1e9
+    return 2 * n ** 3 / median_seconds(lambda: a @ b) / 1e9
 
 
 def achieved(name: str, size: int, batches: list[int]) -> dict:
@@ -56,7 +57,7 @@ def achieved(name: str, size: int, batches: list[int]) -> dict:
     for batch in batches:
         x = torch.rand(batch, 3, size, size)
         with torch.inference_mode():
-            seconds = _median_seconds(lambda: encoder(x))
+            seconds = median_seconds(lambda: encoder(x))
         out[batch] = {"gflop_per_image": gflop, "seconds_per_image": seconds / batch,
                       "gflops": gflop * batch / seconds}
     return out
