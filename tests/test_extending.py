@@ -222,6 +222,7 @@ def test_nnunet_finds_the_example_trainer_through_ext_trainer(example_modules, m
     assert cls.__name__ == TRAINER and issubclass(cls, SAMTrainerBase)
 
 
+@pytest.mark.slow
 def test_the_examples_own_test_passes(example_modules):
     module = load_file(example_modules / TEST_FILE, "extending_example_test_bitfit")
     tests = [fn for name, fn in vars(module).items() if name.startswith("test_") and callable(fn)]

@@ -34,6 +34,7 @@ def vit_b_64():
     return build_sam_parts("vit_b", input_size=64, num_mask_tokens=3)
 
 
+@pytest.mark.slow
 def test_vit_b_runs_at_64_with_sam_pixel_normalisation(vit_b_64):
     enc = vit_b_64.image_encoder
     assert len(enc.blocks) == 12 and enc.pos_embed.shape == (1, 4, 4, 768)
@@ -65,6 +66,7 @@ def test_vit_parameter_shapes_follow_the_input_size(name):
     assert parts.stride == 16 and ENCODERS[name].native_size == 1024
 
 
+@pytest.mark.slow
 def test_mobilesam_uses_the_strided_patch_embedding():
     parts = build_sam_parts("mobilesam", input_size=64, num_mask_tokens=3)
     enc = parts.image_encoder

@@ -201,6 +201,7 @@ def _structured_image(h: int, w: int) -> torch.Tensor:
     return (img + 0.8 * xs).view(1, 1, h, w)
 
 
+@pytest.mark.slow
 def test_implicit_decoder_outputs_agree_across_resolutions():
     torch.manual_seed(0)
     net = build("ImplicitDecoderTrainer").eval()
