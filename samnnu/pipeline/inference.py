@@ -98,16 +98,18 @@ class BatchedPredictor(nnUNetPredictor):
         return views_per_pass(self.configuration_manager.configuration.get("sam"), self.device)
 
     @torch.inference_mode()
-    def predict_tiles(self, tiles: torch.Tensor, combos: list[tuple[int, ...]]) -> torch.Tensor:
+    def predict_tiles(self, tiles: torch.Tensor, combos: list[tuple[int, ...]], views: int | None = None) -> torch.Tensor:
         """Logits of a batch of tiles, averaged over the mirrored copies.
 
         tiles: (N, C, *patch) -> (N, K, *patch). The N tiles and their ``len(combos)`` mirrored copies go
-        through the network in one pass when they fit :meth:`_views_per_pass`, else in one pass per copy
-        (with one tile per pass that is exactly nnU-Net's computation).
+        through the network in one pass when they fit ``views`` network inputs (default
+        :meth:`_views_per_pass`), else in one pass per copy (with one tile per pass that is exactly nnU-Net's
+        computation).
         """
         if not combos:
             return self.network(tiles)
-        if tiles.shape[0] * (len(combos) + 1) > self._views_per_pass():  # one pass per mirrored copy
+        views = self._views_per_pass() if views is None else views
+        if tiles.shape[0] * (len(combos) + 1) > views:  # one pass per mirrored copy
             prediction = self.network(tiles)
             for axes in combos:
                 prediction += torch.flip(self.network(torch.flip(tiles, axes)), axes)
@@ -140,7 +142,7 @@ class BatchedPredictor(nnUNetPredictor):
             for start in range(0, len(slicers), tiles_per_pass):
                 chunk = slicers[start:start + tiles_per_pass]
                 tiles = torch.stack([data[s] for s in chunk]).to(self.device)
-                predictions = self.predict_tiles(tiles, combos).to(results_device)
+                predictions = self.predict_tiles(tiles, combos, views).to(results_device)
                 for prediction, s in zip(predictions, chunk):
                     if self.use_gaussian:
                         prediction *= gaussian
