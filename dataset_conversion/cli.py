@@ -1,6 +1,6 @@
 """``samnnu_convert``: write an nnU-Net v2 raw dataset from source data.
 
-    samnnu_convert hippocampus SRC -d ID [--overwrite] [--data-root DIR]
+    samnnu_convert hippocampus SRC -d ID [--hold-out PATTERN] [--overwrite] [--data-root DIR]
     samnnu_convert folder IMAGES LABELS -d ID -n NAME --labels background=0,liver=1
                    [--channels MRI] [--overwrite] [--data-root DIR]
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (hippo, folder):
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+        p.add_argument("--hold-out", default=None, metavar="PATTERN",
+                       help="case ids matching this shell pattern (e.g. '*7': ids ending in 7) go to imagesTs/ + "
+                            "labelsTs/ as a fixed test set that planning and training never see")
         p.add_argument("--data-root", default=None,
                        help="folder holding nnUNet_raw, nnUNet_preprocessed and nnUNet_results (overrides the "
                             "nnUNet_* environment variables; default: those variables, else ~/samnnu_data)")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace):
         # local: pulls in SimpleITK (slow to import)
         from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 
-        return convert_hippocampus(args.src, args.dataset_id, raw_root=raw_root, overwrite=args.overwrite)
+        return convert_hippocampus(args.src, args.dataset_id, raw_root=raw_root, overwrite=args.overwrite,
+                                   hold_out=args.hold_out)
     from samnnu.dataset_conversion.folder import convert_folder  # local: pulls in SimpleITK (slow to import)
 
     return convert_folder(
@@ -85,4 +89,5 @@ def run(args: argparse.Namespace):
         channel_names=parse_channels(args.channels),
         raw_root=raw_root,
         overwrite=args.overwrite,
+        hold_out=args.hold_out,
     )

@@ -20,6 +20,7 @@ its case (:func:`inspect_image`), every output file is written atomically and ch
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 import shutil
 import tempfile
@@ -113,10 +114,14 @@ class ConversionResult:
     dataset_folder: Path
     converted: list[str]
     refused: dict[str, str]
+    held_out: list[str] = field(default_factory=list)
 
     def summary_lines(self) -> list[str]:
         """Human-readable summary: one line for the totals, one per refused case."""
         lines = [f"converted {len(self.converted)} cases into {self.dataset_folder}"]
+        if self.held_out:
+            lines.append(f"held out {len(self.held_out)} of them as a test set (imagesTs/, labelsTs/; never "
+                         f"planned, trained or validated on)")
         if self.refused:
             lines.append(f"refused {len(self.refused)} cases:")
             lines.extend(f"  {case}: {reason}" for case, reason in sorted(self.refused.items()))
@@ -439,6 +444,7 @@ def convert_cases(
     raw_root: Path,
     overwrite: bool = False,
     source: str = "source",
+    hold_out: str | None = None,
 ) -> ConversionResult:
     """Check every case, write the convertible ones, install the dataset atomically.
 
@@ -449,9 +455,13 @@ def convert_cases(
         raw_root: the nnU-Net raw folder (``nnUNet_raw``); created if missing.
         overwrite: replace an existing dataset folder with the same ID and name.
         source: name of the source, for the error raised when nothing converts.
+        hold_out: a shell pattern of case ids (``*7``: every case whose id ends in 7) written to
+            ``imagesTs/`` + ``labelsTs/`` instead: a fixed test set that planning, the folds and
+            training never see.
 
     Returns:
-        ConversionResult with the installed folder, converted case ids and refused {case: reason}.
+        ConversionResult with the installed folder, converted case ids (held-out ones included),
+        refused {case: reason} and the held-out case ids.
 
     Raises:
         SamnnuError: bad spec, target conflicts, no convertible case, or a file that cannot be
@@ -471,18 +481,22 @@ def convert_cases(
         raw_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=raw_root))
         try:
-            converted, refused = _write_cases(cases, spec, prepare, staging)
-            if not converted:
+            held = {c.case_id for c in cases if hold_out is not None and fnmatch.fnmatchcase(c.case_id, hold_out)}
+            converted, refused = _write_cases(cases, spec, prepare, staging, held)
+            held_out = [c for c in converted if c in held]
+            if len(converted) == len(held_out):
+                if held_out:
+                    raise SamnnuError(f"--hold-out {hold_out!r}: matches every case; nothing is left to train on")
                 first = next(iter(sorted(refused.items())))
                 raise SamnnuError(
                     f"{source}: no convertible case ({len(refused)} refused; e.g. {first[0]}: {first[1]})"
                 )
-            write_dataset_json(staging, spec, len(converted))
+            write_dataset_json(staging, spec, len(converted) - len(held_out))
             _install(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-    return ConversionResult(dataset_folder=target, converted=converted, refused=refused)
+    return ConversionResult(dataset_folder=target, converted=converted, refused=refused, held_out=held_out)
 
 
 def _write_cases(
@@ -490,10 +504,10 @@ def _write_cases(
     spec: DatasetSpec,
     prepare: Callable[[CaseFiles], PreparedCase],
     folder: Path,
+    held_out: set[str] = frozenset(),
 ) -> tuple[list[str], dict[str, str]]:
-    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
-    images_dir.mkdir()
-    labels_dir.mkdir()
+    for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if held_out else ()):
+        (folder / sub).mkdir()
     converted: list[str] = []
     refused: dict[str, str] = {}
     for case in sorted(cases, key=lambda c: c.case_id):
@@ -505,6 +519,8 @@ def _write_cases(
         except CaseRefused as err:
             refused[case.case_id] = one_line(str(err), limit=300)
             continue
+        images_dir, labels_dir = (folder / "imagesTs", folder / "labelsTs") if case.case_id in held_out \
+            else (folder / "imagesTr", folder / "labelsTr")
         for channel, image in enumerate(prepared.images):
             prepared.save(image, images_dir / f"{case.case_id}_{channel:04d}{spec.file_ending}")
         prepared.save(prepared.label, labels_dir / f"{case.case_id}{spec.file_ending}")

@@ -285,6 +285,7 @@ def convert_folder(
     channel_names: Mapping[str | int, str] | Sequence[str] | None = None,
     raw_root: str | Path | None = None,
     overwrite: bool = False,
+    hold_out: str | None = None,
 ) -> ConversionResult:
     """Convert an images/labels folder pair into ``DatasetNNN_Name``.
 
@@ -297,6 +298,7 @@ def convert_folder(
         channel_names: one name per channel (``["T1", "T2"]`` or ``{"0": "CT"}``); default
             ``image`` for one channel, ``R``/``G``/``B`` for colour 2D images.
         raw_root: nnU-Net raw folder; default from :func:`samnnu.config.setup_environment`.
+        hold_out: case-id pattern of a fixed test set (``*7``), written to ``imagesTs/`` + ``labelsTs/``.
         overwrite: replace an existing dataset folder with the same ID and name.
 
     Returns:
@@ -323,5 +325,6 @@ def convert_folder(
         extra = {"overwrite_image_reader_writer": "NaturalImage2DIO"}
         spec = DatasetSpec(dataset_id, name, names, labels, ".png", extra)
     return convert_cases(
-        cases, spec, prepare, default_raw_root(raw_root), overwrite=overwrite, source=str(images_dir)
+        cases, spec, prepare, default_raw_root(raw_root), overwrite=overwrite,
+        hold_out=hold_out, source=str(images_dir)
     )

@@ -128,6 +128,7 @@ def convert_hippocampus(
     dataset_id: int = 4,
     raw_root: str | Path | None = None,
     overwrite: bool = False,
+    hold_out: str | None = None,
 ) -> ConversionResult:
     """Convert the hippocampus data in ``src`` into ``DatasetNNN_Hippocampus``.
 
@@ -135,6 +136,7 @@ def convert_hippocampus(
         src: folder in either accepted layout (see module docstring).
         dataset_id: nnU-Net dataset ID (default 4, as in the MSD task number).
         raw_root: nnU-Net raw folder; default from :func:`samnnu.config.setup_environment`.
+        hold_out: case-id pattern of a fixed test set (``*7``), written to ``imagesTs/`` + ``labelsTs/``.
         overwrite: replace an existing dataset folder with the same ID.
 
     Returns:
@@ -160,5 +162,6 @@ def convert_hippocampus(
         dimension=DIMENSION,
     )
     return convert_cases(
-        find_cases(src), spec, prepare, default_raw_root(raw_root), overwrite=overwrite, source=str(src)
+        find_cases(src), spec, prepare, default_raw_root(raw_root), overwrite=overwrite,
+        hold_out=hold_out, source=str(src)
     )

@@ -238,9 +238,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                                         "nnU-Net's own trainers)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="number of epochs (default: the trainer's)")
     p.add_argument("--iters-per-epoch", type=_positive_int, default=None, help="training iterations per epoch")
+    p.add_argument("--budget-minutes", type=_positive_float, default=None,
+                   help="train on the normal schedule and stop after this many minutes (checkpoints kept at 25%% "
+                        "and 50%%, learning curve in budget_curve.json); not with --epochs")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="minutes of --budget-minutes: 'wall' (default) or 'cpu' (CPU time of the training "
+                        "processes, which other jobs on a shared machine cannot spend)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
-                   help="resume from the fold's last checkpoint")
+                   help="resume from the fold's last checkpoint (and, for a budgeted run, its spent budget)")
     p.add_argument("--disable-tta", action="store_true",
                    help="no test-time mirroring in validation (stored with the model: prediction follows it)")
     _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
@@ -259,7 +265,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                        plans=args.plans, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                        device=args.device, continue_training=args.continue_training,
                        mirroring=not args.disable_tta, run_chain=not args.no_chain,
-                       sam_checkpoint=args.sam_checkpoint)
+                       sam_checkpoint=args.sam_checkpoint, budget_minutes=args.budget_minutes,
+                       budget_clock=args.clock)
+        if "budget" in result:
+            record = result["budget"]
+            stop = record["stopped_at"]
+            print(f"trained {stop['iterations']} iterations in {stop['spent_seconds'] / 60:.1f} {record['clock']} "
+                  f"minutes of the {record['budget_seconds'] / 60:g}-minute budget")
         if "dice" in result:
             dice = ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items())
             print(f"validation Dice: {dice}\nreport: {result['report']}")
@@ -455,29 +467,39 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
     return _run(p.prog, go, verbose=args.verbose)
 
 
-DEFAULT_BENCHMARK_MODELS = ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d", "nnUNetTrainer:3d_fullres")
-
-
 def benchmark_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="samnnu_benchmark",
-                                description="samnnu trainers and plain nnU-Net side by side on one fold: the same "
-                                            "budget, training subsets and chain for every model; writes "
-                                            "results.json and results.md. Resumable.")
+                                description="samnnu's default and plain nnU-Net (every configuration it plans) side "
+                                            "by side on one fold: the same budget, training subsets and chain for "
+                                            "every model; writes results.json, results.md and learning curves. "
+                                            "Resumable.")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name (converted, planned, preprocessed)")
-    p.add_argument("-m", "--models", nargs="+", default=list(DEFAULT_BENCHMARK_MODELS),
-                   help="trainer:configuration[:plans] (default: %(default)s)")
+    p.add_argument("-m", "--models", nargs="+", default=None,
+                   help="trainer:configuration[:plans] (default: samnnu's default trainer and configuration, and "
+                        "nnUNetTrainer in every configuration of nnU-Net's plans)")
     p.add_argument("-f", "--fold", type=int, choices=range(0, 100), metavar="FOLD", default=0)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--iterations", type=_positive_int, default=None, help="training iterations per model")
     budget.add_argument("--budget-minutes", type=_positive_float, default=None,
-                        help="training minutes per model (converted to iterations from a short timed run)")
+                        help="the headline budget: each model trains on its normal schedule and is stopped after "
+                             "this many minutes (see --clock); its learning curve is recorded")
+    budget.add_argument("--iterations", type=_positive_int, default=None,
+                        help="secondary mode: the same number of iterations per model, schedule squeezed into them")
+    p.add_argument("--squeeze", action="store_true",
+                   help="secondary mode: convert --budget-minutes into iterations from a timed run and squeeze the "
+                        "schedule into them")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="what a minute of --budget-minutes is: 'cpu' (CPU time of the training process and its "
+                        "data-loader workers; other jobs cannot spend it; default on a CPU) or 'wall' (default on "
+                        "a GPU)")
     p.add_argument("--sizes", nargs="+", default=None,
                    help="training-set sizes, e.g. 5 10 20 all (seeded subsets of the fold's training cases; "
                         "default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training subsets")
     p.add_argument("--timing-cases", type=_positive_int, default=None,
                    help="validation volumes timed for inference speed (default 5; 1 with --quick)")
-    p.add_argument("--test-images", default=None, help="external test images (cases never used in training)")
+    p.add_argument("--test-images", default=None,
+                   help="external test images, cases never used in training (default: the dataset's imagesTs, "
+                        "written by samnnu_convert --hold-out)")
     p.add_argument("--test-labels", default=None, help="labels of the external test images")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--retime", action="store_true",
@@ -500,7 +522,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
             raise SamnnuError("give a budget: --iterations N or --budget-minutes M (or --quick)")
         sizes = [parse_size(s) for s in args.sizes] if args.sizes else None
         state = run_benchmark(args.dataset, args.models, args.output, fold=args.fold, iterations=iterations,
-                              budget_minutes=minutes, sizes=sizes, seed=args.seed, timing_cases=timing,
+                              budget_minutes=minutes, squeeze=args.squeeze, clock=args.clock, sizes=sizes, seed=args.seed, timing_cases=timing,
                               test_images=args.test_images, test_labels=args.test_labels, device=args.device,
                               data_root=args.data_root, retime=args.retime,
                               command=" ".join(["samnnu_benchmark", *(argv or sys.argv[1:])]))

@@ -6,8 +6,8 @@ What differs from nnU-Net's trainer, each in one small override:
   are loaded when training starts (:func:`load_sam_pretrained`), never at inference;
 - batch size from the ``sam`` block (planned for the SAM encoder, not for a U-Net);
 - no deep supervision; loss ``loss_weights`` = (cross-entropy, Dice), default 0.2 / 0.8;
-- AdamW on the trainable parameters only, linear warm-up then polynomial decay, stepped per
-  iteration (:class:`samnnu.trainers.schedules.WarmupPolyLR`);
+- AdamW on the trainable parameters only, linear warm-up (5 % of the run, at most 250 iterations)
+  then polynomial decay, stepped per iteration (:class:`samnnu.trainers.schedules.WarmupPolyLR`);
 - a progress bar over all iterations with the time left.
 
 nnU-Net finds every concrete subclass by name (``nnUNet_extTrainer`` points at this package), and so
@@ -53,6 +53,10 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
     #: a configuration with other patches is refused before any work
     patch_dimensions: tuple[int, ...] = (2,)
     warmup_fraction = 0.05
+    #: the warm-up never lasts longer than this (5 % of nnU-Net's normal 250,000 iterations would be 12,500)
+    max_warmup_iterations = 250
+    #: the iteration progress bar (a budgeted run shows its own bar, in minutes, instead)
+    show_progress = True
     sam_initial_lr = 1e-3
     sam_weight_decay = 0.01
     loss_weights = (0.2, 0.8)  # (cross-entropy, Dice)
@@ -94,7 +98,8 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
         params = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
         total = self.num_epochs * self.num_iterations_per_epoch
-        scheduler = WarmupPolyLR(optimizer, self.initial_lr, total, round(self.warmup_fraction * total))
+        warmup = round(min(self.warmup_fraction * total, self.max_warmup_iterations))
+        scheduler = WarmupPolyLR(optimizer, self.initial_lr, total, warmup)
         return optimizer, scheduler
 
     def on_train_epoch_start(self):
@@ -103,6 +108,8 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
 
     def on_train_start(self):
         super().on_train_start()
+        if not self.show_progress:
+            return
         total = self.num_epochs * self.num_iterations_per_epoch
         self._progress = tqdm(total=total, initial=self.current_epoch * self.num_iterations_per_epoch,
                               desc=f"training {self.__class__.__name__} fold {self.fold}", unit="it",

@@ -1,13 +1,23 @@
 """Side-by-side benchmark of samnnu trainers and plain nnU-Net on the same fold, budget and chain.
 
-Every model (``trainer:configuration``) is trained in its own process through :func:`samnnu.pipeline.training.train`
-(so its peak memory is its own), on the same seeded subset of the fold's training cases for each
-training-set size, with the same iteration budget — or the same wall-clock budget, converted into
-iterations from a short timed run of that model. Each run then goes through samnnu's fixed chain
-(validation without test-time mirroring -> nnU-Net's postprocessing decision -> samnnu's evaluation),
-its inference speed is timed with and without mirroring on a few validation volumes, and an optional
-external test folder is predicted and evaluated. Results go to ``results.json`` and ``results.md``;
-a finished run is never repeated, an interrupted one resumes from its last checkpoint.
+By default the models are samnnu's default (the trainer and configuration ``samnnu_train`` would
+pick) and plain nnU-Net in every configuration its planner made; verdicts compare samnnu's default
+with the best of those. Every model (``trainer:configuration``) is trained in its own process through
+:func:`samnnu.pipeline.training.train` (so its peak memory is its own), on the same seeded subset of the
+fold's training cases for each training-set size.
+
+The headline budget is time: each model trains on its normal full-length schedule and is stopped
+when the budget is spent (CPU minutes of its processes on a CPU, which other jobs cannot spend;
+wall-clock minutes on a GPU), with checkpoints at 25 % and 50 % of the budget validated as a learning
+curve. Secondary modes, labelled as such in the results: the minutes converted into iterations with
+the schedule squeezed into them, and equal iterations.
+
+Each run then goes through samnnu's fixed chain (validation without test-time mirroring -> nnU-Net's
+postprocessing decision -> samnnu's evaluation), its inference speed is timed with and without
+mirroring on a few validation volumes, and the external test set (by default the dataset's
+``imagesTs``/``labelsTs``, written by ``samnnu_convert --hold-out``) is predicted and evaluated.
+Results go to ``results.json``, ``results.md`` and ``learning_curves.png``; a finished run is never
+repeated, an interrupted one resumes from its last checkpoint with the budget it had spent.
 
 Nothing is tuned per model: each one trains with its plans' defaults (patch, batch, learning rate).
 """
@@ -30,12 +40,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from samnnu.config import current_paths, setup_environment
-from samnnu.datasets import dataset_name, model_folder
-from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
+from samnnu.datasets import dataset_name, ensure_splits, model_folder
+from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, FINAL_CHECKPOINT, PLANS_NAME
 from samnnu.errors import SamnnuError
+from samnnu.pipeline.budget import CLOCKS
 from samnnu.pipeline.prediction import predict
-from samnnu.pipeline.training import default_plans_name, get_trainer_class, pick_device, train
-from samnnu.safe_io import read_json, to_jsonable, weights_only_loading, write_json_atomic, write_text_atomic
+from samnnu.pipeline.training import default_model, default_plans_name, get_trainer_class, pick_device, train
+from samnnu.safe_io import (
+    read_json,
+    to_jsonable,
+    weights_only_loading,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from samnnu.trainers import samnnu_trainers
 
 RESULTS = "results.json"
@@ -118,8 +136,9 @@ def _worker(spec: dict) -> dict:
         out["timing_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
         return out
     kwargs = dict(trainer=spec["trainer"], configuration=spec["configuration"], plans=spec["plans"],
-                  epochs=spec["epochs"], iters_per_epoch=spec["iters_per_epoch"], device=spec["device"],
-                  mirroring=False, train_cases=spec["train_cases"])
+                  epochs=spec.get("epochs"), iters_per_epoch=spec.get("iters_per_epoch"), device=spec["device"],
+                  mirroring=False, train_cases=spec["train_cases"], budget_minutes=spec.get("budget_minutes"),
+                  budget_clock=spec.get("budget_clock", "wall"))
     if spec.get("calibrate"):
         result = train(spec["dataset"], spec["fold"], run_chain=False, **kwargs)
         return {"seconds_per_iteration": result["train_seconds"] / (spec["epochs"] * spec["iters_per_epoch"])}
@@ -132,7 +151,8 @@ def _worker(spec: dict) -> dict:
     evaluation = read_json(result["evaluation"], "evaluation")
     report = read_json(fold_dir / "report.json", "fold report")
     summary = report.get("plans_summary", {})
-    iterations = spec["epochs"] * spec["iters_per_epoch"]
+    budget = result.get("budget")
+    iterations = budget["stopped_at"]["iterations"] if budget else spec["epochs"] * spec["iters_per_epoch"]
     out = {
         "dice": {k: v.get("dice") for k, v in evaluation["mean"].items()},
         "hd95_mm": {k: v.get("hd95") for k, v in evaluation["mean"].items()},
@@ -145,6 +165,14 @@ def _worker(spec: dict) -> dict:
         "seconds_per_iteration": result["train_seconds"] / iterations,
         "resumed": resume,
     }
+    if budget:
+        out["budget"] = {"clock": budget["clock"], "minutes": budget["budget_seconds"] / 60,
+                         "spent_minutes": budget["stopped_at"]["spent_seconds"] / 60,
+                         "wall_minutes": budget["stopped_at"]["wall_seconds"] / 60}
+        out["learning_curve"] = _learning_curve(spec, name, fold_dir, budget)
+        out["pseudo_dice_curve"] = [
+            {"iterations": p["iterations"], "spent_minutes": p["spent_seconds"] / 60,
+             "ema_pseudo_dice": p["ema_pseudo_dice"]} for p in budget["curve"]]
     out.update(_time_inference(spec, name, fold_dir))
     if spec.get("test_images"):
         out["test"] = _external_test(spec, name)
@@ -152,6 +180,48 @@ def _worker(spec: dict) -> dict:
     if torch.cuda.is_available() and spec["device"] != "cpu":
         out["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
     return out
+
+
+def _learning_curve(spec: dict, name: str, fold_dir: Path, budget: dict) -> list[dict]:
+    """Validation Dice of the checkpoints kept at fractions of the budget and at its end.
+
+    Every point is measured the same way: the fold's validation cases predicted without test-time
+    mirroring and without postprocessing, evaluated against nnU-Net's ground truth with samnnu's metrics.
+    The end point is the chain's own validation prediction (before its postprocessing decision).
+    """
+    from samnnu.evaluation.folders import evaluate_folders  # local: pulls in scipy (slow to import)
+
+    pre = current_paths().preprocessed / name
+    dataset_json = read_json(pre / "dataset.json", "dataset.json")
+    ending = dataset_json["file_ending"]
+    gt = pre / "gt_segmentations"
+    val_cases = sorted(read_json(pre / "splits_final.json", "splits_final.json")[spec["fold"]]["val"])
+    images = current_paths().raw / name / "imagesTr"
+    points = []
+    for key, snap in sorted(budget["snapshots"].items(), key=lambda kv: int(kv[0])):
+        out_dir = fold_dir / "learning_curve" / f"budget_{key}"
+        with tempfile.TemporaryDirectory() as tmp:  # the validation cases' images, linked, not copied
+            for case in val_cases:
+                for f in images.glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}"):
+                    os.symlink(f, Path(tmp) / f.name)
+            predict(tmp, out_dir, spec["dataset"], folds=(spec["fold"],), trainer=spec["trainer"],
+                    configuration=spec["configuration"], plans=spec["plans"], device=spec["device"],
+                    checkpoint=snap["file"], mirroring=False, postprocess=False, overwrite=True)
+        points.append({"fraction": int(key) / 100, "iterations": snap["iterations"],
+                       "spent_minutes": snap["spent_seconds"] / 60, "wall_minutes": snap["wall_seconds"] / 60,
+                       "dice": _mean_dice_per_class(evaluate_folders(gt, out_dir, dataset_json=dataset_json,
+                                                                     file_ending=ending))})
+    end = budget["stopped_at"]
+    points.append({"fraction": min(1.0, end["spent_seconds"] / budget["budget_seconds"]),
+                   "iterations": end["iterations"], "spent_minutes": end["spent_seconds"] / 60,
+                   "wall_minutes": end["wall_seconds"] / 60,
+                   "dice": _mean_dice_per_class(evaluate_folders(gt, fold_dir / "validation", dataset_json=dataset_json,
+                                                                 file_ending=ending))})
+    return points
+
+
+def _mean_dice_per_class(evaluation: dict) -> dict:
+    return {k: v.get("dice") for k, v in evaluation["mean"].items()}
 
 
 def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
@@ -241,44 +311,88 @@ def epochs_for(iterations: int, max_iters_per_epoch: int = 50) -> tuple[int, int
     return max(1, iterations // per_epoch), per_epoch
 
 
-def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLike, *, fold: int = 0,
-                  iterations: int | None = None, budget_minutes: float | None = None,
-                  sizes: list[int | None] | None = None, seed: int = 0, timing_cases: int = 5,
-                  test_images: str | None = None, test_labels: str | None = None, device: str = "cpu",
-                  data_root: str | None = None, calibration_iterations: int = 10,
+def samnnu_default(dataset: str | int) -> str | None:
+    """``trainer:configuration`` that ``samnnu_train`` picks from samnnu's plans when told nothing
+    (None when the dataset has no samnnu plans)."""
+    plans_file = current_paths().preprocessed / dataset_name(dataset) / f"{PLANS_NAME}.json"
+    if not plans_file.is_file():
+        return None
+    return ":".join(default_model(read_json(plans_file, "samnnu plans"), None, None))
+
+
+def default_models(dataset: str | int) -> list[str]:
+    """samnnu's default (the trainer and configuration ``samnnu_train`` picks from samnnu's plans) and
+    plain nnU-Net in every configuration its own planner made (``nnUNetPlans``), cascade stages excepted."""
+    pre = current_paths().preprocessed / dataset_name(dataset)
+    theirs = read_json(pre / "nnUNetPlans.json",
+                       "nnU-Net's plans (run samnnu_plan_and_preprocess with --nnunet-baseline-plans)")
+    ours = samnnu_default(dataset)
+    if ours is None:
+        raise SamnnuError(f"{dataset_name(dataset)}: no samnnu plans; run samnnu_plan_and_preprocess first")
+    return [ours] + [f"{NNUNET_TRAINER}:{c}" for c, cfg in theirs["configurations"].items()
+                                             if "previous_stage" not in cfg]
+
+
+def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os.PathLike, *, fold: int = 0,
+                  iterations: int | None = None, budget_minutes: float | None = None, squeeze: bool = False,
+                  clock: str | None = None, sizes: list[int | None] | None = None, seed: int = 0,
+                  timing_cases: int = 5, test_images: str | None = None, test_labels: str | None = None,
+                  device: str = "cpu", data_root: str | None = None, calibration_iterations: int = 10,
                   max_iters_per_epoch: int = 50, command: str | None = None, retime: bool = False) -> dict:
     """Run every model on every training-set size; return the results dict also written to ``output``.
 
-    Exactly one of ``iterations`` and ``budget_minutes`` is given. ``sizes``: training-set sizes
-    (``None`` = all of the fold's training cases); default all only. ``retime``: train nothing; time
-    the inference of each listed model again on its run with the most training cases.
+    Budgets (exactly one of ``iterations`` and ``budget_minutes``):
+
+    - ``budget_minutes`` (the headline): each model trains on its normal full-length schedule and is
+      stopped when the minutes of ``clock`` are spent (``"cpu"``: CPU time of the training processes,
+      the default on a CPU; ``"wall"`` on a GPU); checkpoints at 25 %, 50 % and 100 % of the budget
+      are validated (the learning curve);
+    - ``budget_minutes`` with ``squeeze`` (secondary): the minutes are converted into iterations from a
+      short timed run, and the schedule is squeezed into them;
+    - ``iterations`` (secondary): the same number of iterations for every model, squeezed schedule.
+
+    ``models``: ``trainer:configuration[:plans]``; default :func:`default_models`. ``sizes``:
+    training-set sizes (``None`` = all of the fold's training cases); default all only. The external
+    test set defaults to the raw dataset's ``imagesTs``/``labelsTs`` (``samnnu_convert --hold-out``).
+    ``retime``: train nothing; time the inference of each listed model again on its run with the most
+    training cases.
     """
     if (iterations is None) == (budget_minutes is None):
         raise SamnnuError("give exactly one budget: iterations or budget minutes")
+    if squeeze and budget_minutes is None:
+        raise SamnnuError("squeezing the schedule needs a minutes budget")
+    clock = clock or ("wall" if device != "cpu" else "cpu")
+    if clock not in CLOCKS:
+        raise SamnnuError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     if (test_images is None) != (test_labels is None):
         raise SamnnuError("an external test set needs both its images and its labels folder")
     for folder in (test_images, test_labels):
         if folder is not None and not Path(folder).is_dir():
             raise SamnnuError(f"{folder}: external test folder does not exist")
-    parsed = [parse_model(m) for m in models]
-    if len({m.key for m in parsed}) != len(parsed):
-        raise SamnnuError("a model is listed twice")
-    sizes = sizes or [None]
     setup_environment(data_root, quiet=data_root is not None)
     paths = current_paths()
     data_root = str(paths.raw.parent) if data_root is None else str(Path(data_root).resolve())
     name = dataset_name(dataset)
+    if test_images is None and (paths.raw / name / "imagesTs").is_dir() and (paths.raw / name / "labelsTs").is_dir():
+        test_images, test_labels = str(paths.raw / name / "imagesTs"), str(paths.raw / name / "labelsTs")
+    parsed = [parse_model(m) for m in (models or default_models(name))]
+    if len({m.key for m in parsed}) != len(parsed):
+        raise SamnnuError("a model is listed twice")
+    sizes = sizes or [None]
     pre = paths.preprocessed / name
     for m in parsed:
         get_trainer_class(m.trainer)  # unknown trainer names fail here, before anything runs
         plans = read_json(pre / f"{m.plans}.json", f"plans '{m.plans}' (plan and preprocess first)")
         if m.configuration not in plans["configurations"]:
             raise SamnnuError(f"{pre / (m.plans + '.json')}: no configuration '{m.configuration}' for {m.key}")
+        if "previous_stage" in plans["configurations"][m.configuration]:
+            raise SamnnuError(f"{m.key}: a cascade stage needs the previous stage's predictions; the benchmark "
+                              f"trains single-stage configurations only")
         data_id = plans["configurations"][m.configuration].get("data_identifier", "")
         if not (pre / data_id).is_dir():
             raise SamnnuError(f"{pre / data_id}: not preprocessed; run nnUNetv2_preprocess -d {dataset} "
                               f"-plans_name {m.plans} -c {m.configuration}")
-    splits = read_json(pre / "splits_final.json", "splits_final.json (train any fold once, or plan first)")
+    splits = ensure_splits(name, parsed[0].configuration, parsed[0].plans)  # nnU-Net's 5 folds when missing
     if fold >= len(splits):
         raise SamnnuError(f"{pre / 'splits_final.json'}: has no fold {fold}")
     subsets = training_subsets(splits[fold]["train"], sizes, seed)
@@ -286,7 +400,12 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     out = Path(output).resolve()
     results_file = out / RESULTS
     state = read_json(results_file, "benchmark results") if results_file.is_file() else {}
-    budget = {"iterations": iterations} if iterations is not None else {"minutes": budget_minutes}
+    if iterations is not None:
+        budget = {"iterations": iterations, "mode": "iterations"}
+    elif squeeze:
+        budget = {"minutes": budget_minutes, "mode": "squeezed"}
+    else:
+        budget = {"minutes": budget_minutes, "mode": "stopped", "clock": clock}
     if state and (state["setup"]["budget"] != budget or state["setup"]["fold"] != fold
                   or state["setup"]["seed"] != seed or state["setup"]["dataset"] != name):
         raise SamnnuError(f"{results_file}: holds a run with another dataset, fold, seed or budget; "
@@ -303,11 +422,13 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
         "command": command or "", "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "test_images": test_images, "test_labels": test_labels,
+        "samnnu_default": samnnu_default(name),
     }
 
     def save():
         write_json_atomic(results_file, to_jsonable(state))
         write_text_atomic(out / MARKDOWN, to_markdown(state))
+        plot_learning_curves(state, out / CURVES_PNG)
 
     base = {"data_root": data_root, "dataset": name, "fold": fold, "device": device, "timing_cases": timing_cases,
             "test_images": test_images and str(Path(test_images).resolve()),
@@ -319,24 +440,26 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
     bar = tqdm(jobs, desc="benchmark", unit="run")
     for m, label in bar:
         bar.set_postfix_str(f"{m.key} on {label} cases")
-        if budget_minutes is not None and m.key not in state["calibration"]:
+        if squeeze and m.key not in state["calibration"]:
             spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=1,
                         iters_per_epoch=calibration_iterations, train_cases=None, calibrate=True,
                         results_root=str(out / "calibration" / "nnUNet_results"))
             log = out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log"
             state["calibration"][m.key] = _run_worker(spec, log)
             save()
-        if iterations is not None:
-            n_iter = iterations
+        spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, train_cases=subsets[label],
+                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
+        if budget["mode"] == "stopped":
+            spec.update(budget_minutes=budget_minutes, budget_clock=clock)
         else:
-            spi = state["calibration"][m.key]["seconds_per_iteration"]
-            n_iter = max(1, math.floor(budget_minutes * 60 / spi))
-        epochs, per_epoch = epochs_for(n_iter, max_iters_per_epoch)
+            if iterations is not None:
+                n_iter = iterations
+            else:
+                spi = state["calibration"][m.key]["seconds_per_iteration"]
+                n_iter = max(1, math.floor(budget_minutes * 60 / spi))
+            spec["epochs"], spec["iters_per_epoch"] = epochs_for(n_iter, max_iters_per_epoch)
         # inference speed does not depend on the training subset: time each model once
         timed = any(r["model"] == m.key and "inference_seconds_per_volume" in r for r in state["runs"].values())
-        spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=epochs,
-                    iters_per_epoch=per_epoch, train_cases=subsets[label],
-                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
         if timed:
             spec["timing_cases"] = 0
         start = time.time()
@@ -347,8 +470,8 @@ def run_benchmark(dataset: str | int, models: list[str], output: str | os.PathLi
         state["runs"][f"{m.key}@{label}"] = result
         save()
         ran.append(f"{m.key}@{label}")
-        tqdm.write(f"{m.key} on {label} training cases: mean Dice {mean_dice(result):.3f}, "
-                   f"{result['seconds_per_iteration']:.2f} s/iter")
+        tqdm.write(f"{m.key} on {label} training cases: mean Dice {mean_dice(result):.3f} after "
+                   f"{result['iterations']} iterations, {result['seconds_per_iteration']:.2f} s/iter")
     save()
     state["ran"] = ran
     return state
@@ -399,38 +522,56 @@ def _timed_run(state: dict, model: str) -> dict | None:
     return next((r for r in runs if r["model"] == model and "inference_seconds_per_volume" in r), None)
 
 
+def best_nnunet(state: dict, size: str) -> dict | None:
+    """Plain nnU-Net's best configuration on ``size`` training cases, chosen by validation Dice."""
+    runs = [r for r in _runs(state, size) if not r["samnnu"]]
+    return max(runs, key=mean_dice) if runs else None
+
+
+#: (training-set size, required margin in mean Dice points over nnU-Net's best configuration)
+TARGET_MARGINS = (("all", 3.0), ("10", 5.0))
+#: EMA pseudo-Dice above which a model is said to have learned the structure
+LEARNED = 0.75
+
+
+def minutes_to_learn(run: dict, threshold: float = LEARNED) -> float | None:
+    """Budget minutes after which the run's EMA pseudo-Dice first exceeded ``threshold`` (None: never)."""
+    return next((p["spent_minutes"] for p in run.get("pseudo_dice_curve", [])
+                 if p["ema_pseudo_dice"] is not None and p["ema_pseudo_dice"] > threshold), None)
+
+
 def targets(state: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the targets samnnu holds itself to; verdict 'met', 'missed' or
-    'not measured' (a model or size missing from this run)."""
-    default = f"{DEFAULT_TRAINER}:{DEFAULT_CONFIGURATION}"
-    baselines = [f"{NNUNET_TRAINER}:2d", f"{NNUNET_TRAINER}:3d_fullres"]
+    'not measured' (a model or size missing from this run). samnnu's default is compared with the best
+    nnU-Net configuration of the same training-set size (best by validation Dice), on the validation
+    cases and on the external test set."""
+    default = state["setup"].get("samnnu_default", "")
     rows = []
-    for size, margin in (("10", 3.0), ("5", 5.0)):
-        goal = f"{size} training cases: {default} mean Dice >= nnU-Net 2d and 3d_fullres + {margin:g} points"
-        d = _find(state, default, size)
-        base = [_find(state, b, size) for b in baselines]
-        if d is None or any(b is None for b in base):
-            rows.append((goal, "-", "not measured"))
-            continue
-        gaps = [100 * (mean_dice(d) - mean_dice(b)) for b in base]
-        measured = ", ".join(f"{g:+.1f} vs {b.split(':')[1]}" for g, b in zip(gaps, baselines))
-        rows.append((goal, measured, "met" if min(gaps) >= margin else "missed"))
-    full = _runs(state, "all")
-    sam = [r for r in full if r["samnnu"]]
-    nn = [r for r in full if not r["samnnu"]]
-    goal = "all training cases: best samnnu model mean Dice >= best nnU-Net model"
-    if sam and nn:
-        bs, bn = max(sam, key=mean_dice), max(nn, key=mean_dice)
-        rows.append((goal, f"{bs['model']} {mean_dice(bs):.3f} vs {bn['model']} {mean_dice(bn):.3f}",
-                     "met" if mean_dice(bs) >= mean_dice(bn) else "missed"))
-    else:
-        rows.append((goal, "-", "not measured"))
-    goal = f"CPU inference: {default} s/volume <= nnU-Net 3d_fullres (same mirroring setting)"
-    d, b = _timed_run(state, default), _timed_run(state, baselines[1])
+    for size, margin in TARGET_MARGINS:
+        d, b = _find(state, default, size), best_nnunet(state, size)
+        for where, pick in (("validation", lambda r: r), ("held-out test", lambda r: r.get("test"))):
+            goal = f"{size} training cases, {where}: {default} mean Dice >= nnU-Net's best + {margin:g} points"
+            if d is None or b is None or pick(d) is None or pick(b) is None:
+                rows.append((goal, "-", "not measured"))
+                continue
+            gap = 100 * (mean_dice(pick(d)) - mean_dice(pick(b)))
+            rows.append((goal, f"{mean_dice(pick(d)):.3f} vs {b['model']} {mean_dice(pick(b)):.3f} ({gap:+.1f})",
+                         "met" if gap >= margin else "missed"))
+        if b is not None and "pseudo_dice_curve" in b:
+            learned = minutes_to_learn(b)
+            rows.append((f"{size} training cases: nnU-Net's best learns the structure within the budget "
+                         f"(EMA pseudo-Dice > {LEARNED})",
+                         f"{b['model']}: " + ("never" if learned is None else f"after {learned:.1f} min"),
+                         "met" if learned is not None else "missed"))
+    best = best_nnunet(state, "all") or next((best_nnunet(state, s) for s in state["setup"]["training_subsets"]
+                                              if best_nnunet(state, s)), None)
+    goal = f"CPU inference: {default} s/volume <= nnU-Net's best configuration (same mirroring setting)"
+    d, b = _timed_run(state, default), best and _timed_run(state, best["model"])
     if d and b and state["setup"]["device"] == "cpu":
         ok = all(d[k] <= b[k] for k in ("inference_seconds_per_volume", "inference_seconds_per_volume_mirroring"))
-        rows.append((goal, f"{d['inference_seconds_per_volume']:.2f} vs {b['inference_seconds_per_volume']:.2f} "
-                           f"without mirroring, {d['inference_seconds_per_volume_mirroring']:.2f} vs "
+        rows.append((goal, f"{d['inference_seconds_per_volume']:.2f} vs {b['model']} "
+                           f"{b['inference_seconds_per_volume']:.2f} without mirroring, "
+                           f"{d['inference_seconds_per_volume_mirroring']:.2f} vs "
                            f"{b['inference_seconds_per_volume_mirroring']:.2f} with",
                      "met" if ok else "missed"))
     else:
@@ -440,9 +581,7 @@ def targets(state: dict) -> list[tuple[str, str, str]]:
 
 def to_markdown(state: dict) -> str:
     s = state["setup"]
-    budget = (f"{s['budget']['iterations']} training iterations per model" if "iterations" in s["budget"]
-              else f"{s['budget']['minutes']:g} minutes of training per model (converted to iterations from a "
-                   "timed run of each model)")
+    budget = describe_budget(s["budget"])
     sizes = list(s["training_subsets"])
     models = list(dict.fromkeys(r["model"] for r in state["runs"].values()))
     lines = [f"# Benchmark: {s['dataset']}, fold {s['fold']}", "",
@@ -473,6 +612,21 @@ def to_markdown(state: dict) -> str:
             lines.append(f"| {r['model']} | {r['n_training_cases']} | {r['iterations']} | {r['batch_size']} | {dice} | "
                          f"{mean_dice(r):.3f} | {hd} | {r['training_seconds']:.0f} | {r['seconds_per_iteration']:.2f} "
                          f"| {inf} | {r['peak_rss_gb']:.2f} | {params} |")
+    curves = [r for r in state["runs"].values() if r.get("learning_curve")]
+    if curves:
+        lines += ["", "## Learning curves", "",
+                  "Validation mean Dice of the checkpoint kept at each point of the budget (no mirroring, no "
+                  "postprocessing), with the budget minutes and iterations done by then; the last column is when "
+                  f"nnU-Net's EMA pseudo-Dice (computed during training) first exceeded {LEARNED}. Plot: "
+                  f"`{CURVES_PNG}`.", "",
+                  "| model | cases | " + " | ".join(f"{p:.0%} of budget" for p in (0.25, 0.5, 1.0))
+                  + f" | pseudo-Dice > {LEARNED} after |", "|---|---|---|---|---|---|"]
+        for r in curves:
+            cells = [f"{mean_dice(p):.3f} ({p['spent_minutes']:.1f} min, {p['iterations']} it)"
+                     for p in r["learning_curve"]]
+            learned = minutes_to_learn(r)
+            lines.append(f"| {r['model']} | {r['n_training_cases']} | " + " | ".join(cells)
+                         + f" | {'never' if learned is None else f'{learned:.1f} min'} |")
     tested = [r for r in state["runs"].values() if "test" in r]
     if tested:
         lines += ["", "## External test set", "", "| model | cases | training cases | Dice per class | mean Dice |",
@@ -488,6 +642,58 @@ def to_markdown(state: dict) -> str:
                       "budget): " + ", ".join(f"{k} {v['seconds_per_iteration']:.2f}"
                                               for k, v in state["calibration"].items())]
     return "\n".join(lines) + "\n"
+
+
+CURVES_PNG = "learning_curves.png"
+
+
+def describe_budget(budget: dict) -> str:
+    """One sentence naming the budget and its mode (the headline, or a secondary mode)."""
+    mode = budget.get("mode", "iterations" if "iterations" in budget else "squeezed")
+    if mode == "iterations":
+        return (f"{budget['iterations']} training iterations per model, the schedule squeezed into them "
+                "(secondary mode: equal iterations)")
+    if mode == "squeezed":
+        return (f"{budget['minutes']:g} minutes of training per model, converted to iterations from a timed run "
+                "of each model, the schedule squeezed into them (secondary mode)")
+    clock = ("CPU minutes of the training process and its data-loader workers" if budget["clock"] == "cpu"
+             else "wall-clock minutes")
+    return (f"{budget['minutes']:g} {clock} per model; each model trains on its normal full-length schedule "
+            "and is stopped when the budget is spent (headline mode)")
+
+
+def plot_learning_curves(state: dict, path: Path) -> bool:
+    """Dice against budget minutes, one panel per training-set size: each model's EMA pseudo-Dice
+    during training (line) and the validation Dice of its budget checkpoints (markers). False when no
+    run has a learning curve."""
+    sizes = [size for size in state["setup"]["training_subsets"]
+             if any(r.get("learning_curve") for r in _runs(state, size))]
+    if not sizes:
+        return False
+    import matplotlib  # local: slow to import, and only needed here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for i, r in enumerate(r for r in _runs(state, size) if r.get("learning_curve")):
+            colour = f"C{i}"
+            pseudo = [(p["spent_minutes"], p["ema_pseudo_dice"]) for p in r.get("pseudo_dice_curve", [])
+                      if p["ema_pseudo_dice"] is not None]
+            if pseudo:
+                ax.plot(*zip(*pseudo), color=colour, alpha=0.5, lw=1)
+            points = [(p["spent_minutes"], mean_dice(p)) for p in r["learning_curve"]]
+            ax.plot(*zip(*points), "o-", color=colour, label=r["model"])
+        ax.set(title=f"{size} training cases", xlabel="budget minutes spent", ylabel="mean foreground Dice",
+               ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("validation Dice (markers) and EMA pseudo-Dice during training (thin lines)", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return True
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -33,8 +33,8 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] |
     ``configurations`` default: ``2d`` and the planner's recommended configuration (what
     ``samnnu_train`` trains when not told otherwise).
 
-    With ``nnunet_baseline_plans`` nnU-Net's own planner also runs (plans ``nnUNetPlans``) and the
-    same configurations are preprocessed for it, so plain nnU-Net can be trained side by side.
+    With ``nnunet_baseline_plans`` nnU-Net's own planner also runs (plans ``nnUNetPlans``) and every
+    configuration it plans is preprocessed, so plain nnU-Net's best can be trained side by side.
     ``sam_checkpoint``: the user's SAM checkpoint (``vit_*``, ``mobilesam``), written into the ``sam`` block.
     Returns the samnnu plans.
     """
@@ -66,9 +66,10 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] |
             raise SamnnuError(f"configuration '{c}' is not in the plans; available: "
                               f"{', '.join(plans['configurations'])}")
     preprocess_dataset(ident, PLANS_NAME, configurations, [np_] * len(configurations), verbose=False)
-    if nnunet_baseline_plans:
-        ExperimentPlanner(ident).plan_experiment()
-        preprocess_dataset(ident, "nnUNetPlans", configurations, [np_] * len(configurations), verbose=False)
+    if nnunet_baseline_plans:  # every configuration nnU-Net plans (a cascade's second stage reuses 3d_fullres data)
+        nn_plans = ExperimentPlanner(ident).plan_experiment()
+        nn_configurations = [c for c, cfg in nn_plans["configurations"].items() if "previous_stage" not in cfg]
+        preprocess_dataset(ident, "nnUNetPlans", nn_configurations, [np_] * len(nn_configurations), verbose=False)
     print(summarize_plans(plans))
     if configurations:  # the splits are made from the preprocessed cases; none preprocessed, none made
         ensure_splits(name, configurations[0], PLANS_NAME)  # says so when a small dataset gets fewer than 5 folds

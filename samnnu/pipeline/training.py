@@ -15,6 +15,7 @@ from samnnu.defaults import (
     RUN_SETTINGS,
 )
 from samnnu.errors import SamnnuError
+from samnnu.pipeline.budget import CLOCKS, CURVE_FILE, BudgetSpent, TrainingBudget
 from samnnu.safe_io import (
     check_torch_archive,
     load_torch_safely,
@@ -25,6 +26,9 @@ from samnnu.safe_io import (
     write_json_atomic,
 )
 from samnnu.trainers import samnnu_trainers
+
+#: iterations per epoch of a budgeted run: the budget is recorded (and resumable) at every epoch end
+BUDGET_ITERS_PER_EPOCH = 50
 
 
 def get_trainer_class(name: str):
@@ -120,7 +124,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
           configuration: str | None = None, plans: str | None = None, epochs: int | None = None,
           iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None,
-          train_cases: list[str] | None = None) -> dict:
+          train_cases: list[str] | None = None, budget_minutes: float | None = None,
+          budget_clock: str = "wall") -> dict:
     """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
 
     Args:
@@ -133,13 +138,27 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
         sam_checkpoint: the user's SAM checkpoint (``vit_*``, ``mobilesam``); overrides the plans' one.
         train_cases: train on these cases only (each must be one of the fold's training cases); the
             fold's validation cases are unchanged. Used for label-efficiency experiments.
-    Returns a dict with the fold folder, wall times and the evaluation summary.
+        budget_minutes: train on the trainer's normal full-length schedule (its learning rate decays
+            over all of it) and stop once this many minutes of ``budget_clock`` are spent ("wall", or
+            "cpu": CPU time of the training processes; see :mod:`samnnu.pipeline.budget`). Epochs
+            are cut into 50 iterations (the schedule stays the normal one), snapshots are kept at
+            25 % and 50 % of the budget, and ``budget_curve.json`` records the learning curve.
+            Not combined with ``epochs`` (the schedule is the trainer's).
+    Returns a dict with the fold folder, wall times and the evaluation summary (and ``budget``, the
+    budget record, when one was given).
     """
     setup_environment()
     configure_threads()
     for what, value in (("epochs", epochs), ("iters_per_epoch", iters_per_epoch)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise SamnnuError(f"{what} must be a whole number of at least 1, got {value!r}")
+    if budget_minutes is not None:
+        if not budget_minutes > 0:
+            raise SamnnuError(f"budget must be a positive number of minutes, got {budget_minutes!r}")
+        if epochs is not None:
+            raise SamnnuError("a minutes budget runs the trainer's normal schedule: give no number of epochs")
+        if budget_clock not in CLOCKS:
+            raise SamnnuError(f"budget clock must be one of {', '.join(CLOCKS)}, got {budget_clock!r}")
     if trainer is not None:
         get_trainer_class(trainer)  # an unknown name is the error to report, not the plans it would use
     name = dataset_name(dataset)
@@ -174,6 +193,13 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     settings_file = fold_dir / RUN_SETTINGS
     previous = read_json(settings_file, "settings of the interrupted run") \
         if continue_training and settings_file.is_file() else {}
+    budget_minutes = budget_minutes if budget_minutes is not None else previous.get("budget_minutes")
+    budget_clock = previous.get("budget_clock", budget_clock) if previous.get("budget_minutes") else budget_clock
+    if budget_minutes is not None and not previous:
+        # the normal schedule, cut into short epochs so the budget is checked and recorded often
+        normal = t.num_epochs * t.num_iterations_per_epoch
+        iters_per_epoch = iters_per_epoch or min(BUDGET_ITERS_PER_EPOCH, t.num_iterations_per_epoch)
+        epochs = max(1, normal // iters_per_epoch)
     epochs = epochs or previous.get("epochs")
     iters_per_epoch = iters_per_epoch or previous.get("iters_per_epoch")
     train_cases = train_cases if train_cases is not None else previous.get("train_cases")
@@ -188,21 +214,33 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     _atomic_checkpoints(t)
     write_json_atomic(settings_file, {"epochs": t.num_epochs, "iters_per_epoch": t.num_iterations_per_epoch,
                                        "trainer": trainer, "plans": plans_name, "configuration": configuration,
-                                       "device": str(dev), "mirroring": mirroring, "train_cases": train_cases})
+                                       "device": str(dev), "mirroring": mirroring, "train_cases": train_cases,
+                                       "budget_minutes": budget_minutes, "budget_clock": budget_clock})
 
     finished = _resume(t, fold_dir) if continue_training else False
+    budget = None
+    if budget_minutes is not None and not finished:
+        budget = TrainingBudget(budget_minutes * 60, budget_clock)
+        t.show_progress = False  # the budget's bar (minutes) replaces the iteration bar
+        budget.attach(t, resume=continue_training)
     start = time.time()
     if not finished:
         if not mirroring:
             _disable_mirroring(t)
         try:
             t.run_training()
+        except BudgetSpent as spent:
+            t.print_to_log_file(f"Stopping: {spent}")
+            t.on_train_end()  # as at the last epoch: final checkpoint, data loaders stopped
         except BaseException:
             _stop_data_loaders(t)  # else their threads die noisily when the process exits
             raise
     train_seconds = time.time() - start
     result = {"fold_dir": str(fold_dir), "train_seconds": train_seconds, "trainer": trainer, "plans": plans_name,
               "configuration": configuration, "fold": fold, "device": str(dev)}
+    if budget_minutes is not None:
+        result["budget"] = budget.finish() if budget is not None else read_json(fold_dir / CURVE_FILE,
+                                                                                "budget record")
     if run_chain:
         # local: pulls in torch, segment_anything and scipy (slow to import)
         from samnnu.pipeline.chain import run_fold_chain
