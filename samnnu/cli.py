@@ -245,6 +245,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                    help="minutes of --budget-minutes: 'wall' (default) or 'cpu' (CPU time of the training "
                         "processes, which other jobs on a shared machine cannot spend)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--num-gpus", type=_positive_int, default=1,
+                   help="data-parallel processes through torch.distributed: one per GPU (nccl), or on --device cpu "
+                        "that many CPU processes (gloo); see docs/scaling.md")
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from the fold's last checkpoint (and, for a budgeted run, its spent budget)")
     p.add_argument("--disable-tta", action="store_true",
@@ -261,12 +264,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         _setup(args)
         from samnnu.pipeline.training import train
 
-        result = train(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
-                       plans=args.plans, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
-                       device=args.device, continue_training=args.continue_training,
-                       mirroring=not args.disable_tta, run_chain=not args.no_chain,
-                       sam_checkpoint=args.sam_checkpoint, budget_minutes=args.budget_minutes,
-                       budget_clock=args.clock)
+        kwargs = dict(trainer=args.trainer, configuration=args.configuration, plans=args.plans, epochs=args.epochs,
+                      iters_per_epoch=args.iters_per_epoch, device=args.device,
+                      continue_training=args.continue_training, mirroring=not args.disable_tta,
+                      run_chain=not args.no_chain, sam_checkpoint=args.sam_checkpoint,
+                      budget_minutes=args.budget_minutes, budget_clock=args.clock)
+        if args.num_gpus > 1:
+            from samnnu.pipeline.distributed import train_distributed
+
+            result = train_distributed(args.dataset, args.fold, args.num_gpus, **kwargs)
+            print(f"trained with {args.num_gpus} data-parallel processes ({result['ranks'][0]['device']}); "
+                  f"their parameters agree")
+        else:
+            result = train(args.dataset, args.fold, **kwargs)
         if "budget" in result:
             record = result["budget"]
             stop = record["stopped_at"]

@@ -18,10 +18,12 @@ from __future__ import annotations
 import abc
 
 import torch
+import torch.distributed as dist
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from samnnu.modeling.common import count_parameters
@@ -35,7 +37,7 @@ def load_sam_pretrained(trainer: nnUNetTrainer) -> None:
     The checkpoint is the plans' ``sam.sam_checkpoint`` (the user's file, for ``vit_*``/``mobilesam``);
     encoders without pretrained weights (``tiny``) keep their initialisation.
     """
-    net = trainer.network
+    net = trainer.network.module if isinstance(trainer.network, DDP) else trainer.network
     checkpoint = trainer.configuration_manager.configuration["sam"].get("sam_checkpoint")
     if trainer.load_pretrained_weights and get_encoder_spec(net.encoder_name).pretrained is not None:
         net.load_pretrained(checkpoint=checkpoint)
@@ -64,6 +66,10 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and torch.device(device).type == "cpu":
+            # nnU-Net takes data-parallel training to mean CUDA; with gloo on a CPU the ranks stay there
+            self.device = torch.device("cpu")
+            self.grad_scaler = None
         self.enable_deep_supervision = False
         self.initial_lr = self.sam_initial_lr
         self.weight_decay = self.sam_weight_decay
@@ -79,11 +85,26 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
         (``configuration_manager.configuration["sam"]``): x (B, C, *patch) -> logits (B, K, *patch)."""
 
     def initialize(self):
-        super().initialize()
-        load_sam_pretrained(self)
+        gloo = self.is_ddp and self.device.type != "cuda"
+        if gloo:  # nnU-Net's DDP wrapper passes device_ids=[rank], which only GPU modules take
+            self.is_ddp = False
+            try:
+                super().initialize()
+            finally:
+                self.is_ddp = True
+            self.network = DDP(self.network)  # parameters and buffers broadcast from rank 0
+            self.loss = self._build_loss()  # Dice over all ranks' samples, as nnU-Net does on GPUs
+        else:
+            super().initialize()
+        load_sam_pretrained(self)  # the same file on every rank: the ranks stay equal
 
     def _set_batch_size_and_oversample(self):
-        self.batch_size = int(self.configuration_manager.configuration["sam"]["batch_size"])
+        """The ``sam`` block's batch; under data-parallel training an equal share per rank (rounded, at
+        least 1): the batch Dice gathers the same number of samples from every rank."""
+        batch = int(self.configuration_manager.configuration["sam"]["batch_size"])
+        if dist.is_available() and dist.is_initialized():
+            batch = max(1, round(batch / dist.get_world_size()))
+        self.batch_size = batch
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """The SAM networks have a single output: nothing to switch."""
@@ -108,7 +129,7 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
 
     def on_train_start(self):
         super().on_train_start()
-        if not self.show_progress:
+        if not self.show_progress or self.local_rank != 0:
             return
         total = self.num_epochs * self.num_iterations_per_epoch
         self._progress = tqdm(total=total, initial=self.current_epoch * self.num_iterations_per_epoch,

@@ -125,7 +125,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
           iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None,
           train_cases: list[str] | None = None, budget_minutes: float | None = None,
-          budget_clock: str = "wall") -> dict:
+          budget_clock: str = "wall", return_trainer: bool = False) -> dict:
     """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
 
     Args:
@@ -144,6 +144,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
             are cut into 50 iterations (the schedule stays the normal one), snapshots are kept at
             25 % and 50 % of the budget, and ``budget_curve.json`` records the learning curve.
             Not combined with ``epochs`` (the schedule is the trainer's).
+        return_trainer: put the trainer itself in the result (``trainer_object``; used by the
+            data-parallel ranks of :mod:`samnnu.pipeline.distributed`).
     Returns a dict with the fold folder, wall times and the evaluation summary (and ``budget``, the
     budget record, when one was given).
     """
@@ -238,6 +240,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     train_seconds = time.time() - start
     result = {"fold_dir": str(fold_dir), "train_seconds": train_seconds, "trainer": trainer, "plans": plans_name,
               "configuration": configuration, "fold": fold, "device": str(dev)}
+    if return_trainer:
+        result["trainer_object"] = t
     if budget_minutes is not None:
         result["budget"] = budget.finish() if budget is not None else read_json(fold_dir / CURVE_FILE,
                                                                                 "budget record")

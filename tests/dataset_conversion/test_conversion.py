@@ -383,6 +383,28 @@ def test_cli_converts_into_data_root_and_prints_summary(tmp_path, capsys, nnunet
     assert "refused 1 cases:" in out and "hippocampus_002: " in out
 
 
+def test_hold_out_pattern_writes_a_fixed_test_set_that_training_never_sees(tmp_path, capsys, nnunet_env):
+    src = tmp_path / "src"
+    for n in (1, 7, 12, 17, 20):
+        make_case(src, f"hippocampus_{n:03d}")
+    code = convert_main(["hippocampus", str(src), "-d", "4", "--hold-out", "*7", "--data-root", str(tmp_path / "data")])
+    out = capsys.readouterr().out
+    target = tmp_path / "data" / "nnUNet_raw" / "Dataset004_Hippocampus"
+    assert code == 0 and "held out 2 of them as a test set" in out
+    names = {sub: sorted(p.name for p in (target / sub).iterdir())
+             for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+    assert names["imagesTs"] == ["hippocampus_007_0000.nii.gz", "hippocampus_017_0000.nii.gz"]
+    assert names["labelsTs"] == ["hippocampus_007.nii.gz", "hippocampus_017.nii.gz"]
+    assert names["labelsTr"] == ["hippocampus_001.nii.gz", "hippocampus_012.nii.gz", "hippocampus_020.nii.gz"]
+    assert len(names["imagesTr"]) == 3
+    assert json.loads((target / "dataset.json").read_text())["numTraining"] == 3  # what nnU-Net plans from
+    # a pattern that leaves nothing to train on is refused, and no dataset is installed
+    code, _, err = run_convert(capsys, "hippocampus", src, "-d", "5", "--hold-out", "hippo*",
+                               "--data-root", tmp_path / "data")
+    assert "matches every case" in assert_one_line_error(code, err)
+    assert not (tmp_path / "data" / "nnUNet_raw" / "Dataset005_Hippocampus").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # adversarial input through samnnu_convert: one-line errors, refused cases, untouched sources
 # --------------------------------------------------------------------------------------------
