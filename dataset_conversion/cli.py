@@ -52,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("labels_dir", metavar="LABELS", help="folder of label files with matching names")
     folder.add_argument("-d", "--dataset-id", type=int, required=True, help="dataset ID (1..999)")
     folder.add_argument("-n", "--name", required=True, help="dataset name, e.g. Liver")
-    folder.add_argument("--labels", required=True, help="labels map, e.g. background=0,liver=1")
+    folder.add_argument("--labels", required=True,
+                        help="labels map, e.g. background=0,liver=1; for 2D masks the stored values may be "
+                             "given (background=0,polyp=255)")
     folder.add_argument("--channels", default=None, help="channel names, comma separated, e.g. T1,T2")
+    folder.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                        help="2D masks with two labels: stored values >= T are foreground, the rest background "
+                             "(for masks saved as JPEG; says how many pixels it changed). With --labels "
+                             "background=0,polyp=255 the stored values are kept for predictions")
 
     for p in (hippo, folder):
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
@@ -90,4 +96,5 @@ def run(args: argparse.Namespace):
         raw_root=raw_root,
         overwrite=args.overwrite,
         hold_out=args.hold_out,
+        mask_threshold=args.mask_threshold,
     )

@@ -115,10 +115,11 @@ class ConversionResult:
     converted: list[str]
     refused: dict[str, str]
     held_out: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def summary_lines(self) -> list[str]:
-        """Human-readable summary: one line for the totals, one per refused case."""
-        lines = [f"converted {len(self.converted)} cases into {self.dataset_folder}"]
+        """Human-readable summary: one line for the totals, one per note and one per refused case."""
+        lines = [f"converted {len(self.converted)} cases into {self.dataset_folder}"] + list(self.notes)
         if self.held_out:
             lines.append(f"held out {len(self.held_out)} of them as a test set (imagesTs/, labelsTs/; never "
                          f"planned, trained or validated on)")

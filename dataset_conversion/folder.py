@@ -224,7 +224,53 @@ def save_png(array: np.ndarray, path: Path) -> None:
     write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), check_image_file)
 
 
-def prepare_image_case(case: CaseFiles, *, labels: Mapping[str, int], num_channels: int) -> PreparedCase:
+def consecutive_labels(labels: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int] | None]:
+    """(nnU-Net's labels map, the values stored in the mask files or None): a map whose values are not
+    0, 1, 2, ... (``background=0,polyp=255``) keeps its order and gets consecutive values; the stored
+    values are returned so that masks can be mapped and predictions written back in them."""
+    values = sorted(labels.values())
+    if values == list(range(len(values))):
+        return dict(labels), None
+    if len(set(values)) != len(values) or values[0] != 0 or any(v < 0 for v in values):
+        return dict(labels), None  # validate_labels_map says what is wrong
+    ordered = sorted(labels.items(), key=lambda kv: kv[1])
+    return {k: i for i, (k, _) in enumerate(ordered)}, dict(ordered)
+
+
+class MaskCleaning:
+    """What conversion does to stored mask values, and how many pixels it changed.
+
+    ``source``: the values the mask files store for each label (``None``: the labels map's own);
+    ``threshold``: for a two-label map, stored values at or above it are foreground and the rest
+    background (JPEG-compressed 0/255 masks hold values in between).
+    """
+
+    def __init__(self, labels: Mapping[str, int], source: Mapping[str, int] | None, threshold: float | None):
+        self.labels, self.source, self.threshold = dict(labels), dict(source or labels), threshold
+        self.changed_pixels = 0
+        self.masks_changed = 0
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        if self.threshold is not None:
+            background, foreground = sorted(self.source.values())
+            snapped = np.where(mask >= self.threshold, foreground, background)
+            changed = int(np.count_nonzero(snapped != mask))
+            self.changed_pixels += changed
+            self.masks_changed += bool(changed)
+            mask = snapped
+        if self.source != self.labels:
+            out = np.full(mask.shape, -1, dtype=np.int32)  # -1: a stored value the map does not list
+            for name, stored in self.source.items():
+                out[mask == stored] = self.labels[name]
+            unknown = np.unique(mask[out < 0])
+            if unknown.size:
+                return mask  # integer_label_array refuses it, naming the values
+            mask = out
+        return mask
+
+
+def prepare_image_case(case: CaseFiles, *, labels: Mapping[str, int], num_channels: int,
+                       cleaning: MaskCleaning | None = None) -> PreparedCase:
     """Read and check one 2D case: channel count, equal sizes, mask values; refuse otherwise."""
     if case.label is None:
         raise CaseRefused("no label file")
@@ -241,7 +287,8 @@ def prepare_image_case(case: CaseFiles, *, labels: Mapping[str, int], num_channe
                 f"{short_name(path)}: size {array.shape[1]}x{array.shape[0]} differs from "
                 f"{reference[1]}x{reference[0]} of {short_name(reference_path)}"
             )
-    label = integer_label_array(map_binary_255(mask, labels), labels, short_name(case.label))
+    mask = cleaning(mask) if cleaning is not None else map_binary_255(mask, labels)
+    label = integer_label_array(mask, labels, short_name(case.label))
     return PreparedCase(images=arrays, label=label, save=save_png)
 
 
@@ -286,6 +333,7 @@ def convert_folder(
     raw_root: str | Path | None = None,
     overwrite: bool = False,
     hold_out: str | None = None,
+    mask_threshold: float | None = None,
 ) -> ConversionResult:
     """Convert an images/labels folder pair into ``DatasetNNN_Name``.
 
@@ -294,12 +342,18 @@ def convert_folder(
         labels_dir: folder of label files with matching names.
         dataset_id: nnU-Net dataset ID (1..999).
         name: dataset name (letters, digits, ``_``, ``-``).
-        labels: nnU-Net labels map, e.g. ``{"background": 0, "liver": 1}``.
+        labels: labels map, e.g. ``{"background": 0, "liver": 1}``. For 2D masks the values may be the
+            ones the files store (``{"background": 0, "polyp": 255}``): they become 0, 1, ... in order,
+            and ``dataset.json`` records the stored values (``samnnu_stored_label_values``) so that
+            predictions are written back in them.
         channel_names: one name per channel (``["T1", "T2"]`` or ``{"0": "CT"}``); default
             ``image`` for one channel, ``R``/``G``/``B`` for colour 2D images.
         raw_root: nnU-Net raw folder; default from :func:`samnnu.config.setup_environment`.
         hold_out: case-id pattern of a fixed test set (``*7``), written to ``imagesTs/`` + ``labelsTs/``.
         overwrite: replace an existing dataset folder with the same ID and name.
+        mask_threshold: 2D masks with two labels only: stored values at or above it are foreground,
+            the rest background (for masks saved as JPEG, whose 0/255 become noisy); the result says
+            how many pixels this changed.
 
     Returns:
         ConversionResult (folder, converted case ids, refused {case: reason}).
@@ -308,9 +362,14 @@ def convert_folder(
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             raise SamnnuError(f"{folder}: folder not found")
-    labels = validate_labels_map(labels)
     cases = find_cases(images_dir, labels_dir)
     kind = data_kind(cases, images_dir)
+    stored = None
+    if kind == "2d":
+        labels, stored = consecutive_labels(labels)
+    labels = validate_labels_map(labels)
+    if mask_threshold is not None and (kind != "2d" or len(labels) != 2):
+        raise SamnnuError("--mask-threshold applies to 2D masks with two labels (background and one class)")
     if channel_names is None:
         names = default_channel_names(typical_channel_count(cases, kind), kind)
     else:
@@ -321,10 +380,23 @@ def convert_folder(
         )
         spec = DatasetSpec(dataset_id, name, names, labels, ".nii.gz")
     else:
-        prepare = partial(prepare_image_case, labels=labels, num_channels=len(names))
+        cleaning = MaskCleaning(labels, stored, mask_threshold) if (stored or mask_threshold is not None) else None
+        prepare = partial(prepare_image_case, labels=labels, num_channels=len(names), cleaning=cleaning)
         extra = {"overwrite_image_reader_writer": "NaturalImage2DIO"}
+        if stored:
+            extra["samnnu_stored_label_values"] = stored
         spec = DatasetSpec(dataset_id, name, names, labels, ".png", extra)
-    return convert_cases(
+    result = convert_cases(
         cases, spec, prepare, default_raw_root(raw_root), overwrite=overwrite,
         hold_out=hold_out, source=str(images_dir)
     )
+    if kind == "2d" and stored:
+        result.notes.append("labels " + ", ".join(f"{k}={v}" for k, v in stored.items()) + " are stored as "
+                            + ", ".join(f"{k}={v}" for k, v in labels.items()) + "; predictions are written back "
+                            "in the stored values")
+    if mask_threshold is not None:
+        background, foreground = sorted(cleaning.source.values())
+        result.notes.append(f"mask threshold {mask_threshold:g}: {cleaning.changed_pixels} pixel(s) in "
+                            f"{cleaning.masks_changed} mask(s) changed value (stored values >= {mask_threshold:g} "
+                            f"became {foreground}, the others {background})")
+    return result

@@ -290,9 +290,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="samnnu_predict", description="Segment a folder of volumes with a trained "
-                                                                    "model (folds are ensembled).")
-    p.add_argument("-i", "--input", required=True, help="folder of images (CASE.nii.gz or CASE_0000.nii.gz ...)")
+    p = _Parser(prog="samnnu_predict", description="Segment a folder of volumes or 2D images with a trained "
+                                                   "model (folds are ensembled).")
+    p.add_argument("-i", "--input", required=True,
+                   help="folder of images in the model's format: volumes (CASE.nii.gz, or CASE_0000.nii.gz ... one "
+                        "file per channel), or for a model trained on 2D images PNG, JPEG, TIFF or BMP (CASE.jpg, or "
+                        "CASE_0000.png ...; an RGB file holds three channels, as samnnu_convert read them)")
     p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input folder)")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
     p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
@@ -469,7 +472,7 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
         from samnnu.reporting.summary import summarize
 
         result = summarize(args.dataset, output_dir=args.output, ensembles=not args.no_ensembles,
-                           num_processes=args.np)
+                           num_processes=args.np, data_root=args.data_root)
         best = result["best"]
         print(f"best: {best['name']} (mean foreground Dice {best['foreground_dice_mean']:.4f} over folds "
               f"{' '.join(map(str, best['folds']))})\n{best['predict_command']}\nsummary: {result['html']}")

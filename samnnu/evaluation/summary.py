@@ -24,6 +24,7 @@ Choosing the best (after nnU-Net's ``find_best_configuration``)
 from __future__ import annotations
 
 import math
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -176,14 +177,21 @@ def _ensemble(m1: Mapping[str, Any], m2: Mapping[str, Any], dataset_json: Mappin
 # --------------------------------------------------------------------------- commands
 
 
-def predict_commands(dataset: str, best: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]) -> str:
-    """The command(s) that segment new images with ``best`` (a model, or an ensemble of two)."""
+def predict_commands(dataset: str, best: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],
+                     data_root: str | None = None) -> str:
+    """The command(s) that segment new images with ``best`` (a model, or an ensemble of two), complete:
+    with ``--data-root`` (or, for nnU-Net's tools, its folders exported) when the data live in a chosen root."""
     folds = " ".join(str(f) for f in best["folds"])
+    root = f" --data-root {shlex.quote(str(data_root))}" if data_root is not None else ""
     if best["kind"] == "model":
         return (f"samnnu_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d {dataset} -f {folds} "
-                f"-tr {best['trainer']} -c {best['configuration']} -p {best['plans']}")
+                f"-tr {best['trainer']} -c {best['configuration']} -p {best['plans']}{root}")
     lines = [f"# samnnu_predict has no ensembling; nnU-Net's tools do it (export nnUNet_extTrainer="
              f"{trainers_folder()} so that they find samnnu's trainers)"]
+    if data_root is not None:
+        base = Path(data_root).expanduser().resolve()
+        lines.append("export " + " ".join(f"{v}={shlex.quote(str(base / v))}"
+                                          for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")))
     outs = []
     for j, member in enumerate(best["members"], start=1):
         m = models[member]
@@ -198,7 +206,7 @@ def predict_commands(dataset: str, best: Mapping[str, Any], models: Mapping[str,
 
 
 def compare_models(name: str, out_dir: Path, *, ensembles: bool = True,
-                   num_processes: int | None = None) -> dict[str, Any]:
+                   num_processes: int | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Compare every trained model of the dataset ``name`` across folds and choose the best one.
 
     Folds without samnnu's ``evaluation.json`` are evaluated into ``out_dir/evaluations/``, ensembles
@@ -269,7 +277,7 @@ def compare_models(name: str, out_dir: Path, *, ensembles: bool = True,
     ranking = sorted(candidates, key=key)
     best = dict(candidates[ranking[0]])
     best["foreground_dice_mean"] = best["foreground_dice"]["mean"]
-    best["predict_command"] = predict_commands(name, best, models)
+    best["predict_command"] = predict_commands(name, best, models, data_root)
     fold_sets = {tuple(m["folds"]) for m in models.values()}
     if len(fold_sets) > 1:
         notes.append("the models were validated on different folds; their means are not over the same cases")

@@ -70,6 +70,66 @@ def collect_cases(input_folder: Path, file_ending: str, n_channels: int) -> dict
     return out
 
 
+def collect_2d_cases(input_folder: Path, n_channels: int) -> dict[str, list[Path]]:
+    """Group 2D image inputs (PNG, JPEG, TIFF, BMP) by case the way ``samnnu_convert folder`` groups them:
+    ``CASE.jpg``, or ``CASE_0000.png``, ``CASE_0001.png``, ... An RGB file holds three channels, a grey
+    file one; a case's files together must hold the model's ``n_channels``.
+
+    Raises SamnnuError naming the folder or file for a missing, unreadable or wrongly sized case.
+    """
+    # local: the converter's readers pull in PIL and SimpleITK (slow to import)
+    from samnnu.dataset_conversion.folder import IMAGE_2D_ENDINGS, peek_channel_count, split_ending
+
+    files = sorted(p for p in input_folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and split_ending(p.name)[1] in IMAGE_2D_ENDINGS)
+    if not files:
+        raise SamnnuError(f"{input_folder}: no 2D images to predict ({', '.join(IMAGE_2D_ENDINGS)})")
+    cases: dict[str, dict[int, Path]] = {}
+    for p in files:
+        stem = split_ending(p.name)[0]
+        m = _CHANNEL.match(stem)
+        case, index = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if index in cases.setdefault(case, {}):
+            raise SamnnuError(f"{p}: case '{case}' has file {index} twice ({cases[case][index].name} and {p.name})")
+        cases[case][index] = p
+    out = {}
+    for case, by_index in cases.items():
+        paths = [by_index[i] for i in sorted(by_index)]
+        counts = [peek_channel_count(p) for p in paths]
+        for p, n in zip(paths, counts):
+            if n is None:
+                raise SamnnuError(f"{p}: cannot be read as an image")
+        if sum(counts) != n_channels:
+            names = ", ".join(p.name for p in paths)
+            raise SamnnuError(f"{input_folder}: case '{case}' holds {sum(counts)} channel(s) ({names}) but the model "
+                              f"expects {n_channels}" + (" (one RGB file, or three grey ones)" if n_channels == 3 else ""))
+        out[case] = paths
+    return out
+
+
+def stage_2d_inputs(cases: Mapping[str, list[Path]], folder: Path) -> dict[str, list[Path]]:
+    """Write each case's images as the PNG files ``samnnu_convert`` writes for training (decoded pixels,
+    lossless; a colour file keeps its three channels), so the model sees what it was trained on whatever
+    the input format. Returns {case: [staged PNG files]}."""
+    # local: the converter's readers pull in PIL and SimpleITK (slow to import)
+    from samnnu.dataset_conversion.common import CaseRefused
+    from samnnu.dataset_conversion.folder import read_2d_image, save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = {}
+    for case, paths in cases.items():
+        staged[case] = []
+        for i, p in enumerate(paths):
+            try:
+                array = read_2d_image(p)
+            except CaseRefused as e:
+                raise SamnnuError(f"{p}: {e}") from None
+            target = folder / f"{case}_{i:04d}.png"
+            save_png(array, target)
+            staged[case].append(target)
+    return staged
+
+
 def check_input_image(path: Path) -> None:
     """Refuse an input image that is truncated, damaged or 4D (one-line SamnnuError naming it); say how many
     NaN voxels a floating-point image holds (they are read as 0)."""
@@ -292,6 +352,21 @@ def _write_like(array: np.ndarray, like: Path, target: Path) -> None:
     write_image_atomic(image, target)
 
 
+def _write_stored_values(path: Path, values: Mapping[int, int]) -> None:
+    """Rewrite a predicted 2D label map (PNG) in the values the dataset's mask files store
+    (``{label: stored value}``, e.g. ``{0: 0, 1: 255}``), so it looks as the user's own masks do."""
+    from PIL import Image  # local: only 2D datasets need it
+
+    from samnnu.dataset_conversion.folder import save_png  # local: pulls in the converter (SimpleITK)
+
+    with Image.open(path) as image:
+        labels = np.asarray(image)
+    lut = np.zeros(max(int(labels.max()), max(values)) + 1, dtype=np.uint16)
+    for label, value in values.items():
+        lut[label] = value
+    save_png(lut[labels].astype(np.uint8 if max(values.values()) <= 255 else np.uint16), path)
+
+
 RESUME_FILE = ".samnnu_predict.json"
 WORK_FOLDER = ".samnnu_partial"
 
@@ -371,7 +446,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     model = _open_model(dataset, folds=folds, trainer=trainer, configuration=configuration, plans=plans,
                         device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
     ending = model.file_ending
-    cases = collect_cases(inp, ending, len(model.dataset_json["channel_names"]))
+    n_channels = len(model.dataset_json["channel_names"])
+    images_2d = ending.lower() in (".png", ".bmp", ".tif", ".tiff")  # nnU-Net's natural-image datasets
+    cases = collect_2d_cases(inp, n_channels) if images_2d else collect_cases(inp, ending, n_channels)
     if num_parts > 1:
         cases = {c: cases[c] for c in sorted(cases)[part_id::num_parts]}
 
@@ -413,6 +490,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     written = [out / f"{c}{ending}" for c in finished]
     used_prompts = {}
     work.mkdir(exist_ok=True)
+    if images_2d and todo:  # any 2D format in, the converter's PNGs to the model
+        todo = stage_2d_inputs(todo, work / "inputs")
+        cases.update(todo)
     produced = _run_model(model, todo, work, probabilities=bool(prompted)) if todo else {}
     for case, seg_file in produced.items():
         target = out / f"{case}{ending}"
@@ -433,6 +513,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             _write_like(refined, seg_file, target)
         else:
             os.replace(seg_file, target)  # checked by _run_model; the same file system
+        stored = model.dataset_json.get("samnnu_stored_label_values")
+        if images_2d and stored:
+            labels = model.dataset_json["labels"]
+            _write_stored_values(target, {int(labels[name]): value for name, value in stored.items()})
         written.append(target)
         done[case] = stamps[case]
         write_json_atomic(resume_file, {"signature": signature, "done": done})

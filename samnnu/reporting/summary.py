@@ -19,7 +19,7 @@ from samnnu.safe_io import write_json_atomic, write_text_atomic
 
 
 def summarize(dataset: str | int, *, output_dir: str | os.PathLike | None = None, ensembles: bool = True,
-              num_processes: int | None = None) -> dict[str, Any]:
+              num_processes: int | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Compare every trained model of ``dataset`` across folds; write ``summary.json`` and ``summary.html``.
 
     Args:
@@ -27,6 +27,7 @@ def summarize(dataset: str | int, *, output_dir: str | os.PathLike | None = None
         output_dir: default ``nnUNet_results/<dataset>/summary``.
         ensembles: also try every two-model ensemble that has validation probabilities.
         num_processes: evaluation workers (default: samnnu.config.num_processes()).
+        data_root: the data root the user chose (``--data-root``), written into the printed commands.
 
     Returns:
         :func:`samnnu.evaluation.summary.compare_models`'s result (``"dataset", "models", "ranking",
@@ -39,7 +40,7 @@ def summarize(dataset: str | int, *, output_dir: str | os.PathLike | None = None
     name = dataset_name(dataset)
     out_dir = (Path(output_dir).expanduser() if output_dir is not None
                else current_paths().results / name / SUMMARY_FOLDER)
-    summary = compare_models(name, out_dir, ensembles=ensembles, num_processes=num_processes)
+    summary = compare_models(name, out_dir, ensembles=ensembles, num_processes=num_processes, data_root=data_root)
     json_path, html_path = out_dir / "summary.json", out_dir / "summary.html"
     write_json_atomic(json_path, summary)
     write_text_atomic(html_path, summary_html(summary))

@@ -172,3 +172,17 @@ def test_summarize_without_trained_folds(tmp_path, monkeypatch, capsys):
     assert summarize_main(["-d", "9"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("samnnu_summarize: error: ") and "Traceback" not in err
+
+
+def test_printed_predict_commands_carry_the_chosen_data_root():
+    from samnnu.evaluation.summary import predict_commands
+
+    best = {"kind": "model", "folds": [0, 1], "trainer": "T", "configuration": "2d", "plans": "P"}
+    assert predict_commands("D", best, {}) == "samnnu_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d D -f 0 1 -tr T -c 2d -p P"
+    assert predict_commands("D", best, {}, "/data/my root").endswith(" -p P --data-root '/data/my root'")
+    pair = {"kind": "ensemble", "folds": [0], "members": ["a", "b"]}
+    models = {m: {"trainer": "T", "configuration": "2d", "plans": "P"} for m in "ab"}
+    lines = predict_commands("D", pair, models, "/data/root").splitlines()
+    assert lines[1] == ("export nnUNet_raw=/data/root/nnUNet_raw nnUNet_preprocessed=/data/root/nnUNet_preprocessed "
+                        "nnUNet_results=/data/root/nnUNet_results")
+    assert lines[-1].startswith("nnUNetv2_ensemble")

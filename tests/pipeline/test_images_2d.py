@@ -1,0 +1,91 @@
+"""2D RGB photos with JPEG masks, as a new user has them: convert (noisy masks), plan, train, predict
+single-file RGB JPEG and PNG inputs, and get PNG masks in the values the user's masks store."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import use_data_root
+
+N_CASES = 10
+
+
+def _photo_and_mask(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A reddish disc (the 'polyp') on a textured pinkish background; the mask is 0/255."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx, r = rng.integers(18, size - 18, 2).tolist() + [int(rng.integers(8, 14))]
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    photo = np.stack([150 + 30 * rng.random((size, size)), 90 + 30 * rng.random((size, size)),
+                      110 + 30 * rng.random((size, size))], axis=-1)
+    photo[disc] = [210, 60, 50]
+    return photo.astype(np.uint8), (disc * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def polyp_folders(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("polyps")
+    rng = np.random.default_rng(7)
+    for sub in ("images", "masks", "new"):
+        (root / sub).mkdir()
+    for i in range(N_CASES):
+        photo, mask = _photo_and_mask(rng)
+        Image.fromarray(photo).save(root / "images" / f"polyp{i:02d}.jpg", quality=90)
+        Image.fromarray(mask).save(root / "masks" / f"polyp{i:02d}.jpg", quality=75)  # noisy 0/255
+    for i in range(2):  # unseen photos, one JPEG and one PNG, in different sizes
+        photo, _ = _photo_and_mask(rng, size=64 + 16 * i)
+        Image.fromarray(photo).save(root / "new" / (f"new{i}.jpg" if i == 0 else f"new{i}_0000.png"))
+    return root
+
+
+@pytest.mark.slow
+def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions(polyp_folders, tmp_path, monkeypatch,
+                                                                                capsys):
+    from samnnu.cli import convert_main, predict_main
+    from samnnu.pipeline.planning import plan_and_preprocess
+    from samnnu.pipeline.training import train
+
+    data = tmp_path / "data"
+    use_data_root(monkeypatch, data)
+    masks = [np.asarray(Image.open(p)) for p in sorted((polyp_folders / "masks").glob("*.jpg"))]
+    noisy = sum(int(np.count_nonzero((m != 0) & (m != 255))) for m in masks)
+    assert noisy > 0  # JPEG really made the masks noisy
+    assert convert_main(["folder", str(polyp_folders / "images"), str(polyp_folders / "masks"), "-d", "501",
+                         "-n", "Polyp", "--labels", "background=0,polyp=255", "--mask-threshold", "128",
+                         "--data-root", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert f"converted {N_CASES} cases" in out and "mask threshold 128:" in out
+    changed = int(out.split("mask threshold 128: ")[1].split(" pixel")[0])
+    assert changed == sum(int(np.count_nonzero(np.where(m >= 128, 255, 0) != m)) for m in masks)
+    raw = data / "nnUNet_raw" / "Dataset501_Polyp"
+    ds = json.loads((raw / "dataset.json").read_text())
+    assert ds["labels"] == {"background": 0, "polyp": 1} and ds["samnnu_stored_label_values"] == {
+        "background": 0, "polyp": 255}
+    assert ds["channel_names"] == {"0": "R", "1": "G", "2": "B"}
+    for label in (raw / "labelsTr").glob("*.png"):
+        assert set(np.unique(np.asarray(Image.open(label))).tolist()) == {0, 1}
+
+    plan_and_preprocess(501, encoder="tiny", configurations=("2d",), device_type="cpu", device_memory_gb=8)
+    train(501, 0, epochs=1, iters_per_epoch=2, mirroring=False, device="cpu", run_chain=False)
+
+    # the converter's own single-file RGB PNGs (CASE_0000.png), and unseen JPEG/PNG photos, predict as they are
+    before = {p.name: p.read_bytes() for p in (polyp_folders / "new").iterdir()}
+    for inputs in (raw / "imagesTr", polyp_folders / "new"):
+        pred = tmp_path / f"pred_{inputs.name}"
+        assert predict_main(["-i", str(inputs), "-o", str(pred), "-d", "501", "-f", "0", "--disable-tta",
+                             "--data-root", str(data)]) == 0, capsys.readouterr().err
+        written = sorted(p.name for p in pred.iterdir() if not p.name.startswith("."))
+        if inputs.name == "new":
+            assert written == ["new0.png", "new1.png"]
+            sizes = {"new0.png": (64, 64), "new1.png": (80, 80)}
+        else:
+            assert len(written) == N_CASES
+            sizes = {n: (64, 64) for n in written}
+        for name in written:
+            mask = np.asarray(Image.open(pred / name))
+            assert mask.shape == sizes[name]  # one value per pixel, the photo's size
+            assert set(np.unique(mask).tolist()) <= {0, 255}  # the user's stored values, visible in a viewer
+    assert {p.name: p.read_bytes() for p in (polyp_folders / "new").iterdir()} == before  # inputs untouched
