@@ -254,6 +254,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                    help="no test-time mirroring in validation (stored with the model: prediction follows it)")
     _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
     p.add_argument("--no-chain", action="store_true", help="train only: skip validation, evaluation and report")
+    p.add_argument("--npz", action="store_true",
+                   help="keep the validation probabilities (as nnUNetv2_train --npz), so that samnnu_summarize can "
+                        "ensemble this model with others")
     p.add_argument("--sam-checkpoint", default=None,
                    help="SAM checkpoint file (vit_*, mobilesam); overrides the plans' sam_checkpoint")
     _verbose(p, "; the fold's training_log_*.txt has them either way")
@@ -268,7 +271,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                       iters_per_epoch=args.iters_per_epoch, device=args.device,
                       continue_training=args.continue_training, mirroring=not args.disable_tta,
                       run_chain=not args.no_chain, sam_checkpoint=args.sam_checkpoint,
-                      budget_minutes=args.budget_minutes, budget_clock=args.clock)
+                      budget_minutes=args.budget_minutes, budget_clock=args.clock, save_probabilities=args.npz)
         if args.num_gpus > 1:
             from samnnu.pipeline.distributed import train_distributed
 

@@ -135,6 +135,8 @@ def _worker(spec: dict) -> dict:
         out = _time_inference(spec, dataset_name(spec["dataset"]), Path(spec["fold_dir"]))
         out["timing_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
         return out
+    if spec.get("ensembles_only"):
+        return _ensembles(spec)
     kwargs = dict(trainer=spec["trainer"], configuration=spec["configuration"], plans=spec["plans"],
                   epochs=spec.get("epochs"), iters_per_epoch=spec.get("iters_per_epoch"), device=spec["device"],
                   mirroring=False, train_cases=spec["train_cases"], budget_minutes=spec.get("budget_minutes"),
@@ -146,7 +148,8 @@ def _worker(spec: dict) -> dict:
     name = dataset_name(spec["dataset"])
     fold_dir = model_folder(name, spec["trainer"], spec["plans"], spec["configuration"], fold=spec["fold"])
     resume = any((fold_dir / f).is_file() for f in CHECKPOINTS_NEWEST_FIRST)
-    result = train(spec["dataset"], spec["fold"], continue_training=resume, **kwargs)
+    result = train(spec["dataset"], spec["fold"], continue_training=resume,
+                   save_probabilities=spec.get("save_probabilities", False), **kwargs)
     fold_dir = Path(result["fold_dir"])
     evaluation = read_json(result["evaluation"], "evaluation")
     report = read_json(fold_dir / "report.json", "fold report")
@@ -164,6 +167,7 @@ def _worker(spec: dict) -> dict:
         "training_seconds": result["train_seconds"],
         "seconds_per_iteration": result["train_seconds"] / iterations,
         "resumed": resume,
+        "probabilities_saved": bool(spec.get("save_probabilities")),
     }
     if budget:
         out["budget"] = {"clock": budget["clock"], "minutes": budget["budget_seconds"] / 60,
@@ -180,6 +184,17 @@ def _worker(spec: dict) -> dict:
     if torch.cuda.is_available() and spec["device"] != "cpu":
         out["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
     return out
+
+
+def _ensembles(spec: dict) -> dict:
+    """Every two-model ensemble of one training-set size's runs (averaged validation probabilities),
+    evaluated by :func:`samnnu.evaluation.summary.compare_models` on the same validation cases."""
+    from samnnu.evaluation.summary import compare_models  # local: pulls in scipy (slow to import)
+
+    summary = compare_models(dataset_name(spec["dataset"]), Path(spec["out_dir"]), ensembles=True)
+    return {"ensembles": [{"members": e["members"], "dice": {k: v["mean"] for k, v in e["dice"].items()},
+                           "foreground_dice_mean": e["foreground_dice"]["mean"]} for e in summary["ensembles"]],
+            "notes": summary["notes"]}
 
 
 def _learning_curve(spec: dict, name: str, fold_dir: Path, budget: dict) -> list[dict]:
@@ -448,7 +463,7 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
             state["calibration"][m.key] = _run_worker(spec, log)
             save()
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, train_cases=subsets[label],
-                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
+                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"), save_probabilities=True)
         if budget["mode"] == "stopped":
             spec.update(budget_minutes=budget_minutes, budget_clock=clock)
         else:
@@ -472,9 +487,24 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
         ran.append(f"{m.key}@{label}")
         tqdm.write(f"{m.key} on {label} training cases: mean Dice {mean_dice(result):.3f} after "
                    f"{result['iterations']} iterations, {result['seconds_per_iteration']:.2f} s/iter")
+    _ensemble_sizes(state, subsets, parsed, base, out)
     save()
     state["ran"] = ran
     return state
+
+
+def _ensemble_sizes(state: dict, subsets: dict, models: list[Model], base: dict, out: Path) -> None:
+    """For each training-set size whose runs all kept validation probabilities, evaluate every two-model
+    ensemble once (``state["ensembles"][size]``)."""
+    state.setdefault("ensembles", {})
+    for label in subsets:
+        runs = [state["runs"].get(f"{m.key}@{label}") for m in models]
+        if label in state["ensembles"] or len(runs) < 2 or any(r is None or not r.get("probabilities_saved")
+                                                               for r in runs):
+            continue
+        spec = dict(base, ensembles_only=True, out_dir=str(out / "ensembles" / f"train_{label}"),
+                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
+        state["ensembles"][label] = _run_worker(spec, out / "logs" / f"ensembles_{label}.log")
 
 
 def _retime(state: dict, models: list[Model], base: dict, out: Path, save) -> dict:
@@ -627,6 +657,13 @@ def to_markdown(state: dict) -> str:
             learned = minutes_to_learn(r)
             lines.append(f"| {r['model']} | {r['n_training_cases']} | " + " | ".join(cells)
                          + f" | {'never' if learned is None else f'{learned:.1f} min'} |")
+    ensembles = [(size, e) for size, found in state.get("ensembles", {}).items() for e in found["ensembles"]]
+    if ensembles:
+        lines += ["", "## Two-model ensembles (averaged validation probabilities)", "",
+                  "| members | cases | Dice per class | mean Dice |", "|---|---|---|---|"]
+        for size, e in ensembles:
+            dice = " / ".join("-" if v is None else f"{v:.3f}" for v in e["dice"].values())
+            lines.append(f"| {' + '.join(e['members'])} | {size} | {dice} | {mean_dice(e):.3f} |")
     tested = [r for r in state["runs"].values() if "test" in r]
     if tested:
         lines += ["", "## External test set", "", "| model | cases | training cases | Dice per class | mean Dice |",

@@ -35,8 +35,11 @@ def plans_summary(trainer) -> dict:
     return summary
 
 
-def run_fold_chain(trainer, *, train_seconds: float | None = None) -> dict:
+def run_fold_chain(trainer, *, train_seconds: float | None = None, save_probabilities: bool = False) -> dict:
     """Predict the fold's validation cases, decide postprocessing, evaluate and write the report.
+
+    ``save_probabilities``: keep the validation softmax (``validation/CASE.npz``, as ``nnUNetv2_train
+    --npz`` does), so that ``samnnu_summarize`` can ensemble this model with others.
 
     Returns {"evaluation": path, "report": path, "dice": {class: mean Dice}, "inference_seconds_per_case": s}.
     """
@@ -48,7 +51,7 @@ def run_fold_chain(trainer, *, train_seconds: float | None = None) -> dict:
     ref_dir = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"
 
     start = time.time()
-    trainer.perform_actual_validation(save_probabilities=False)
+    trainer.perform_actual_validation(save_probabilities=save_probabilities)
     _, val_keys = trainer.do_split()
     inference_per_case = (time.time() - start) / max(1, len(val_keys))
 

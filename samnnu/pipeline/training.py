@@ -125,7 +125,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
           iters_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           mirroring: bool = True, run_chain: bool = True, sam_checkpoint: str | None = None,
           train_cases: list[str] | None = None, budget_minutes: float | None = None,
-          budget_clock: str = "wall", return_trainer: bool = False) -> dict:
+          budget_clock: str = "wall", return_trainer: bool = False, save_probabilities: bool = False) -> dict:
     """Train ``trainer`` on one fold of a preprocessed dataset and (by default) run the fixed chain.
 
     Args:
@@ -144,6 +144,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
             are cut into 50 iterations (the schedule stays the normal one), snapshots are kept at
             25 % and 50 % of the budget, and ``budget_curve.json`` records the learning curve.
             Not combined with ``epochs`` (the schedule is the trainer's).
+        save_probabilities: keep the validation probabilities (``nnUNetv2_train --npz``), for ensembles.
         return_trainer: put the trainer itself in the result (``trainer_object``; used by the
             data-parallel ranks of :mod:`samnnu.pipeline.distributed`).
     Returns a dict with the fold folder, wall times and the evaluation summary (and ``budget``, the
@@ -249,7 +250,7 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
         # local: pulls in torch, segment_anything and scipy (slow to import)
         from samnnu.pipeline.chain import run_fold_chain
 
-        result.update(run_fold_chain(t, train_seconds=train_seconds))
+        result.update(run_fold_chain(t, train_seconds=train_seconds, save_probabilities=save_probabilities))
     return result
 
 

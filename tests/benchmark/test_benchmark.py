@@ -198,6 +198,11 @@ def test_time_budget_benchmark_records_learning_curves_and_the_held_out_set(base
         for p in curve:
             assert set(p["dice"]) == {"Anterior", "Posterior"} and all(0 <= v <= 1 for v in p["dice"].values())
         assert run["test"]["n_cases"] == 2
+    # both runs kept their validation probabilities: the two-model ensemble was evaluated on the same cases
+    assert all(run["probabilities_saved"] for run in state["runs"].values())
+    (ensemble,) = state["ensembles"]["all"]["ensembles"]
+    assert len(ensemble["members"]) == 2 and 0 <= ensemble["foreground_dice_mean"] <= 1
     md = (out / "results.md").read_text()
     assert "headline mode" in md and "## Learning curves" in md and "## External test set" in md
+    assert "## Two-model ensembles" in md
     assert (out / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
