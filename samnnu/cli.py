@@ -151,6 +151,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                         help="dataset.json (file or folder) or dataset ID/name under nnUNet_raw; gives class names")
     parser.add_argument("-o", "--output", dest="out", default=None,
                         help="output JSON (default: PREDICTION/evaluation.json)")
+    parser.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                        help="references saved as JPEG masks: stored values >= T are foreground (as samnnu_convert "
+                             "--mask-threshold; needs -d)")
     parser.add_argument("--tolerance", type=_positive_float, default=1.0,
                         help="surface Dice tolerance in mm (default 1)")
     parser.add_argument("-np", dest="num_processes", type=_positive_int, default=1, help="worker processes (default 1)")
@@ -174,7 +177,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         check_output_path(out)
         ds = dataset_json_from_arg(args.dataset, args.data_root) if args.dataset is not None else None
         result = evaluate_folders(args.ref, args.pred, dataset_json=ds, tolerance_mm=args.tolerance,
-                                  num_processes=args.num_processes)
+                                  num_processes=args.num_processes, reference_threshold=args.mask_threshold)
         missing = missing_line(result)
         if missing:
             print(f"{parser.prog}: {missing}", file=sys.stderr)

@@ -50,6 +50,18 @@ def _read(path: Path):
         raise SamnnuError(f"{path}: cannot read image ({first})") from None
 
 
+#: file types a label map may come in (a reference is matched to a prediction by case name, whatever its type)
+LABEL_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _case_name(file_name: str, ending: str | None) -> str | None:
+    """The case a file holds: its name without ``ending`` (any of :data:`LABEL_ENDINGS` when None)."""
+    for e in (ending,) if ending else LABEL_ENDINGS:
+        if file_name.lower().endswith(e.lower()) and len(file_name) > len(e):
+            return file_name[: -len(e)]
+    return None
+
+
 def _fmt_tuple(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{x:g}" for x in values) + ")"
 
@@ -86,23 +98,50 @@ def _format_values(values: Sequence[int], limit: int = 10) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
+def to_label_values(array: np.ndarray, stored: Mapping[int, int] | None, threshold: float | None = None) -> np.ndarray:
+    """Label values from the values a 2D mask file stores.
+
+    ``stored``: {stored value: label value} (``dataset.json``'s ``samnnu_stored_label_values``, e.g.
+    {0: 0, 255: 1}); applied when the array holds a stored value that is not itself a label value (a
+    mask as the user keeps it, or a samnnu prediction written back in those values). ``threshold``
+    (two labels only, as ``samnnu_convert --mask-threshold``): values at or above it are foreground,
+    the rest background, for masks saved as JPEG.
+    """
+    if threshold is not None:
+        if not stored or len(stored) != 2:
+            raise SamnnuError("a mask threshold needs a dataset with two labels (give -d)")
+        background, foreground = sorted(stored)
+        array = np.where(array >= threshold, foreground, background)
+    if stored:
+        present = set(np.unique(array).tolist())
+        if present & (set(stored) - set(stored.values())):
+            out = np.array(array, dtype=np.int64, copy=True)
+            for value, label in stored.items():
+                out[array == value] = label
+            return out
+    return array
+
+
 def _evaluate_file(
     pred_path: Path,
     ref_path: Path,
     labels: Mapping[str, Any] | None,
     tolerance_mm: float,
     known_values: set[int] | None = None,
+    stored: Mapping[int, int] | None = None,
+    ref_threshold: float | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[int]]:
     """Evaluate one file pair; with ``labels=None`` the classes are the labels found in either.
 
     known_values: the label values a prediction may hold (from the dataset.json); others are refused.
+    stored, ref_threshold: see :func:`to_label_values` (the threshold applies to the reference only).
     """
     import SimpleITK as sitk  # local: SimpleITK is slow to import
 
     pred_img, ref_img = _read(pred_path), _read(ref_path)
     _check_same_grid(pred_img, ref_img, pred_path, ref_path)
-    pred = sitk.GetArrayViewFromImage(pred_img)
-    ref = sitk.GetArrayViewFromImage(ref_img)
+    pred = to_label_values(sitk.GetArrayViewFromImage(pred_img), stored)
+    ref = to_label_values(sitk.GetArrayViewFromImage(ref_img), stored, ref_threshold)
     for arr, path in ((pred, pred_path), (ref, ref_path)):
         if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
             raise SamnnuError(f"{path}: contains non-integer values; expected a label map")
@@ -192,8 +231,10 @@ def evaluate_folders(
     file_ending: str | None = None,
     tolerance_mm: float = 1.0,
     num_processes: int = 1,
+    reference_threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every prediction file in ``pred_dir`` against the file of the same name in ``ref_dir``.
+    """Evaluate every prediction file in ``pred_dir`` against the reference of the same case name in
+    ``ref_dir``, whatever the reference's file type (``case.png`` against ``case.jpg`` or ``case.nii.gz``).
 
     Args:
         ref_dir: folder of reference label maps (e.g. nnU-Net's ``gt_segmentations``).
@@ -206,6 +247,9 @@ def evaluate_folders(
         file_ending: defaults to the dataset.json's ``file_ending``, else ``.nii.gz``.
         tolerance_mm: tolerance of the surface Dice.
         num_processes: worker processes; 1 evaluates in this process.
+        reference_threshold: references saved as JPEG masks: stored values at or above it are
+            foreground (as ``samnnu_convert --mask-threshold``; needs the dataset.json). Masks kept in
+            the values recorded at conversion (0/255) are read as their labels either way.
 
     Returns:
         ``{"per_case": {case: {class: {metric: value}}}, "mean", "median", "worst",
@@ -230,18 +274,34 @@ def evaluate_folders(
         if not d.is_dir():
             raise SamnnuError(f"{d}: {what} folder not found")
 
-    def case_files(folder: Path) -> dict[str, Path]:
-        return {p.name[: -len(file_ending)]: p for p in sorted(folder.iterdir())
-                if p.name.endswith(file_ending) and p.is_file()}
+    stored_names = ds.get("samnnu_stored_label_values")
+    stored = {int(v): int(ds["labels"][k]) for k, v in stored_names.items()} if stored_names else None
+    if reference_threshold is not None and not stored and "labels" in ds:
+        stored = {v: v for v in sorted(_label_values(ds["labels"]))}
+    if reference_threshold is not None and (not stored or len(stored) != 2):
+        raise SamnnuError("a reference threshold needs the dataset.json (-d) of a dataset with two labels")
+    if known_values is not None and stored:
+        known_values = known_values | set(stored)
 
-    preds, refs = case_files(pred_dir), case_files(ref_dir)
+    def case_files(folder: Path, ending: str | None) -> dict[str, Path]:
+        out = {}
+        for p in sorted(folder.iterdir()):
+            case = _case_name(p.name, ending)
+            if case is None or not p.is_file() or p.name.startswith("."):
+                continue
+            if case in out:
+                raise SamnnuError(f"{folder}: case '{case}' has two files ({out[case].name}, {p.name})")
+            out[case] = p
+        return out
+
+    preds, refs = case_files(pred_dir, file_ending), case_files(ref_dir, None)
     if not preds:
         raise SamnnuError(f"{pred_dir}: no prediction files ending in {file_ending}")
     jobs = []
     for case, p in preds.items():
         if case not in refs:
-            raise SamnnuError(f"{p}: no reference {ref_dir / p.name}")
-        jobs.append((p, refs[case], labels, tolerance_mm, known_values))
+            raise SamnnuError(f"{p}: no reference for case '{case}' in {ref_dir}")
+        jobs.append((p, refs[case], labels, tolerance_mm, known_values, stored, reference_threshold))
 
     if num_processes > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:

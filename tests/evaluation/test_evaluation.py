@@ -402,3 +402,25 @@ def test_cli_output_that_cannot_be_written(folders, tmp_path, monkeypatch, capsy
     assert out.read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "eval.csv", "eval.json", "pred", "ref"]
     assert snapshot(ref_dir, pred_dir) == before
+
+
+def test_png_predictions_against_jpeg_masks_by_case_name_with_threshold_and_stored_values(tmp_path):
+    """A user's JPEG masks (0/255 with compression noise) as references, samnnu's PNG predictions in the
+    stored values (0/255): cases are matched by name across file types, the references thresholded."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:48, :48]
+    disc = ((yy - 24) ** 2 + (xx - 20) ** 2 <= 100).astype(np.uint8) * 255
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(disc).save(tmp_path / "ref" / "photo1.jpg", quality=90)
+    Image.fromarray(disc).save(tmp_path / "pred" / "photo1.png")
+    noisy = np.asarray(Image.open(tmp_path / "ref" / "photo1.jpg"))
+    assert set(np.unique(noisy).tolist()) - {0, 255}  # JPEG made it noisy
+    ds = {"labels": {"background": 0, "polyp": 1}, "file_ending": ".png",
+          "samnnu_stored_label_values": {"background": 0, "polyp": 255}}
+    result = evaluate_folders(tmp_path / "ref", tmp_path / "pred", dataset_json=ds, reference_threshold=128)
+    assert result["n_cases"] == 1 and result["per_case"]["photo1"]["polyp"]["dice"] == pytest.approx(1.0)
+    # a threshold needs the dataset's two labels to know what foreground is
+    with pytest.raises(SamnnuError, match="threshold needs"):
+        evaluate_folders(tmp_path / "ref", tmp_path / "pred", reference_threshold=128)

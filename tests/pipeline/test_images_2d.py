@@ -74,7 +74,7 @@ def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions
     # the converter's own single-file RGB PNGs (CASE_0000.png), and unseen JPEG/PNG photos, predict as they are
     before = {p.name: p.read_bytes() for p in (polyp_folders / "new").iterdir()}
     for inputs in (raw / "imagesTr", polyp_folders / "new"):
-        pred = tmp_path / f"pred_{inputs.name}"
+        pred = tmp_path / f"pred_{inputs.name}"  # pred_imagesTr, pred_new
         assert predict_main(["-i", str(inputs), "-o", str(pred), "-d", "501", "-f", "0", "--disable-tta",
                              "--data-root", str(data)]) == 0, capsys.readouterr().err
         written = sorted(p.name for p in pred.iterdir() if not p.name.startswith("."))
@@ -89,3 +89,12 @@ def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions
             assert mask.shape == sizes[name]  # one value per pixel, the photo's size
             assert set(np.unique(mask).tolist()) <= {0, 255}  # the user's stored values, visible in a viewer
     assert {p.name: p.read_bytes() for p in (polyp_folders / "new").iterdir()} == before  # inputs untouched
+    # the user's own JPEG masks are the references: matched by case name, thresholded as at conversion
+    from samnnu.cli import evaluate_main
+
+    capsys.readouterr()
+    assert evaluate_main(["--reference", str(polyp_folders / "masks"), "--prediction", str(tmp_path / "pred_imagesTr"),
+                          "-d", "501", "--mask-threshold", "128", "--data-root", str(data),
+                          "-o", str(tmp_path / "eval.json")]) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["n_cases"] == N_CASES and 0 <= evaluation["mean"]["polyp"]["dice"] <= 1
