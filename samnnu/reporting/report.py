@@ -193,6 +193,22 @@ METRIC_LABELS = {
     "volume_abs_error_ml": "|volume error| (ml)",
     "volume_rel_error": "relative volume error",
 }
+#: The same for 2D images without a physical pixel size (PNG, JPEG, ...): distances in pixels, areas in
+#: thousands of pixels (the metrics' "ml" is the pixel count times the unit spacing over 1000).
+METRIC_LABELS_PIXELS = dict(METRIC_LABELS, hd95="HD95 (px)", assd="ASSD (px)",
+                            volume_abs_error_ml="|area error| (1000 px)")
+#: file endings of 2D natural images (nnU-Net's NaturalImage2DIO): no physical spacing, maybe colour
+PIXEL_ENDINGS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _pixels(evaluation: Mapping[str, Any]) -> bool:
+    """True for 2D images without a physical pixel size (their distances are in pixels)."""
+    return (evaluation.get("file_ending") or "").lower() in PIXEL_ENDINGS
+
+
+def metric_label(metric: str, pixels: bool = False) -> str:
+    """Axis label of a metric, in pixel units for 2D images without physical spacing."""
+    return (METRIC_LABELS_PIXELS if pixels else METRIC_LABELS).get(metric, metric)
 
 
 def _metric_figure(evaluation: Mapping[str, Any], metric: str, classes: Sequence[str]) -> str | None:
@@ -219,7 +235,7 @@ def _metric_figure_rc(evaluation: Mapping[str, Any], metric: str, classes: Seque
     names = ["\n".join(textwrap.wrap(str(c), 14)) or str(c) for c in classes]
     ax.set_xticks(range(1, len(classes) + 1), names)
     ax.set_xlim(0.4, len(classes) + 0.6)
-    label = METRIC_LABELS.get(metric, metric)
+    label = metric_label(metric, _pixels(evaluation))
     ax.set_ylabel(label)
     if metric in ("dice", "iou", "surface_dice"):
         ax.set_ylim(-0.03, 1.03)
@@ -274,12 +290,16 @@ def _overlay(
     except RuntimeError:
         return f'<p class="note">{html.escape(role)} case {html.escape(case)}: cannot read {html.escape(str(ref_path))} or {html.escape(str(pred_path))}</p>'
     image = None
+    photo = ref.ndim == 2 and file_ending.lower() in PIXEL_ENDINGS  # a 2D image: no slices, no mm
     if images_dir is not None:
         img_path = images_dir / f"{case}_0000{file_ending}"
         try:
             image, _ = _read_array(img_path)
-            if image.shape != ref.shape:
+            colour = image.ndim == ref.ndim + 1 and image.shape[-1] in (3, 4)  # RGB(A): (H, W, 3)
+            if image.shape[:ref.ndim] != ref.shape or (image.ndim != ref.ndim and not colour):
                 image = None
+            elif colour:
+                image = image[..., :3]
         except RuntimeError:
             image = None
     if ref.ndim == 2:
@@ -292,18 +312,23 @@ def _overlay(
     z = int(np.argmax(area)) if area.any() else ref.shape[0] // 2
 
     with matplotlib.rc_context(_RC):
-        fig = _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes)
+        fig = _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes, photo=photo)
     score_txt = "nan" if math.isnan(score) else f"{score:.3f}"
-    return _img(_png_base64(fig), f"{role} case {case}, axial slice {z}, mean foreground Dice {score_txt}")
+    where = "" if photo else f", axial slice {z}"
+    return _img(_png_base64(fig), f"{role} case {case}{where}, mean foreground Dice {score_txt}")
 
 
-def _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes):
+def _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes, photo: bool = False):
     ratio = ref.shape[1] * spacing[1] / (ref.shape[2] * spacing[2])  # height / width on screen
     width = 3.2
     fig = _figure(width, width * min(2.0, max(0.5, ratio)) + 0.9)
     ax = fig.add_subplot()
     aspect = spacing[1] / spacing[2]
-    if image is not None:
+    if image is not None and image.ndim == 4:  # colour: the photo as it is
+        sl = image[z]
+        ax.imshow(sl if sl.dtype == np.uint8 else np.clip(sl / max(float(sl.max()), 1e-9), 0, 1), aspect=aspect,
+                  interpolation="nearest")
+    elif image is not None:
         sl = image[z].astype(float)
         lo, hi = np.percentile(sl, [0.5, 99.5]) if sl.size else (0, 1)
         ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect,
@@ -328,7 +353,7 @@ def _draw_overlay(case, role, score, z, ref, pred, image, spacing, classes):
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
     ax.set_axis_off()
     score_txt = "nan" if math.isnan(score) else f"{score:.3f}"
-    ax.set_title(f"{role}: {case}\nslice {z}, mean Dice {score_txt}")
+    ax.set_title(f"{role}: {case}\n" + ("" if photo else f"slice {z}, ") + f"mean Dice {score_txt}")
     return fig
 
 
@@ -490,7 +515,7 @@ def write_fold_report(
     parts.append(f"<h2>{SECTIONS[3]}</h2>")
     metric_figs = {m: _metric_figure(evaluation, m, class_names) for m in WORST}
     parts.append("".join(f for f in metric_figs.values() if f) or '<p class="note">No per-case values.</p>')
-    undefined = [METRIC_LABELS.get(m, m) for m, f in metric_figs.items() if f is None]
+    undefined = [metric_label(m, _pixels(evaluation)) for m, f in metric_figs.items() if f is None]
     if undefined and any(metric_figs.values()):
         parts.append(f'<p class="note">Not drawn, no case has a defined value: {html.escape(", ".join(undefined))} '
                      "(a distance to an empty mask is undefined).</p>")

@@ -69,7 +69,20 @@ def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions
         assert set(np.unique(np.asarray(Image.open(label))).tolist()) == {0, 1}
 
     plan_and_preprocess(501, encoder="tiny", configurations=("2d",), device_type="cpu", device_memory_gb=8)
-    train(501, 0, epochs=1, iters_per_epoch=2, mirroring=False, device="cpu", run_chain=False)
+    result = train(501, 0, epochs=1, iters_per_epoch=2, mirroring=False, device="cpu")
+    # the fold report fits photos: pixel units, no slices, and the photo (not grey) under the contours
+    report = Path(result["report"]).read_text()
+    assert "HD95 (px)" in report and "HD95 (mm)" not in report and "axial" not in report
+    import base64
+    import io
+    import re
+
+    overlays = [m for m in re.findall(r'<figure><img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', report)
+                if m[1].startswith(("best case", "median case", "worst case"))]
+    assert len(overlays) == 3
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(overlays[0][0]))).convert("RGB")).astype(int)
+    pinkish = (np.abs(rgb - [165, 105, 125]) <= 25).all(-1)  # the photos' background colour
+    assert pinkish.sum() > 500, "the overlay does not show the photo"
 
     # the converter's own single-file RGB PNGs (CASE_0000.png), and unseen JPEG/PNG photos, predict as they are
     before = {p.name: p.read_bytes() for p in (polyp_folders / "new").iterdir()}
