@@ -25,7 +25,8 @@ setup(
         "samnnu.dataset_conversion": "dataset_conversion",
     },
     package_data={"samnnu.demo_data": ["hippocampus/README.md", "hippocampus/images/*.nii.gz",
-                                         "hippocampus/labels/*.nii.gz"]},
+                                         "hippocampus/labels/*.nii.gz", "photos/README.md", "photos/images/*.jpg",
+                                         "photos/masks/*.jpg"]},
     install_requires=[
         "torch",
         "nnunetv2>=2.8.1,<2.9",

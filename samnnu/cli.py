@@ -432,13 +432,17 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
                    help="training iterations (default: a few minutes' worth)")
     p.add_argument("--encoder", default="litemedsam", help="SAM encoder (default litemedsam)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--2d", dest="photos", action="store_true",
+                   help="the 2D demo instead: shipped synthetic RGB photos with JPEG masks (convert with a mask "
+                        "threshold, predict JPEG photos, evaluate against the JPEG masks)")
     _verbose(p)
     args = p.parse_args(argv)
 
     def go():
-        from samnnu.demo import run_demo
+        from samnnu.demo import run_demo, run_demo_2d
 
-        run_demo(args.output, iterations=args.iterations, encoder=args.encoder, device=args.device)
+        (run_demo_2d if args.photos else run_demo)(args.output, iterations=args.iterations, encoder=args.encoder,
+                                                   device=args.device)
 
     return _run(p.prog, go, verbose=args.verbose)
 

@@ -1,4 +1,5 @@
-"""``samnnu_demo``: the whole chain on the hippocampus cases shipped inside the package.
+"""``samnnu_demo``: the whole chain on the hippocampus cases shipped inside the package
+(``samnnu_demo --2d``: on the shipped synthetic RGB photos with JPEG masks).
 
 convert -> fingerprint + plans + preprocessing -> train fold 0 briefly -> validation, postprocessing,
 evaluation and the fold report -> ``samnnu_predict`` on the fold's validation images -> Dice against
@@ -70,6 +71,77 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
           + "  (a short CPU training; more iterations and cases reach higher: docs/benchmarks.md)")
     print(f"Fold report: {result['report']}")
     return {"dice": dice, "report": result["report"], "minutes": minutes}
+
+
+PHOTO_DATASET_ID = 501
+PHOTO_LABELS = {"background": 0, "polyp": 255}  # the values the JPEG masks store
+PHOTO_MASK_THRESHOLD = 128
+
+
+def run_demo_2d(output: str | None = None, *, iterations: int | None = None, encoder: str = "litemedsam",
+                device: str | None = None) -> dict:
+    """The same chain on the shipped synthetic RGB photos with JPEG masks (``samnnu_demo --2d``): convert
+    with the masks' stored values and a threshold, plan, train fold 0 briefly, predict the validation
+    photos straight from their JPEG files, and evaluate against the user's own JPEG masks."""
+    from samnnu.dataset_conversion.folder import convert_folder  # local: pulls in PIL
+    from samnnu.demo_data import demo_photos_path
+
+    work = Path(output or "samnnu_demo_2d_output").resolve()
+    paths = setup_environment(work)
+    start = time.time()
+    src = demo_photos_path()
+
+    step = _steps(5)
+    step("converting the shipped photos (RGB JPEG) and their JPEG masks")
+    conversion = convert_folder(src / "images", src / "masks", PHOTO_DATASET_ID, "Polyps", dict(PHOTO_LABELS),
+                                raw_root=paths.raw, overwrite=True, mask_threshold=PHOTO_MASK_THRESHOLD)
+    for line in conversion.summary_lines()[1:]:
+        print(line)
+
+    step("fingerprint, plans, preprocessing")
+    plan_and_preprocess(PHOTO_DATASET_ID, configurations=("2d",), encoder=encoder)
+
+    iterations = iterations or DEFAULT_ITERATIONS
+    per_epoch = min(ITERATIONS_PER_EPOCH, iterations)
+    epochs = max(1, round(iterations / per_epoch))
+    step(f"training fold 0: {epochs} epoch(s) x {per_epoch} iterations, then validation, postprocessing, "
+         f"evaluation and report")
+    result = train(PHOTO_DATASET_ID, 0, trainer="SAMedLoRATrainer", configuration="2d", epochs=epochs,
+                   iters_per_epoch=per_epoch, device=device, mirroring=False)
+
+    step("samnnu_predict on the fold's validation photos, read straight from their JPEG files")
+    fold_dir = Path(result["fold_dir"])
+    val_cases = sorted(p.name[: -len(".png")] for p in (fold_dir / "validation").glob("*.png"))
+    inputs = work / "demo_inputs"
+    inputs.mkdir(exist_ok=True)
+    for case in val_cases:
+        link = inputs / f"{case}.jpg"
+        if not link.exists():
+            link.symlink_to(src / "images" / f"{case}.jpg")
+    predictions = work / "demo_predictions"
+    predict(inputs, predictions, PHOTO_DATASET_ID, folds=(0,), trainer="SAMedLoRATrainer", configuration="2d",
+            device=device, mirroring=False)
+
+    step("evaluating the predicted PNG masks (0/255) against the original JPEG masks")
+    raw = Path(conversion.dataset_folder)
+    references = work / "demo_references"
+    references.mkdir(exist_ok=True)
+    for case in val_cases:
+        link = references / f"{case}.jpg"
+        if not link.exists():
+            link.symlink_to(src / "masks" / f"{case}.jpg")
+    evaluation = evaluate_folders(references, predictions, dataset_json=str(raw / "dataset.json"),
+                                  reference_threshold=PHOTO_MASK_THRESHOLD)
+    write_evaluation(evaluation, work / "demo_evaluation.json")
+    minutes = (time.time() - start) / 60
+    print(format_dice_table(evaluation))
+    dice = {name: m["dice"] for name, m in evaluation["mean"].items()}
+    print(f"\nsamnnu demo (2D photos) finished in {minutes:.1f} min: {epochs * per_epoch} training iterations on "
+          f"{len(conversion.converted) - len(val_cases)} photos, {len(val_cases)} held-out photos predicted "
+          f"into {predictions}.")
+    print("Mean Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+    print(f"Fold report: {result['report']}")
+    return {"dice": dice, "report": result["report"], "minutes": minutes, "predictions": str(predictions)}
 
 
 def _steps(total: int):

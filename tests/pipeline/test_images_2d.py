@@ -111,3 +111,18 @@ def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions
                           "-o", str(tmp_path / "eval.json")]) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["n_cases"] == N_CASES and 0 <= evaluation["mean"]["polyp"]["dice"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_2d_runs_on_the_shipped_photos(tmp_path, monkeypatch):
+    from samnnu.demo import run_demo_2d
+    from samnnu.demo_data import demo_photos_path
+
+    use_data_root(monkeypatch, tmp_path / "unused")  # restores the environment run_demo_2d sets
+    before = {p.name: p.read_bytes() for p in (demo_photos_path() / "images").iterdir()}
+    result = run_demo_2d(str(tmp_path / "demo"), iterations=2, encoder="tiny", device="cpu")
+    assert set(result["dice"]) == {"polyp"} and 0 <= result["dice"]["polyp"] <= 1
+    written = sorted(Path(result["predictions"]).glob("*.png"))
+    assert written and all(set(np.unique(np.asarray(Image.open(p))).tolist()) <= {0, 255} for p in written)
+    assert Path(result["report"]).is_file()
+    assert {p.name: p.read_bytes() for p in (demo_photos_path() / "images").iterdir()} == before
