@@ -327,6 +327,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                    help="split the cases into this many parts, one per machine or GPU (default 1)")
     p.add_argument("--part-id", type=int, default=0,
                    help="which part this run predicts, 0 .. num-parts - 1 (default 0)")
+    p.add_argument("--overlay", action="store_true",
+                   help="2D images: also write OUTPUT/overlays/CASE.png, the image with the prediction in colour")
     _verbose(p)
     _data_root(p)
     args = p.parse_args(argv)
@@ -344,7 +346,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                           postprocess=not args.no_postprocessing, prompts=args.prompts,
                           auto_prompts=args.auto_prompts, refiner=args.refiner_encoder, refine_options=options,
                           write_prompts=args.write_prompts, overwrite=args.overwrite, num_parts=args.num_parts,
-                          part_id=args.part_id)
+                          part_id=args.part_id, overlay=args.overlay)
         part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
         print(f"wrote {len(written)} segmentations to {args.output}{part}")
 

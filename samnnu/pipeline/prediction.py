@@ -352,6 +352,32 @@ def _write_like(array: np.ndarray, like: Path, target: Path) -> None:
     write_image_atomic(image, target)
 
 
+#: colours of labels 1, 2, ... in overlays (RGB)
+OVERLAY_COLOURS = ((46, 204, 113), (231, 76, 60), (52, 152, 219), (241, 196, 15), (155, 89, 182), (230, 126, 34))
+
+
+def _write_overlay(images: list[Path], labels_file: Path, target: Path, alpha: float = 0.45) -> None:
+    """The case's image (its staged PNGs: RGB, or the first grey channel) with each label in colour."""
+    from PIL import Image  # local: only 2D datasets need it
+
+    from samnnu.dataset_conversion.folder import save_png  # local: pulls in the converter (SimpleITK)
+
+    with Image.open(images[0]) as im:
+        photo = np.asarray(im.convert("RGB") if im.mode in ("RGB", "RGBA", "P") else im)
+    if photo.ndim == 2:  # grey (8 or 16 bit): stretched to 8-bit grey
+        lo, hi = np.percentile(photo, [0.5, 99.5])
+        grey = np.clip((photo.astype(float) - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+        photo = np.stack([grey] * 3, axis=-1)
+    with Image.open(labels_file) as im:
+        labels = np.asarray(im)
+    out = photo.astype(float)
+    for k, value in enumerate(v for v in np.unique(labels) if v != 0):
+        where = labels == value
+        out[where] = (1 - alpha) * out[where] + alpha * np.array(OVERLAY_COLOURS[k % len(OVERLAY_COLOURS)])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_png(np.clip(out, 0, 255).astype(np.uint8), target)
+
+
 def _write_stored_values(path: Path, values: Mapping[int, int]) -> None:
     """Rewrite a predicted 2D label map (PNG) in the values the dataset's mask files store
     (``{label: stored value}``, e.g. ``{0: 0, 1: 255}``), so it looks as the user's own masks do."""
@@ -406,7 +432,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
             auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,
             write_prompts: str | os.PathLike | None = None, overwrite: bool = False, num_parts: int = 1,
-            part_id: int = 0) -> list[Path]:
+            part_id: int = 0, overlay: bool = False) -> list[Path]:
     """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
 
     Output label maps have exactly the inputs' size, spacing, origin and direction (nnU-Net restores
@@ -425,6 +451,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     predictions it left in ``OUTPUT/.samnnu_partial/`` are reused when intact, and the rest are predicted. ``overwrite`` redoes
     every case. Every output is re-read before it takes its final name: a full disk is a SamnnuError,
     never a silently empty file.
+
+    overlay: for 2D images, also write ``OUTPUT/overlays/CASE.png``: the image with each predicted label
+    laid over it in colour, to look at.
 
     num_parts, part_id: predict only every ``num_parts``-th case (in sorted order), starting at ``part_id``,
     as ``nnUNetv2_predict -num_parts -part_id`` does: ``num_parts`` runs with part ids 0 .. num_parts - 1,
@@ -513,6 +542,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             _write_like(refined, seg_file, target)
         else:
             os.replace(seg_file, target)  # checked by _run_model; the same file system
+        if images_2d and overlay:
+            _write_overlay(cases[case], target, out / "overlays" / f"{case}.png")
         stored = model.dataset_json.get("samnnu_stored_label_values")
         if images_2d and stored:
             labels = model.dataset_json["labels"]

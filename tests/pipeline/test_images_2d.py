@@ -89,8 +89,8 @@ def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions
     for inputs in (raw / "imagesTr", polyp_folders / "new"):
         pred = tmp_path / f"pred_{inputs.name}"  # pred_imagesTr, pred_new
         assert predict_main(["-i", str(inputs), "-o", str(pred), "-d", "501", "-f", "0", "--disable-tta",
-                             "--data-root", str(data)]) == 0, capsys.readouterr().err
-        written = sorted(p.name for p in pred.iterdir() if not p.name.startswith("."))
+                             "--overlay", "--data-root", str(data)]) == 0, capsys.readouterr().err
+        written = sorted(p.name for p in pred.iterdir() if p.is_file() and not p.name.startswith("."))
         if inputs.name == "new":
             assert written == ["new0.png", "new1.png"]
             sizes = {"new0.png": (64, 64), "new1.png": (80, 80)}
@@ -101,6 +101,13 @@ def test_rgb_jpeg_photos_with_jpeg_masks_from_conversion_to_viewable_predictions
             mask = np.asarray(Image.open(pred / name))
             assert mask.shape == sizes[name]  # one value per pixel, the photo's size
             assert set(np.unique(mask).tolist()) <= {0, 255}  # the user's stored values, visible in a viewer
+            # the overlay is the photo itself wherever nothing was predicted, tinted where something was
+            source = next(p for p in inputs.iterdir() if p.name.split(".")[0].removesuffix("_0000") == name[:-4])
+            photo = np.asarray(Image.open(source).convert("RGB"))
+            overlay = np.asarray(Image.open(pred / "overlays" / name))
+            assert overlay.shape == photo.shape
+            assert np.array_equal(overlay[mask == 0], photo[mask == 0])
+            assert not np.any(np.all(overlay[mask != 0] == photo[mask != 0], axis=-1))
     assert {p.name: p.read_bytes() for p in (polyp_folders / "new").iterdir()} == before  # inputs untouched
     # the user's own JPEG masks are the references: matched by case name, thresholded as at conversion
     from samnnu.cli import evaluate_main
