@@ -233,6 +233,11 @@ def consecutive_labels(labels: Mapping[str, int]) -> tuple[dict[str, int], dict[
         return dict(labels), None
     if len(set(values)) != len(values) or values[0] != 0 or any(v < 0 for v in values):
         return dict(labels), None  # validate_labels_map says what is wrong
+    if any(0 < v < len(values) for v in values):
+        # e.g. 0, 2, 4 would become 0, 1, 2: a stored 2 and a label 2 would mean different classes
+        raise SamnnuError(f"labels map {dict(labels)}: stored values other than 0 must all be at least "
+                          f"{len(values)} (such as 255), or the values must be 0, 1, 2, ...; otherwise a stored "
+                          f"value could be read as another class's label")
     ordered = sorted(labels.items(), key=lambda kv: kv[1])
     return {k: i for i, (k, _) in enumerate(ordered)}, dict(ordered)
 
@@ -362,12 +367,14 @@ def convert_folder(
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             raise SamnnuError(f"{folder}: folder not found")
+    remapped, stored = consecutive_labels(labels)
+    validate_labels_map(remapped)  # a malformed map is refused before any file is read
     cases = find_cases(images_dir, labels_dir)
     kind = data_kind(cases, images_dir)
-    stored = None
-    if kind == "2d":
-        labels, stored = consecutive_labels(labels)
-    labels = validate_labels_map(labels)
+    if kind == "3d" and stored:
+        raise SamnnuError(f"labels map {dict(labels)}: values must be distinct and consecutive from 0 for volumes "
+                          f"(stored values such as 255 are for 2D masks)")
+    labels = validate_labels_map(remapped)
     if mask_threshold is not None and (kind != "2d" or len(labels) != 2):
         raise SamnnuError("--mask-threshold applies to 2D masks with two labels (background and one class)")
     if channel_names is None:

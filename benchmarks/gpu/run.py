@@ -103,7 +103,9 @@ def train_side_by_side(args, device: str, models: list[str], bench: Path) -> lis
                "--device", device, "--timing-cases", str(args.timing_cases), "-o", str(out),
                "--data-root", args.work]
         fh = open(out / "process.log", "a")
-        procs.append((model, subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT), fh))
+        # started outside the repository: its samnnu/ folder (without trainers/, plans/, ...) must not shadow
+        # the installed package
+        procs.append((model, subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=out), fh))
         outs.append(out)
     log(f"training {', '.join(models)} side by side for {args.minutes:g} minutes each ({share} cores each)")
     failed = []
@@ -174,6 +176,7 @@ def merge(outs: list[Path], output: Path, command: str, throughput: dict | None)
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.work, args.output, args.data = (str(Path(p).resolve()) for p in (args.work, args.output, args.data))
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

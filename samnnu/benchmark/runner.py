@@ -164,8 +164,10 @@ def _worker(spec: dict) -> dict:
         "batch_size": summary.get("batch_size"),
         "patch_size": summary.get("patch_size"),
         "trainable_parameters": summary.get("trainable_parameters"),
-        "training_seconds": result["train_seconds"],
-        "seconds_per_iteration": result["train_seconds"] / iterations,
+        # a budgeted run's own record spans every process of a resumed run, and only the training loop
+        "training_seconds": budget["stopped_at"]["wall_seconds"] if budget else result["train_seconds"],
+        "seconds_per_iteration": (budget["stopped_at"]["wall_seconds"] if budget else result["train_seconds"])
+        / max(1, iterations),
         "resumed": resume,
         "probabilities_saved": bool(spec.get("save_probabilities")),
     }
@@ -494,17 +496,17 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
 
 
 def _ensemble_sizes(state: dict, subsets: dict, models: list[Model], base: dict, out: Path) -> None:
-    """For each training-set size whose runs all kept validation probabilities, evaluate every two-model
-    ensemble once (``state["ensembles"][size]``)."""
+    """For each training-set size with at least two runs that kept their validation probabilities, evaluate
+    every two-model ensemble (``state["ensembles"][size]``), again whenever the set of such runs changes."""
     state.setdefault("ensembles", {})
     for label in subsets:
-        runs = [state["runs"].get(f"{m.key}@{label}") for m in models]
-        if label in state["ensembles"] or len(runs) < 2 or any(r is None or not r.get("probabilities_saved")
-                                                               for r in runs):
-            continue
+        runs = [r for r in state["runs"].values() if r["train_size"] == label and r.get("probabilities_saved")]
+        members = sorted(r["model"] for r in runs)
+        if len(runs) < 2 or state["ensembles"].get(label, {}).get("models") == members:
+            continue  # fewer than two models to ensemble, or done for exactly these models
         spec = dict(base, ensembles_only=True, out_dir=str(out / "ensembles" / f"train_{label}"),
                     results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
-        state["ensembles"][label] = _run_worker(spec, out / "logs" / f"ensembles_{label}.log")
+        state["ensembles"][label] = dict(_run_worker(spec, out / "logs" / f"ensembles_{label}.log"), models=members)
 
 
 def _retime(state: dict, models: list[Model], base: dict, out: Path, save) -> dict:
@@ -652,8 +654,9 @@ def to_markdown(state: dict) -> str:
                   "| model | cases | " + " | ".join(f"{p:.0%} of budget" for p in (0.25, 0.5, 1.0))
                   + f" | pseudo-Dice > {LEARNED} after |", "|---|---|---|---|---|---|"]
         for r in curves:
-            cells = [f"{mean_dice(p):.3f} ({p['spent_minutes']:.1f} min, {p['iterations']} it)"
-                     for p in r["learning_curve"]]
+            at = {min((0.25, 0.5, 1.0), key=lambda f: abs(f - p["fraction"])): p for p in r["learning_curve"]}
+            cells = [f"{mean_dice(at[f]):.3f} ({at[f]['spent_minutes']:.1f} min, {at[f]['iterations']} it)"
+                     if f in at else "-" for f in (0.25, 0.5, 1.0)]
             learned = minutes_to_learn(r)
             lines.append(f"| {r['model']} | {r['n_training_cases']} | " + " | ".join(cells)
                          + f" | {'never' if learned is None else f'{learned:.1f} min'} |")

@@ -141,7 +141,11 @@ def _evaluate_file(
     pred_img, ref_img = _read(pred_path), _read(ref_path)
     _check_same_grid(pred_img, ref_img, pred_path, ref_path)
     pred = to_label_values(sitk.GetArrayViewFromImage(pred_img), stored)
-    ref = to_label_values(sitk.GetArrayViewFromImage(ref_img), stored, ref_threshold)
+    ref = sitk.GetArrayViewFromImage(ref_img)
+    if ref_threshold is not None and 0 < ref.max() < ref_threshold:
+        raise SamnnuError(f"{ref_path}: every value is below the mask threshold {ref_threshold:g} (maximum "
+                          f"{ref.max():g}): it already holds labels; evaluate it without --mask-threshold")
+    ref = to_label_values(ref, stored, ref_threshold)
     for arr, path in ((pred, pred_path), (ref, ref_path)):
         if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
             raise SamnnuError(f"{path}: contains non-integer values; expected a label map")

@@ -70,6 +70,15 @@ def collect_cases(input_folder: Path, file_ending: str, n_channels: int) -> dict
     return out
 
 
+def is_natural_image_dataset(dataset_json: Mapping) -> bool:
+    """True when nnU-Net reads the dataset with ``NaturalImage2DIO`` (2D PNG/BMP images, as ``samnnu_convert``
+    writes photos); a TIFF dataset is that only when it says so (nnU-Net reads 3D TIFFs otherwise)."""
+    reader = dataset_json.get("overwrite_image_reader_writer")
+    if reader is not None:
+        return reader == "NaturalImage2DIO"
+    return dataset_json.get("file_ending", "").lower() in (".png", ".bmp")
+
+
 def collect_2d_cases(input_folder: Path, n_channels: int) -> dict[str, list[Path]]:
     """Group 2D image inputs (PNG, JPEG, TIFF, BMP) by case the way ``samnnu_convert folder`` groups them:
     ``CASE.jpg``, or ``CASE_0000.png``, ``CASE_0001.png``, ... An RGB file holds three channels, a grey
@@ -84,17 +93,26 @@ def collect_2d_cases(input_folder: Path, n_channels: int) -> dict[str, list[Path
                    and split_ending(p.name)[1] in IMAGE_2D_ENDINGS)
     if not files:
         raise SamnnuError(f"{input_folder}: no 2D images to predict ({', '.join(IMAGE_2D_ENDINGS)})")
-    cases: dict[str, dict[int, Path]] = {}
+    # CASE_0000, CASE_0001, ... are one case's channel files only when they run from _0000 without a gap;
+    # otherwise (IMG_0001.jpg, IMG_0002.jpg) every file is a case of its own, named as the file
+    groups: dict[str, dict[int, Path]] = {}
     for p in files:
-        stem = split_ending(p.name)[0]
-        m = _CHANNEL.match(stem)
-        case, index = (m["case"], int(m["channel"])) if m else (stem, 0)
-        if index in cases.setdefault(case, {}):
-            raise SamnnuError(f"{p}: case '{case}' has file {index} twice ({cases[case][index].name} and {p.name})")
-        cases[case][index] = p
+        m = _CHANNEL.match(split_ending(p.name)[0])
+        if m:
+            groups.setdefault(m["case"], {})[int(m["channel"])] = p
+    cases: dict[str, list[Path]] = {}
+    channel_files = {p for g in groups.values() if sorted(g) == list(range(len(g))) for p in g.values()}
+    for case, g in groups.items():
+        if sorted(g) == list(range(len(g))):
+            cases[case] = [g[i] for i in range(len(g))]
+    for p in files:
+        if p not in channel_files:
+            stem = split_ending(p.name)[0]
+            if stem in cases:
+                raise SamnnuError(f"{p}: case '{stem}' is also given as {cases[stem][0].name}")
+            cases[stem] = [p]
     out = {}
-    for case, by_index in cases.items():
-        paths = [by_index[i] for i in sorted(by_index)]
+    for case, paths in sorted(cases.items()):
         counts = [peek_channel_count(p) for p in paths]
         for p, n in zip(paths, counts):
             if n is None:
@@ -476,7 +494,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                         device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
     ending = model.file_ending
     n_channels = len(model.dataset_json["channel_names"])
-    images_2d = ending.lower() in (".png", ".bmp", ".tif", ".tiff")  # nnU-Net's natural-image datasets
+    images_2d = is_natural_image_dataset(model.dataset_json)
     cases = collect_2d_cases(inp, n_channels) if images_2d else collect_cases(inp, ending, n_channels)
     if num_parts > 1:
         cases = {c: cases[c] for c in sorted(cases)[part_id::num_parts]}

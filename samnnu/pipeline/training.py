@@ -213,7 +213,8 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     if iters_per_epoch:
         t.num_iterations_per_epoch = int(iters_per_epoch)
         t.num_val_iterations_per_epoch = max(1, int(iters_per_epoch) // 5)
-    t.save_every = 1
+    # checkpoint_latest every epoch; a budgeted run's short epochs: every 250 iterations, as normal epochs do
+    t.save_every = max(1, 250 // t.num_iterations_per_epoch) if budget_minutes is not None else 1
     _atomic_checkpoints(t)
     write_json_atomic(settings_file, {"epochs": t.num_epochs, "iters_per_epoch": t.num_iterations_per_epoch,
                                        "trainer": trainer, "plans": plans_name, "configuration": configuration,
@@ -244,14 +245,25 @@ def train(dataset: str | int, fold: int | str, *, trainer: str | None = None,
     if return_trainer:
         result["trainer_object"] = t
     if budget_minutes is not None:
-        result["budget"] = budget.finish() if budget is not None else read_json(fold_dir / CURVE_FILE,
-                                                                                "budget record")
+        result["budget"] = budget.finish() if budget is not None else finished_budget_record(fold_dir, t)
     if run_chain:
         # local: pulls in torch, segment_anything and scipy (slow to import)
         from samnnu.pipeline.chain import run_fold_chain
 
         result.update(run_fold_chain(t, train_seconds=train_seconds, save_probabilities=save_probabilities))
     return result
+
+
+def finished_budget_record(fold_dir: Path, trainer) -> dict:
+    """The budget record of a run that had already finished. A run killed between its final checkpoint
+    and its last record has no ``stopped_at``: rebuilt from the record's last values and the final
+    checkpoint's iterations."""
+    record = read_json(fold_dir / CURVE_FILE, "budget record")
+    if "stopped_at" not in record:
+        record["stopped_at"] = {"iterations": trainer.current_epoch * trainer.num_iterations_per_epoch,
+                                "spent_seconds": record["spent_seconds"], "wall_seconds": record["wall_seconds"]}
+        write_json_atomic(fold_dir / CURVE_FILE, record)
+    return record
 
 
 def _stop_data_loaders(trainer) -> None:

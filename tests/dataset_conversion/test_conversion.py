@@ -349,8 +349,13 @@ def test_folder_nrrd_volumes_with_channel_naming(tmp_path):
 def test_folder_rejects_bad_labels_map(tmp_path):
     (tmp_path / "i").mkdir()
     (tmp_path / "l").mkdir()
-    with pytest.raises(SamnnuError, match="consecutive"):
+    with pytest.raises(SamnnuError, match="named 'background'"):  # before any file is read
+        convert_folder(tmp_path / "i", tmp_path / "l", 14, "X", {"bg": 0, "a": 1}, raw_root=tmp_path)
+    make_case(tmp_path, "case1", images="i", labels="l")
+    with pytest.raises(SamnnuError, match="consecutive from 0 for volumes"):  # stored values: 2D masks only
         convert_folder(tmp_path / "i", tmp_path / "l", 14, "X", {"background": 0, "a": 2}, raw_root=tmp_path)
+    with pytest.raises(SamnnuError, match="could be read as another class"):  # 0, 2, 4 -> 0, 1, 2: ambiguous
+        convert_folder(tmp_path / "i", tmp_path / "l", 14, "X", {"background": 0, "a": 2, "b": 4}, raw_root=tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -421,6 +421,11 @@ def test_png_predictions_against_jpeg_masks_by_case_name_with_threshold_and_stor
           "samnnu_stored_label_values": {"background": 0, "polyp": 255}}
     result = evaluate_folders(tmp_path / "ref", tmp_path / "pred", dataset_json=ds, reference_threshold=128)
     assert result["n_cases"] == 1 and result["per_case"]["photo1"]["polyp"]["dice"] == pytest.approx(1.0)
+    # references already in label values (0/1) are not thresholded into nothing: refused, naming the file
+    (tmp_path / "ref01").mkdir()
+    Image.fromarray((disc > 0).astype(np.uint8)).save(tmp_path / "ref01" / "photo1.png")
+    with pytest.raises(SamnnuError, match="already holds labels"):
+        evaluate_folders(tmp_path / "ref01", tmp_path / "pred", dataset_json=ds, reference_threshold=128)
     # a threshold needs the dataset's two labels to know what foreground is
     with pytest.raises(SamnnuError, match="threshold needs"):
         evaluate_folders(tmp_path / "ref", tmp_path / "pred", reference_threshold=128)

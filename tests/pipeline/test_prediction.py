@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import demo_cases
@@ -64,3 +65,27 @@ def test_bad_parts_refused_by_the_api(tmp_path):
 
     with pytest.raises(SamnnuError, match="part 3 of 3"):
         predict(tmp_path, tmp_path / "out", 4, num_parts=3, part_id=3)
+
+
+def test_2d_inputs_group_channel_files_only_when_they_run_from_0000(tmp_path):
+    """CASE_0000.png (+ _0001 ...) is one case's channels; IMG_0001.jpg, IMG_0002.jpg or a lone
+    scan_0001.jpg are cases of their own, named as the file (as samnnu_convert names them)."""
+    from PIL import Image
+
+    from samnnu.pipeline.prediction import collect_2d_cases
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    for name in ("CASE_0000.png", "IMG_0001.jpg", "IMG_0002.jpg", "scan_0001.jpg", "plain.bmp"):
+        Image.fromarray(rgb).save(tmp_path / name)
+    cases = collect_2d_cases(tmp_path, 3)
+    assert {c: [p.name for p in ps] for c, ps in cases.items()} == {
+        "CASE": ["CASE_0000.png"], "IMG_0001": ["IMG_0001.jpg"], "IMG_0002": ["IMG_0002.jpg"],
+        "scan_0001": ["scan_0001.jpg"], "plain": ["plain.bmp"]}
+    # three grey channel files are one 3-channel case; a grey photo for an RGB model is refused, named
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(grey / f"g_{i:04d}.png")
+    assert [p.name for p in collect_2d_cases(grey, 3)["g"]] == ["g_0000.png", "g_0001.png", "g_0002.png"]
+    with pytest.raises(SamnnuError, match="case 'g' holds 3 channel"):
+        collect_2d_cases(grey, 1)
