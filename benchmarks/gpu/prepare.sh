@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare, here, what the GPU run carries (docs/gpu.md): the wheels the GPU machine lacks (Python 3.12,
-# x86-64 manylinux, the versions installed here) in three groups that each fit one call's 64 MiB, and
+# x86-64 manylinux, the versions installed here) in three groups that each fit one command's 64 MiB, and
 # the hippocampus data. Both folders are ignored by git.
 #
 #   bash benchmarks/gpu/prepare.sh [HIPPOCAMPUS_FOLDER]     # default ../shared/data/hippocampus

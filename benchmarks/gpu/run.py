@@ -1,7 +1,7 @@
 """The whole chain on one GPU: nnU-Net 3d_fullres and samnnu's default trained side by side for the same
 minutes, then validated, tested and compared through samnnu's chain (docs/gpu.md).
 
-Steps, each skipped when its output already exists (a second call resumes):
+Steps, each skipped when its output already exists (a second run resumes):
 
 1. convert the hippocampus cases in ``--data`` (``images/`` + ``labels/``), holding out the cases whose
    number ends in 7 as the external test set;
@@ -15,7 +15,7 @@ Steps, each skipped when its output already exists (a second call resumes):
 
 On the GPU machine (after ``bash benchmarks/gpu/run.sh install``)::
 
-    bash benchmarks/gpu/run.sh run --minutes 5 -o $OUT
+    bash benchmarks/gpu/run.sh run --minutes 5 -o OUTPUT_FOLDER
 
 On a CPU, as a smoke run (1-minute budget, a few cases)::
 
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(REPO / ".gpu_data" / "hippocampus"),
                    help="hippocampus source folder (images/ + labels/); default .gpu_data/hippocampus")
     p.add_argument("--work", default="/tmp/samnnu_gpu_work", help="data root for the run (raw, preprocessed, runs)")
-    p.add_argument("-o", "--output", default=os.environ.get("OUT", "gpu_results"), help="results folder (default $OUT)")
+    p.add_argument("-o", "--output", default="gpu_results", help="results folder (default ./gpu_results)")
     p.add_argument("--minutes", type=float, default=5.0, help="training minutes per model (wall clock)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--encoder", default=None, help="SAM encoder for samnnu's plans (default: the planner's)")
@@ -59,7 +59,7 @@ def log(msg: str) -> None:
 
 
 def prepare(args, device: str) -> None:
-    """Convert (with the held-out set) and plan + preprocess, unless done by an earlier call."""
+    """Convert (with the held-out set) and plan + preprocess, unless done by an earlier run."""
     from samnnu.config import current_paths, setup_environment
     from samnnu.dataset_conversion.hippocampus import convert_hippocampus
     from samnnu.pipeline.planning import plan_and_preprocess

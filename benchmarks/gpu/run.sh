@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU run in the calls the GPU machine allows (docs/gpu.md). From the repository root:
+# The GPU run in the commands the GPU machine allows (docs/gpu.md). From the repository root:
 #
 #   bash benchmarks/gpu/run.sh install     # install the carried wheels (.whl/*/) and samnnu into .site/
 #   bash benchmarks/gpu/run.sh run [ARGS]  # benchmarks/gpu/run.py ARGS with .site/ on the path
 #
-# "install" may run in several calls, each carrying one group of wheels: .site/ (ignored by git) stays
-# on the machine between calls while it is warm.
+# "install" may run in several commands, each sent with one group of wheels: .site/ (ignored by git)
+# stays on the machine between commands while it stays up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SITE="$PWD/.site"
