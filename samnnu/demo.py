@@ -34,27 +34,13 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
     step("converting the shipped hippocampus cases")
     conversion = convert_hippocampus(demo_dataset_path(), DEMO_DATASET_ID, raw_root=paths.raw, overwrite=True)
 
-    step("fingerprint, plans, preprocessing")
-    plan_and_preprocess(DEMO_DATASET_ID, configurations=("2d",), encoder=encoder)
-
-    iterations = iterations or DEFAULT_ITERATIONS
-    per_epoch = min(ITERATIONS_PER_EPOCH, iterations)
-    epochs = max(1, round(iterations / per_epoch))
-    step(f"training fold 0: {epochs} epoch(s) x {per_epoch} iterations, then validation, postprocessing, "
-         f"evaluation and report")
-    result = train(DEMO_DATASET_ID, 0, trainer="SAMedLoRATrainer", configuration="2d", epochs=epochs,
-                   iters_per_epoch=per_epoch, device=device, mirroring=False)
+    result, trained = _plan_and_train(step, DEMO_DATASET_ID, encoder, iterations, device)
 
     step("samnnu_predict on the fold's validation images")
-    fold_dir = Path(result["fold_dir"])
-    val_cases = sorted(p.name[: -len(".nii.gz")] for p in (fold_dir / "validation").glob("*.nii.gz"))
+    val_cases = _validation_cases(result, ".nii.gz")
     raw = Path(conversion.dataset_folder)
-    inputs = work / "demo_inputs"
-    inputs.mkdir(exist_ok=True)
-    for case in val_cases:
-        link = inputs / f"{case}_0000.nii.gz"
-        if not link.exists():
-            link.symlink_to(raw / "imagesTr" / f"{case}_0000.nii.gz")
+    inputs = _links(work / "demo_inputs", {f"{c}_0000.nii.gz": raw / "imagesTr" / f"{c}_0000.nii.gz"
+                                           for c in val_cases})
     predictions = work / "demo_predictions"
     predict(inputs, predictions, DEMO_DATASET_ID, folds=(0,), trainer="SAMedLoRATrainer", configuration="2d",
             device=device, mirroring=False)
@@ -65,7 +51,7 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
     minutes = (time.time() - start) / 60
     print(format_dice_table(evaluation))
     dice = {name: m["dice"] for name, m in evaluation["mean"].items()}
-    print(f"\nsamnnu demo finished in {minutes:.1f} min: {epochs * per_epoch} training iterations on "
+    print(f"\nsamnnu demo finished in {minutes:.1f} min: {trained} training iterations on "
           f"{len(conversion.converted) - len(val_cases)} cases, {len(val_cases)} held-out cases predicted.")
     print("Mean Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
           + "  (a short CPU training; more iterations and cases reach higher: docs/benchmarks.md)")
@@ -98,50 +84,60 @@ def run_demo_2d(output: str | None = None, *, iterations: int | None = None, enc
     for line in conversion.summary_lines()[1:]:
         print(line)
 
-    step("fingerprint, plans, preprocessing")
-    plan_and_preprocess(PHOTO_DATASET_ID, configurations=("2d",), encoder=encoder)
-
-    iterations = iterations or DEFAULT_ITERATIONS
-    per_epoch = min(ITERATIONS_PER_EPOCH, iterations)
-    epochs = max(1, round(iterations / per_epoch))
-    step(f"training fold 0: {epochs} epoch(s) x {per_epoch} iterations, then validation, postprocessing, "
-         f"evaluation and report")
-    result = train(PHOTO_DATASET_ID, 0, trainer="SAMedLoRATrainer", configuration="2d", epochs=epochs,
-                   iters_per_epoch=per_epoch, device=device, mirroring=False)
+    result, trained = _plan_and_train(step, PHOTO_DATASET_ID, encoder, iterations, device)
 
     step("samnnu_predict on the fold's validation photos, read straight from their JPEG files")
-    fold_dir = Path(result["fold_dir"])
-    val_cases = sorted(p.name[: -len(".png")] for p in (fold_dir / "validation").glob("*.png"))
-    inputs = work / "demo_inputs"
-    inputs.mkdir(exist_ok=True)
-    for case in val_cases:
-        link = inputs / f"{case}.jpg"
-        if not link.exists():
-            link.symlink_to(src / "images" / f"{case}.jpg")
+    val_cases = _validation_cases(result, ".png")
+    inputs = _links(work / "demo_inputs", {f"{c}.jpg": src / "images" / f"{c}.jpg" for c in val_cases})
     predictions = work / "demo_predictions"
     predict(inputs, predictions, PHOTO_DATASET_ID, folds=(0,), trainer="SAMedLoRATrainer", configuration="2d",
             device=device, mirroring=False)
 
     step("evaluating the predicted PNG masks (0/255) against the original JPEG masks")
     raw = Path(conversion.dataset_folder)
-    references = work / "demo_references"
-    references.mkdir(exist_ok=True)
-    for case in val_cases:
-        link = references / f"{case}.jpg"
-        if not link.exists():
-            link.symlink_to(src / "masks" / f"{case}.jpg")
+    references = _links(work / "demo_references", {f"{c}.jpg": src / "masks" / f"{c}.jpg" for c in val_cases})
     evaluation = evaluate_folders(references, predictions, dataset_json=str(raw / "dataset.json"),
                                   reference_threshold=PHOTO_MASK_THRESHOLD)
     write_evaluation(evaluation, work / "demo_evaluation.json")
     minutes = (time.time() - start) / 60
     print(format_dice_table(evaluation))
     dice = {name: m["dice"] for name, m in evaluation["mean"].items()}
-    print(f"\nsamnnu demo (2D photos) finished in {minutes:.1f} min: {epochs * per_epoch} training iterations on "
+    print(f"\nsamnnu demo (2D photos) finished in {minutes:.1f} min: {trained} training iterations on "
           f"{len(conversion.converted) - len(val_cases)} photos, {len(val_cases)} held-out photos predicted "
           f"into {predictions}.")
     print("Mean Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
     print(f"Fold report: {result['report']}")
     return {"dice": dice, "report": result["report"], "minutes": minutes, "predictions": str(predictions)}
+
+
+def _plan_and_train(step, dataset_id: int, encoder: str, iterations: int | None, device: str | None) -> tuple[dict, int]:
+    """Plan and preprocess ``2d``, then train fold 0 of SAMedLoRATrainer briefly with the chain after it;
+    returns (train()'s result, iterations trained)."""
+    step("fingerprint, plans, preprocessing")
+    plan_and_preprocess(dataset_id, configurations=("2d",), encoder=encoder)
+    iterations = iterations or DEFAULT_ITERATIONS
+    per_epoch = min(ITERATIONS_PER_EPOCH, iterations)
+    epochs = max(1, round(iterations / per_epoch))
+    step(f"training fold 0: {epochs} epoch(s) x {per_epoch} iterations, then validation, postprocessing, "
+         f"evaluation and report")
+    result = train(dataset_id, 0, trainer="SAMedLoRATrainer", configuration="2d", epochs=epochs,
+                   iters_per_epoch=per_epoch, device=device, mirroring=False)
+    return result, epochs * per_epoch
+
+
+def _validation_cases(result: dict, ending: str) -> list[str]:
+    """The case names of the fold's validation predictions (files ending in ``ending``)."""
+    return sorted(p.name[: -len(ending)] for p in (Path(result["fold_dir"]) / "validation").glob(f"*{ending}"))
+
+
+def _links(folder: Path, targets: dict[str, Path]) -> Path:
+    """``folder`` holding a symbolic link ``name`` -> ``target`` for each entry (inputs are never copied)."""
+    folder.mkdir(exist_ok=True)
+    for name, target in targets.items():
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(target)
+    return folder
 
 
 def _steps(total: int):
