@@ -2,12 +2,14 @@
 
     samnnu_convert hippocampus SRC -d ID [--hold-out PATTERN] [--overwrite] [--data-root DIR]
     samnnu_convert folder IMAGES LABELS -d ID -n NAME --labels background=0,liver=1
-                   [--channels MRI] [--overwrite] [--data-root DIR]
+                   [--channels MRI] [--sparse [VALUE]] [--overwrite] [--data-root DIR]
+    samnnu_convert sparse SOURCE -d ID (--slices N [--random --seed S] | --scribbles) [-n NAME]
 
 The command itself is :func:`samnnu.cli.convert_main` (one error handling for every command); here are
 its parser and the call each subcommand makes to one API function
 (:func:`~samnnu.dataset_conversion.hippocampus.convert_hippocampus`,
-:func:`~samnnu.dataset_conversion.folder.convert_folder`).
+:func:`~samnnu.dataset_conversion.folder.convert_folder`,
+:func:`~samnnu.dataset_conversion.sparse.make_sparse_dataset`).
 """
 from __future__ import annotations
 
@@ -61,7 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "(for masks saved as JPEG; says how many pixels it changed). With --labels "
                              "background=0,polyp=255 the stored values are kept for predictions")
 
+    sparse = sub.add_parser("sparse", help="a new dataset whose training labels are sparse versions of a converted "
+                                           "dataset's dense labels (for experiments; the test set stays dense)")
+    sparse.add_argument("source", help="the converted dataset with dense labels (ID or DatasetNNN_Name)")
+    sparse.add_argument("-d", "--dataset-id", type=int, required=True, help="the new dataset's ID (1..999)")
+    sparse.add_argument("-n", "--name", default=None, help="the new dataset's name (default: <source>SparseN or "
+                                                           "<source>Scribble)")
+    sparse.add_argument("--slices", type=int, default=None, metavar="N",
+                        help="annotated slices per volume, spread evenly through the labelled structures")
+    sparse.add_argument("--random", action="store_true", help="random slices of the structures (with --seed)")
+    sparse.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    sparse.add_argument("--scribbles", action="store_true",
+                        help="scribbles instead of drawn slices: each structure's skeleton and a background "
+                             "stroke around the structures, on every slice with a structure (or on --slices N)")
+    sparse.add_argument("--axis", type=int, default=None,
+                        help="annotation axis in array order (default: the one with the largest spacing)")
+    sparse.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    sparse.add_argument("--data-root", default=None, help="folder holding nnUNet_raw, nnUNet_preprocessed and "
+                                                          "nnUNet_results")
+
     for p in (hippo, folder):
+        p.add_argument("--sparse", nargs="?", const=True, default=None, type=int, metavar="VALUE",
+                       help="sparse annotations: label files mark unannotated voxels with VALUE (default one above "
+                            "the highest class); they become nnU-Net's ignore label, left out of training")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
         p.add_argument("--hold-out", default=None, metavar="PATTERN",
                        help="case ids matching this shell pattern (e.g. '*7': ids ending in 7) go to imagesTs/ + "
@@ -83,7 +107,13 @@ def run(args: argparse.Namespace):
         from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 
         return convert_hippocampus(args.src, args.dataset_id, raw_root=raw_root, overwrite=args.overwrite,
-                                   hold_out=args.hold_out)
+                                   hold_out=args.hold_out, sparse=args.sparse)
+    if args.command == "sparse":
+        from samnnu.dataset_conversion.sparse import make_sparse_dataset  # local: pulls in SimpleITK
+
+        return make_sparse_dataset(args.source, args.dataset_id, slices=args.slices, scribble=args.scribbles,
+                                   random_slices=args.random, seed=args.seed, axis=args.axis, name=args.name,
+                                   overwrite=args.overwrite)
     from samnnu.dataset_conversion.folder import convert_folder  # local: pulls in SimpleITK (slow to import)
 
     return convert_folder(
@@ -97,4 +127,5 @@ def run(args: argparse.Namespace):
         overwrite=args.overwrite,
         hold_out=args.hold_out,
         mask_threshold=args.mask_threshold,
+        sparse=args.sparse,
     )

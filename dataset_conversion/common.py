@@ -148,7 +148,7 @@ def validate_labels_map(labels: Mapping[str, int]) -> dict[str, int]:
     """Check an nnU-Net labels map ``{"background": 0, "liver": 1, ...}``; return a clean copy.
 
     Values must be distinct integers 0, 1, 2, ... (consecutive, as nnU-Net requires) and 0 must be
-    called ``background``.
+    called ``background``. An ``ignore`` entry (sparse annotations) must be one above the highest class.
     """
     if not labels:
         raise SamnnuError("labels map is empty; give at least background=0 and one class")
@@ -157,14 +157,18 @@ def validate_labels_map(labels: Mapping[str, int]) -> dict[str, int]:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise SamnnuError(f"labels map: value of {key!r} is {value!r}, not an integer")
         clean[str(key)] = int(value)
+    ignore = clean.pop("ignore", None)
     values = sorted(clean.values())
+    if ignore is not None and values and ignore != values[-1] + 1:
+        raise SamnnuError(f"labels map {clean}: the ignore label must be one above the highest class "
+                          f"({values[-1] + 1}), got {ignore}")
     if values != list(range(len(values))):
         raise SamnnuError(f"labels map {clean}: values must be distinct and consecutive from 0")
     if clean.get("background") != 0:
         raise SamnnuError(f"labels map {clean}: label 0 must be named 'background'")
     if len(clean) < 2:
         raise SamnnuError(f"labels map {clean}: needs at least one class besides background")
-    return clean
+    return clean if ignore is None else dict(clean, ignore=ignore)
 
 
 def normalise_channel_names(channel_names: Mapping[str | int, str] | Sequence[str]) -> dict[str, str]:
@@ -246,6 +250,18 @@ def integer_label_array(array: np.ndarray, labels: Mapping[str, int], where: str
         )
     dtype = np.uint8 if max(allowed) <= 255 else np.uint16
     return array.astype(dtype)
+
+
+def checked_labels(array: np.ndarray, labels: Mapping[str, int], where: str,
+                   ignore_source: int | None = None) -> np.ndarray:
+    """:func:`integer_label_array` for label files that mark unannotated voxels with ``ignore_source``
+    (sparse annotations, e.g. 255): those voxels become the labels map's ``ignore`` value."""
+    if ignore_source is None or "ignore" not in labels or ignore_source == labels["ignore"]:
+        return integer_label_array(array, labels, where)
+    values = integer_label_array(array, dict(labels, ignore=ignore_source), where)
+    out = values.astype(np.uint8 if labels["ignore"] <= 255 else np.uint16)
+    out[values == ignore_source] = labels["ignore"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +358,7 @@ def prepare_volume_case(
     num_channels: int,
     image_pixel_type: int | None = None,
     dimension: int | None = None,
+    ignore_source: int | None = None,
 ) -> PreparedCase:
     """Read and check one 3D (or 2D medical) case with SimpleITK.
 
@@ -358,6 +375,8 @@ def prepare_volume_case(
             None keeps the stored type.
         dimension: the dimension (2 or 3) every case of the dataset must have, e.g. from
             :func:`typical_dimension`; None accepts either.
+        ignore_source: sparse annotations: the value the label files give unannotated voxels, written
+            as the labels map's ``ignore`` value (:func:`checked_labels`).
 
     Raises:
         CaseRefused: with the reason.
@@ -386,7 +405,7 @@ def prepare_volume_case(
     if difference:
         raise CaseRefused(f"{short_name(case.label)}: {difference} of {short_name(reference_path)}")
 
-    values = integer_label_array(sitk.GetArrayViewFromImage(label), labels, short_name(case.label))
+    values = checked_labels(sitk.GetArrayViewFromImage(label), labels, short_name(case.label), ignore_source)
     clean_label = sitk.GetImageFromArray(values)
     clean_label.CopyInformation(reference)
     if image_pixel_type is not None:
@@ -493,7 +512,7 @@ def convert_cases(
                     f"{source}: no convertible case ({len(refused)} refused; e.g. {first[0]}: {first[1]})"
                 )
             write_dataset_json(staging, spec, len(converted) - len(held_out))
-            _install(staging, target)
+            install_dataset(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -529,7 +548,7 @@ def _write_cases(
     return converted, refused
 
 
-def _install(staging: Path, target: Path) -> None:
+def install_dataset(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an existing target is moved aside first, then deleted."""
     if not target.exists():
         staging.rename(target)

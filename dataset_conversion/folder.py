@@ -33,15 +33,16 @@ from samnnu.dataset_conversion.common import (
     ConversionResult,
     DatasetSpec,
     PreparedCase,
+    checked_labels,
     convert_cases,
     default_raw_root,
-    integer_label_array,
     normalise_channel_names,
     prepare_volume_case,
     short_name,
     typical_dimension,
     validate_labels_map,
 )
+from samnnu.dataset_conversion.sparse import sparse_labels
 from samnnu.errors import SamnnuError
 from samnnu.safe_io import check_image_file, reported_os_errors, write_atomic
 
@@ -275,7 +276,7 @@ class MaskCleaning:
 
 
 def prepare_image_case(case: CaseFiles, *, labels: Mapping[str, int], num_channels: int,
-                       cleaning: MaskCleaning | None = None) -> PreparedCase:
+                       cleaning: MaskCleaning | None = None, ignore_source: int | None = None) -> PreparedCase:
     """Read and check one 2D case: channel count, equal sizes, mask values; refuse otherwise."""
     if case.label is None:
         raise CaseRefused("no label file")
@@ -293,7 +294,7 @@ def prepare_image_case(case: CaseFiles, *, labels: Mapping[str, int], num_channe
                 f"{reference[1]}x{reference[0]} of {short_name(reference_path)}"
             )
     mask = cleaning(mask) if cleaning is not None else map_binary_255(mask, labels)
-    label = integer_label_array(mask, labels, short_name(case.label))
+    label = checked_labels(mask, labels, short_name(case.label), ignore_source)
     return PreparedCase(images=arrays, label=label, save=save_png)
 
 
@@ -339,6 +340,7 @@ def convert_folder(
     overwrite: bool = False,
     hold_out: str | None = None,
     mask_threshold: float | None = None,
+    sparse: bool | int | None = None,
 ) -> ConversionResult:
     """Convert an images/labels folder pair into ``DatasetNNN_Name``.
 
@@ -359,6 +361,8 @@ def convert_folder(
         mask_threshold: 2D masks with two labels only: stored values at or above it are foreground,
             the rest background (for masks saved as JPEG, whose 0/255 become noisy); the result says
             how many pixels this changed.
+        sparse: the labels are sparse: unannotated voxels hold this value (True: one above the highest
+            class), written as nnU-Net's ignore label (:mod:`samnnu.dataset_conversion.sparse`).
 
     Returns:
         ConversionResult (folder, converted case ids, refused {case: reason}).
@@ -377,18 +381,26 @@ def convert_folder(
     labels = validate_labels_map(remapped)
     if mask_threshold is not None and (kind != "2d" or len(labels) != 2):
         raise SamnnuError("--mask-threshold applies to 2D masks with two labels (background and one class)")
+    source = None
+    if sparse not in (None, False):
+        if stored or mask_threshold is not None:
+            raise SamnnuError("--sparse: give the labels map as 0, 1, 2, ... (stored values and --mask-threshold "
+                              "are for dense masks)")
+        labels, source = sparse_labels(labels, sparse)
     if channel_names is None:
         names = default_channel_names(typical_channel_count(cases, kind), kind)
     else:
         names = normalise_channel_names(channel_names)
     if kind == "3d":
         prepare = partial(
-            prepare_volume_case, labels=labels, num_channels=len(names), dimension=typical_dimension(cases)
+            prepare_volume_case, labels=labels, num_channels=len(names), dimension=typical_dimension(cases),
+            ignore_source=source,
         )
         spec = DatasetSpec(dataset_id, name, names, labels, ".nii.gz")
     else:
         cleaning = MaskCleaning(labels, stored, mask_threshold) if (stored or mask_threshold is not None) else None
-        prepare = partial(prepare_image_case, labels=labels, num_channels=len(names), cleaning=cleaning)
+        prepare = partial(prepare_image_case, labels=labels, num_channels=len(names), cleaning=cleaning,
+                          ignore_source=source)
         extra = {"overwrite_image_reader_writer": "NaturalImage2DIO"}
         if stored:
             extra["samnnu_stored_label_values"] = stored

@@ -29,6 +29,7 @@ from samnnu.dataset_conversion.common import (
     prepare_volume_case,
     reported_os_errors,
 )
+from samnnu.dataset_conversion.sparse import sparse_labels
 from samnnu.errors import SamnnuError
 from samnnu.safe_io import read_json
 
@@ -129,6 +130,7 @@ def convert_hippocampus(
     raw_root: str | Path | None = None,
     overwrite: bool = False,
     hold_out: str | None = None,
+    sparse: bool | int | None = None,
 ) -> ConversionResult:
     """Convert the hippocampus data in ``src`` into ``DatasetNNN_Hippocampus``.
 
@@ -138,6 +140,8 @@ def convert_hippocampus(
         raw_root: nnU-Net raw folder; default from :func:`samnnu.config.setup_environment`.
         hold_out: case-id pattern of a fixed test set (``*7``), written to ``imagesTs/`` + ``labelsTs/``.
         overwrite: replace an existing dataset folder with the same ID.
+        sparse: the labels are sparse: unannotated voxels hold this value (True: 3, one above the highest
+            class), written as nnU-Net's ignore label (:mod:`samnnu.dataset_conversion.sparse`).
 
     Returns:
         ConversionResult (folder, converted case ids, refused {case: reason}).
@@ -146,17 +150,19 @@ def convert_hippocampus(
     if not src.is_dir():
         raise SamnnuError(f"{src}: source folder not found")
     check_msd_labels(src)
+    labels, source = sparse_labels(LABELS, sparse) if sparse not in (None, False) else (dict(LABELS), None)
     spec = DatasetSpec(
         dataset_id=dataset_id,
         name=NAME,
         channel_names=dict(CHANNEL_NAMES),
-        labels=dict(LABELS),
+        labels=labels,
         file_ending=FILE_ENDING,
         extra=dict(EXTRA),
     )
     prepare = partial(
         prepare_volume_case,
-        labels=LABELS,
+        labels=labels,
+        ignore_source=source,
         num_channels=1,
         image_pixel_type=sitk.sitkFloat32,
         dimension=DIMENSION,

@@ -36,6 +36,7 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
+from samnnu.dataset_conversion.sparse import sparse_info
 from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
 from samnnu.modeling.encoders import ENCODERS, EncoderSpec, checkpoint_variant, get_encoder_spec, read_checkpoint
@@ -202,6 +203,25 @@ class SAMnnUPlanner(ExperimentPlanner):
             self._windows.append([lo, hi if hi > lo else lo + 1.0])
         return self._windows
 
+    def sparse_annotations(self) -> dict | None:
+        """For a dataset with nnU-Net's ignore label: the ignore label, how the labels were made (when
+        ``samnnu_convert sparse`` made them) and the annotated fraction of voxels (read from the label files
+        of the same sample of cases as the intensity windows when not recorded). None for dense labels."""
+        info = sparse_info(self.dataset_json)
+        if info is None:
+            return None
+        if "annotated_fraction" not in info:
+            reader = self.determine_reader_writer()()
+            keys = sorted(self.dataset)
+            picked = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, min(WINDOW_CASES, len(keys))).astype(int))]
+            annotated = total = 0
+            for key in picked:
+                seg, _ = reader.read_seg(self.dataset[key]["label"])
+                annotated += int(np.count_nonzero(seg != info["ignore_label"]))
+                total += seg.size
+            info["annotated_fraction"] = round(annotated / max(1, total), 5)
+        return info
+
     def plan_sam(self, patch_size: Sequence[int], approximate_n_voxels_dataset: float) -> dict:
         """The ``sam`` block for one configuration (2D patch, or 3D patch run slice by slice)."""
         spec = self.encoder_spec
@@ -264,6 +284,9 @@ class SAMnnUPlanner(ExperimentPlanner):
             recommended, reason = recommend_configuration([1.0, 1.0], [1, 1], n_cases, False)
         plans["samnnu"] = {"recommended_configuration": recommended, "reason": reason,
                            "encoder": self.encoder_spec.name}
+        sparse = self.sparse_annotations()
+        if sparse is not None:
+            plans["samnnu"]["sparse_annotations"] = sparse
         self.plans = plans
         self.save_plans(plans)
         return plans

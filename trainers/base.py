@@ -6,6 +6,10 @@ What differs from nnU-Net's trainer, each in one small override:
   are loaded when training starts (:func:`load_sam_pretrained`), never at inference;
 - batch size from the ``sam`` block (planned for the SAM encoder, not for a U-Net);
 - no deep supervision; loss ``loss_weights`` = (cross-entropy, Dice), default 0.2 / 0.8;
+- sparse annotations (nnU-Net's ignore label): the loss and the Dice leave ignored voxels out (nnU-Net's
+  loss), patches are centred on annotated voxels (nnU-Net's loader), and voxels that augmentation or
+  padding brings in from outside the image are ignored too, not called background
+  (:func:`ignore_outside_image`): only what the annotator drew is learned;
 - AdamW on the trainable parameters only, linear warm-up (5 % of the run, at most 250 iterations)
   then polynomial decay, stepped per iteration (:class:`samnnu.trainers.schedules.WarmupPolyLR`);
 - a progress bar over all iterations with the time left.
@@ -19,6 +23,7 @@ import abc
 
 import torch
 import torch.distributed as dist
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -45,6 +50,21 @@ def load_sam_pretrained(trainer: nnUNetTrainer) -> None:
                                   + (f" from {checkpoint}" if checkpoint else ""))
     trainer.print_to_log_file(f"Parameters: {count_parameters(net)} total, "
                               f"{count_parameters(net, trainable_only=True)} trainable")
+
+
+def ignore_outside_image(transforms, ignore_label: int | None):
+    """nnU-Net's transforms with padding (label -1: outside the image, from the loader's padding or a
+    spatial transform) set to ``ignore_label`` instead of background; unchanged when there is none.
+
+    With dense labels nnU-Net calls everything outside the image background. With sparse labels nothing
+    was annotated there, so it is left out of the loss like every other unannotated voxel.
+    """
+    if ignore_label is None:
+        return transforms
+    for i, t in enumerate(transforms.transforms):
+        if isinstance(t, RemoveLabelTransform) and t.label_value == -1:
+            transforms.transforms[i] = RemoveLabelTransform(-1, ignore_label, t.segmentation_channels)
+    return transforms
 
 
 class SAMTrainerBase(nnUNetTrainer, abc.ABC):
@@ -105,6 +125,18 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
         if dist.is_available() and dist.is_initialized():
             batch = max(1, round(batch / dist.get_world_size()))
         self.batch_size = batch
+
+    @staticmethod
+    def get_training_transforms(*args, ignore_label: int | None = None, **kwargs):
+        """nnU-Net's training augmentation; with sparse labels, padding is ignored (:func:`ignore_outside_image`)."""
+        return ignore_outside_image(nnUNetTrainer.get_training_transforms(*args, ignore_label=ignore_label, **kwargs),
+                                    ignore_label)
+
+    @staticmethod
+    def get_validation_transforms(*args, ignore_label: int | None = None, **kwargs):
+        """nnU-Net's validation transforms; with sparse labels, padding is ignored."""
+        return ignore_outside_image(nnUNetTrainer.get_validation_transforms(*args, ignore_label=ignore_label,
+                                                                            **kwargs), ignore_label)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """The SAM networks have a single output: nothing to switch."""

@@ -19,6 +19,11 @@ mirroring on a few validation volumes, and the external test set (by default the
 Results go to ``results.json``, ``results.md`` and ``learning_curves.png``; a finished run is never
 repeated, an interrupted one resumes from its last checkpoint with the budget it had spent.
 
+Sparse annotations (``sparse_slices``): samnnu's default and nnU-Net's best configuration (from the dense
+runs) are trained again, with the same budget and training cases, on a twin of the dataset whose
+training labels keep only N annotated slices per volume (:mod:`samnnu.pipeline.sparse`), and evaluated
+against the dense labels.
+
 Nothing is tuned per model: each one trains with its plans' defaults (patch, batch, learning rate).
 """
 from __future__ import annotations
@@ -45,6 +50,7 @@ from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, FINAL_CHECKPOINT, PLANS_NA
 from samnnu.errors import SamnnuError
 from samnnu.pipeline.budget import CLOCKS
 from samnnu.pipeline.prediction import predict
+from samnnu.pipeline.sparse import sparse_twin
 from samnnu.pipeline.training import default_model, default_plans_name, get_trainer_class, pick_device, train
 from samnnu.safe_io import (
     read_json,
@@ -151,8 +157,15 @@ def _worker(spec: dict) -> dict:
     result = train(spec["dataset"], spec["fold"], continue_training=resume,
                    save_probabilities=spec.get("save_probabilities", False), **kwargs)
     fold_dir = Path(result["fold_dir"])
-    evaluation = read_json(result["evaluation"], "evaluation")
     report = read_json(fold_dir / "report.json", "fold report")
+    if spec.get("reference_dataset"):  # sparse labels: the chain's final predictions against the dense labels
+        from samnnu.evaluation.folders import evaluate_folders  # local: pulls in scipy (slow to import)
+
+        gt, dataset_json = _references(spec)
+        evaluation = evaluate_folders(gt, Path(report["val_pred_dir"]), dataset_json=dataset_json,
+                                      file_ending=dataset_json["file_ending"])
+    else:
+        evaluation = read_json(result["evaluation"], "evaluation")
     summary = report.get("plans_summary", {})
     budget = result.get("budget")
     iterations = budget["stopped_at"]["iterations"] if budget else spec["epochs"] * spec["iters_per_epoch"]
@@ -209,9 +222,8 @@ def _learning_curve(spec: dict, name: str, fold_dir: Path, budget: dict) -> list
     from samnnu.evaluation.folders import evaluate_folders  # local: pulls in scipy (slow to import)
 
     pre = current_paths().preprocessed / name
-    dataset_json = read_json(pre / "dataset.json", "dataset.json")
+    gt, dataset_json = _references(spec)
     ending = dataset_json["file_ending"]
-    gt = pre / "gt_segmentations"
     val_cases = sorted(read_json(pre / "splits_final.json", "splits_final.json")[spec["fold"]]["val"])
     images = current_paths().raw / name / "imagesTr"
     points = []
@@ -235,6 +247,13 @@ def _learning_curve(spec: dict, name: str, fold_dir: Path, budget: dict) -> list
                    "dice": _mean_dice_per_class(evaluate_folders(gt, fold_dir / "validation", dataset_json=dataset_json,
                                                                  file_ending=ending))})
     return points
+
+
+def _references(spec: dict) -> tuple[Path, dict]:
+    """(ground-truth folder, dataset.json) that runs are evaluated against: the dense dataset's, also for a
+    run trained on sparse labels (``spec["reference_dataset"]``)."""
+    pre = current_paths().preprocessed / dataset_name(spec.get("reference_dataset") or spec["dataset"])
+    return pre / "gt_segmentations", read_json(pre / "dataset.json", "dataset.json")
 
 
 def _mean_dice_per_class(evaluation: dict) -> dict:
@@ -292,7 +311,7 @@ def _external_test(spec: dict, name: str) -> dict:
     pred_dir = Path(spec["results_root"]) / "external_test" / f"{spec['trainer']}__{spec['configuration']}"
     predict(spec["test_images"], pred_dir, spec["dataset"], folds=(spec["fold"],), trainer=spec["trainer"],
             configuration=spec["configuration"], plans=spec["plans"], device=spec["device"], mirroring=False)
-    dataset_json = read_json(current_paths().raw / name / "dataset.json", "dataset.json")
+    _, dataset_json = _references(spec)
     evaluation = evaluate_folders(Path(spec["test_labels"]), pred_dir, dataset_json=dataset_json,
                                   file_ending=dataset_json["file_ending"])
     return {"dice": {k: v.get("dice") for k, v in evaluation["mean"].items()},
@@ -355,7 +374,8 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
                   clock: str | None = None, sizes: list[int | None] | None = None, seed: int = 0,
                   timing_cases: int = 5, test_images: str | None = None, test_labels: str | None = None,
                   device: str = "cpu", data_root: str | None = None, calibration_iterations: int = 10,
-                  max_iters_per_epoch: int = 50, command: str | None = None, retime: bool = False) -> dict:
+                  max_iters_per_epoch: int = 50, command: str | None = None, retime: bool = False,
+                  sparse_slices: list[int] | None = None) -> dict:
     """Run every model on every training-set size; return the results dict also written to ``output``.
 
     Budgets (exactly one of ``iterations`` and ``budget_minutes``):
@@ -372,7 +392,10 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
     training-set sizes (``None`` = all of the fold's training cases); default all only. The external
     test set defaults to the raw dataset's ``imagesTs``/``labelsTs`` (``samnnu_convert --hold-out``).
     ``retime``: train nothing; time the inference of each listed model again on its run with the most
-    training cases.
+    training cases. ``sparse_slices``: after the dense runs, train samnnu's default and nnU-Net's best
+    configuration (by validation Dice of the dense runs of the same size; every listed nnU-Net model when
+    there is none) on N annotated slices per training volume, for each N, with the same budget, and
+    evaluate them against the dense labels (:func:`sparse_targets`).
     """
     if (iterations is None) == (budget_minutes is None):
         raise SamnnuError("give exactly one budget: iterations or budget minutes")
@@ -381,6 +404,8 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
     clock = clock or ("wall" if device != "cpu" else "cpu")
     if clock not in CLOCKS:
         raise SamnnuError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if any(n < 1 for n in sparse_slices or []):
+        raise SamnnuError(f"--sparse-slices {' '.join(map(str, sparse_slices))}: every number must be at least 1")
     if (test_images is None) != (test_labels is None):
         raise SamnnuError("an external test set needs both its images and its labels folder")
     for folder in (test_images, test_labels):
@@ -452,11 +477,8 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
             "test_labels": test_labels and str(Path(test_labels).resolve())}
     if retime:
         return _retime(state, parsed, base, out, save)
-    jobs = [(m, label) for label in subsets for m in parsed if f"{m.key}@{label}" not in state["runs"]]
-    ran = []
-    bar = tqdm(jobs, desc="benchmark", unit="run")
-    for m, label in bar:
-        bar.set_postfix_str(f"{m.key} on {label} cases")
+    def train_one(m: Model, label: str, key: str, sparse: int | None = None) -> None:
+        """Train, validate and test one model on one training subset (dense labels, or the sparse twin)."""
         if squeeze and m.key not in state["calibration"]:
             spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, epochs=1,
                         iters_per_epoch=calibration_iterations, train_cases=None, calibrate=True,
@@ -464,8 +486,12 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
             log = out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log"
             state["calibration"][m.key] = _run_worker(spec, log)
             save()
+        tag = label if sparse is None else f"{label}_sparse{sparse}"
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, train_cases=subsets[label],
-                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"), save_probabilities=True)
+                    results_root=str(out / "runs" / f"train_{tag}" / "nnUNet_results"),
+                    save_probabilities=sparse is None)
+        if sparse is not None:  # the twin's labels for training, the dense labels for every evaluation
+            spec.update(dataset=twins[sparse], reference_dataset=name)
         if budget["mode"] == "stopped":
             spec.update(budget_minutes=budget_minutes, budget_clock=clock)
         else:
@@ -475,24 +501,63 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
                 spi = state["calibration"][m.key]["seconds_per_iteration"]
                 n_iter = max(1, math.floor(budget_minutes * 60 / spi))
             spec["epochs"], spec["iters_per_epoch"] = epochs_for(n_iter, max_iters_per_epoch)
-        # inference speed does not depend on the training subset: time each model once
+        # inference speed does not depend on the training subset or labels: time each model once
         timed = any(r["model"] == m.key and "inference_seconds_per_volume" in r for r in state["runs"].values())
-        if timed:
+        if timed or sparse is not None:
             spec["timing_cases"] = 0
         start = time.time()
-        result = _run_worker(spec, out / "logs" / f"{m.trainer}_{m.configuration}_{label}.log")
+        result = _run_worker(spec, out / "logs" / f"{m.trainer}_{m.configuration}_{tag}.log")
         result.update({"model": m.key, "trainer": m.trainer, "configuration": m.configuration, "plans": m.plans,
                        "train_size": label, "n_training_cases": len(subsets[label] or splits[fold]["train"]),
                        "process_wall_seconds": time.time() - start, "samnnu": m.is_samnnu})
-        state["runs"][f"{m.key}@{label}"] = result
+        if sparse is not None:
+            result["sparse_slices"] = sparse
+        state["runs"][key] = result
         save()
-        ran.append(f"{m.key}@{label}")
-        tqdm.write(f"{m.key} on {label} training cases: mean Dice {mean_dice(result):.3f} after "
-                   f"{result['iterations']} iterations, {result['seconds_per_iteration']:.2f} s/iter")
+        ran.append(key)
+        tqdm.write(f"{m.key} on {label} training cases{'' if sparse is None else f' ({sparse} slices each)'}: "
+                   f"mean Dice {mean_dice(result):.3f} after {result['iterations']} iterations, "
+                   f"{result['seconds_per_iteration']:.2f} s/iter")
+
+    jobs = [(m, label) for label in subsets for m in parsed if f"{m.key}@{label}" not in state["runs"]]
+    ran = []
+    twins: dict[int, str] = {}
+    bar = tqdm(jobs, desc="benchmark", unit="run")
+    for m, label in bar:
+        bar.set_postfix_str(f"{m.key} on {label} cases")
+        train_one(m, label, f"{m.key}@{label}")
+    for n in sparse_slices or []:
+        for label in subsets:
+            chosen = [m for m in _sparse_models(state, parsed, label) if sparse_key(m.key, label, n) not in state["runs"]]
+            if not chosen:
+                continue
+            if n not in twins:
+                needed: dict[str, list[str]] = {}
+                for m in _sparse_models(state, parsed, label):
+                    needed.setdefault(m.plans, []).append(m.configuration)
+                twins[n] = sparse_twin(name, n, needed)
+            for m in tqdm(chosen, desc=f"sparse labels, {n} slices per volume", unit="run"):
+                train_one(m, label, sparse_key(m.key, label, n), sparse=n)
     _ensemble_sizes(state, subsets, parsed, base, out)
     save()
     state["ran"] = ran
     return state
+
+
+def sparse_key(model: str, size: str, slices: int) -> str:
+    """The results key of a run on sparse labels (dense runs are ``model@size``)."""
+    return f"{model}@{size}@sparse{slices}"
+
+
+def _sparse_models(state: dict, models: list[Model], size: str) -> list[Model]:
+    """samnnu's default (else every listed samnnu model) and nnU-Net's best configuration on ``size``
+    dense training cases (else every listed nnU-Net model)."""
+    default = state["setup"].get("samnnu_default")
+    ours = [m for m in models if m.key == default] or [m for m in models if m.is_samnnu]
+    best = best_nnunet(state, size)
+    theirs = [m for m in models if best is not None and m.key == best["model"]] or \
+        [m for m in models if not m.is_samnnu]
+    return ours + theirs
 
 
 def _ensemble_sizes(state: dict, subsets: dict, models: list[Model], base: dict, out: Path) -> None:
@@ -500,7 +565,7 @@ def _ensemble_sizes(state: dict, subsets: dict, models: list[Model], base: dict,
     every two-model ensemble (``state["ensembles"][size]``), again whenever the set of such runs changes."""
     state.setdefault("ensembles", {})
     for label in subsets:
-        runs = [r for r in state["runs"].values() if r["train_size"] == label and r.get("probabilities_saved")]
+        runs = [r for r in _runs(state, label) if r.get("probabilities_saved")]
         members = sorted(r["model"] for r in runs)
         if len(runs) < 2 or state["ensembles"].get(label, {}).get("models") == members:
             continue  # fewer than two models to ensemble, or done for exactly these models
@@ -541,7 +606,12 @@ def mean_dice(run: dict) -> float:
 
 
 def _runs(state: dict, size: str) -> list[dict]:
-    return [r for r in state["runs"].values() if r["train_size"] == size]
+    """The runs on ``size`` training cases with dense labels."""
+    return [r for r in state["runs"].values() if r["train_size"] == size and not r.get("sparse_slices")]
+
+
+def _sparse_runs(state: dict) -> list[dict]:
+    return [r for r in state["runs"].values() if r.get("sparse_slices")]
 
 
 def _find(state: dict, model: str, size: str) -> dict | None:
@@ -564,6 +634,56 @@ def best_nnunet(state: dict, size: str) -> dict | None:
 TARGET_MARGINS = (("all", 3.0), ("10", 5.0))
 #: EMA pseudo-Dice above which a model is said to have learned the structure
 LEARNED = 0.75
+
+
+#: (annotated slices per volume, share of samnnu's own dense-label Dice it must keep, margin in mean Dice
+#: points over nnU-Net's best configuration trained on the same sparse labels)
+SPARSE_TARGETS = ((3, 0.90, 5.0),)
+
+
+def label_of(run: dict) -> str:
+    """The run's model, with its annotation when the labels were sparse."""
+    n = run.get("sparse_slices")
+    return run["model"] if not n else f"{run['model']} ({n} slices/volume)"
+
+
+def sparse_targets(state: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for training on sparse labels: samnnu's default on N slices per volume
+    against its own dense-label runs of the same size, and against nnU-Net's best run on the same sparse
+    labels; on the validation cases and the external test set (dense references for both)."""
+    default = state["setup"].get("samnnu_default", "")
+    rows = []
+    for n, keep, margin in SPARSE_TARGETS:
+        measured = False
+        for size in state["setup"]["training_subsets"]:
+            d = state["runs"].get(sparse_key(default, size, n))
+            if d is None:
+                continue
+            measured = True
+            dense = _find(state, default, size)
+            theirs = [r for r in _sparse_runs(state) if r["train_size"] == size and r["sparse_slices"] == n
+                      and not r["samnnu"]]
+            b = max(theirs, key=mean_dice) if theirs else None
+            for where, pick in (("validation", lambda r: r), ("held-out test", lambda r: r.get("test"))):
+                goal = f"{size} training cases, {n} slices/volume, {where}: {default} keeps >= {keep:.0%} of its dense Dice"
+                if dense is None or pick(d) is None or pick(dense) is None or not mean_dice(pick(dense)) > 0:
+                    rows.append((goal, "-", "not measured"))
+                else:
+                    share = mean_dice(pick(d)) / mean_dice(pick(dense))
+                    rows.append((goal, f"{mean_dice(pick(d)):.3f} vs dense {mean_dice(pick(dense)):.3f} ({share:.1%})",
+                                 "met" if share >= keep else "missed"))
+                goal = (f"{size} training cases, {n} slices/volume, {where}: {default} >= nnU-Net's best on the same "
+                        f"sparse labels + {margin:g} points")
+                if b is None or pick(d) is None or pick(b) is None:
+                    rows.append((goal, "-", "not measured"))
+                else:
+                    gap = 100 * (mean_dice(pick(d)) - mean_dice(pick(b)))
+                    rows.append((goal, f"{mean_dice(pick(d)):.3f} vs {b['model']} {mean_dice(pick(b)):.3f} "
+                                       f"({gap:+.1f})", "met" if gap >= margin else "missed"))
+        if not measured:
+            rows.append((f"{n} annotated slices per volume: samnnu's default against its dense Dice and nnU-Net's best",
+                         "-", "not measured"))
+    return rows
 
 
 def minutes_to_learn(run: dict, threshold: float = LEARNED) -> float | None:
@@ -608,14 +728,14 @@ def targets(state: dict) -> list[tuple[str, str, str]]:
                      "met" if ok else "missed"))
     else:
         rows.append((goal, "-", "not measured"))
-    return rows
+    return rows + sparse_targets(state)
 
 
 def to_markdown(state: dict) -> str:
     s = state["setup"]
     budget = describe_budget(s["budget"])
     sizes = list(s["training_subsets"])
-    models = list(dict.fromkeys(r["model"] for r in state["runs"].values()))
+    models = list(dict.fromkeys(r["model"] for r in state["runs"].values() if not r.get("sparse_slices")))
     lines = [f"# Benchmark: {s['dataset']}, fold {s['fold']}", "",
              f"- Budget: {budget}; training subsets seeded with {s['seed']} (smaller subsets are contained in "
              f"larger ones); validation on the fold's {s['n_validation_cases']} validation cases, no test-time "
@@ -658,7 +778,7 @@ def to_markdown(state: dict) -> str:
             cells = [f"{mean_dice(at[f]):.3f} ({at[f]['spent_minutes']:.1f} min, {at[f]['iterations']} it)"
                      if f in at else "-" for f in (0.25, 0.5, 1.0)]
             learned = minutes_to_learn(r)
-            lines.append(f"| {r['model']} | {r['n_training_cases']} | " + " | ".join(cells)
+            lines.append(f"| {label_of(r)} | {r['n_training_cases']} | " + " | ".join(cells)
                          + f" | {'never' if learned is None else f'{learned:.1f} min'} |")
     ensembles = [(size, e) for size, found in state.get("ensembles", {}).items() for e in found["ensembles"]]
     if ensembles:
@@ -667,6 +787,20 @@ def to_markdown(state: dict) -> str:
         for size, e in ensembles:
             dice = " / ".join("-" if v is None else f"{v:.3f}" for v in e["dice"].values())
             lines.append(f"| {' + '.join(e['members'])} | {size} | {dice} | {mean_dice(e):.3f} |")
+    sparse = _sparse_runs(state)
+    if sparse:
+        lines += ["", "## Sparse annotations", "",
+                  "Trained on N annotated slices per training volume (evenly spaced through the structures; every "
+                  "other voxel carries the ignore label), same budget and training cases as the dense runs; "
+                  "evaluated against the dense labels.", "",
+                  "| model | cases | slices/volume | iters | validation mean Dice | share of its dense Dice | "
+                  "held-out mean Dice |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(sparse, key=lambda r: (r["sparse_slices"], r["n_training_cases"], not r["samnnu"])):
+            dense = _find(state, r["model"], r["train_size"])
+            share = f"{mean_dice(r) / mean_dice(dense):.1%}" if dense and mean_dice(dense) > 0 else "-"
+            test = f"{mean_dice(r['test']):.3f}" if r.get("test") else "-"
+            lines.append(f"| {r['model']} | {r['n_training_cases']} | {r['sparse_slices']} | {r['iterations']} | "
+                         f"{mean_dice(r):.3f} | {share} | {test} |")
     tested = [r for r in state["runs"].values() if "test" in r]
     if tested:
         lines += ["", "## External test set", "", "| model | cases | training cases | Dice per class | mean Dice |",
@@ -674,7 +808,7 @@ def to_markdown(state: dict) -> str:
         for r in tested:
             t = r["test"]
             dice = " / ".join("-" if v is None else f"{v:.3f}" for v in t["dice"].values())
-            lines.append(f"| {r['model']} | {t['n_cases']} | {r['n_training_cases']} | {dice} | {mean_dice(t):.3f} |")
+            lines.append(f"| {label_of(r)} | {t['n_cases']} | {r['n_training_cases']} | {dice} | {mean_dice(t):.3f} |")
     lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {v} |" for g, m, v in targets(state)]
     if state.get("calibration"):

@@ -102,4 +102,9 @@ def summarize_plans(plans: dict) -> str:
     rec = plans.get("samnnu", {})
     if rec:
         lines.append(f"  recommended: {rec['recommended_configuration']} ({rec['reason']})")
+    sparse = rec.get("sparse_annotations")
+    if sparse:
+        lines.append(f"  sparse annotations: {sparse['annotated_fraction']:.1%} of the voxels are annotated, the rest "
+                     f"carry the ignore label {sparse['ignore_label']}: training leaves them out of the loss and "
+                     f"centres patches on annotated voxels; predictions are dense")
     return "\n".join(lines)

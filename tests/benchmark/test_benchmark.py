@@ -206,3 +206,55 @@ def test_time_budget_benchmark_records_learning_curves_and_the_held_out_set(base
     assert "headline mode" in md and "## Learning curves" in md and "## External test set" in md
     assert "## Two-model ensembles" in md
     assert (out / CURVES_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sparse_label_runs_train_on_the_twin_and_are_evaluated_against_dense_labels(baseline_root, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """--sparse-slices: samnnu's default and nnU-Net's best dense model train again on a twin of the dataset
+    whose training labels keep 3 slices per volume (same plans, folds and cases), evaluated on dense labels."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from samnnu.benchmark.runner import sparse_key, sparse_targets
+    from samnnu.cli import benchmark_main
+
+    use_data_root(monkeypatch, baseline_root)
+    out = tmp_path / "bench"
+    models = ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d")
+    args = ["-d", "4", "--iterations", "2", "--timing-cases", "1", "--sparse-slices", "3", "-m", *models,
+            "-o", str(out), "--data-root", str(baseline_root)]
+    try:
+        assert benchmark_main(args) == 0
+        state = json.loads((out / "results.json").read_text())
+        assert sorted(state["runs"]) == sorted([f"{m}@all" for m in models] + [sparse_key(m, "all", 3) for m in models])
+        (twin,) = [p for p in (baseline_root / "nnUNet_raw").iterdir() if p.name.endswith("_HippocampusSparse3")]
+        dataset_json = json.loads((twin / "dataset.json").read_text())
+        assert dataset_json["labels"]["ignore"] == 3
+        assert dataset_json["samnnu_sparse"]["source_dataset"] == "Dataset004_Hippocampus"
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(sorted((twin / "labelsTr").iterdir())[0])))
+        assert int(np.count_nonzero((label != 3).any(axis=(1, 2)))) == 3  # three annotated slices, the rest ignored
+        pre = baseline_root / "nnUNet_preprocessed"
+        assert (pre / twin.name / "splits_final.json").read_text() == \
+            (pre / "Dataset004_Hippocampus" / "splits_final.json").read_text()
+        plans = json.loads((pre / twin.name / "samnnuPlans.json").read_text())
+        assert plans["dataset_name"] == twin.name and plans["samnnu"]["sparse_annotations"]["ignore_label"] == 3
+        for m in models:
+            run = state["runs"][sparse_key(m, "all", 3)]
+            assert run["sparse_slices"] == 3 and set(run["dice"]) == {"Anterior", "Posterior"}
+            assert run["n_validation_cases"] == state["runs"][f"{m}@all"]["n_validation_cases"]
+            assert "inference_seconds_per_volume" not in run  # timed once per model, on its dense run
+            trainer, cfg = m.split(":")
+            fold_dir = (out / "runs" / "train_all_sparse3" / "nnUNet_results" / twin.name /
+                        f"{trainer}__{run['plans']}__{cfg}" / "fold_0")
+            assert (fold_dir / "checkpoint_final.pth").is_file()
+        rows = sparse_targets(state)
+        assert len(rows) == 4 and all(v in ("met", "missed", "not measured") for _, _, v in rows)
+        assert "## Sparse annotations" in (out / "results.md").read_text()
+        capsys.readouterr()
+        assert benchmark_main(args) == 0  # resumable: nothing runs again
+        assert "(0 runs now, 4 from before)" in capsys.readouterr().out
+    finally:
+        for root in ("nnUNet_raw", "nnUNet_preprocessed"):
+            for p in (baseline_root / root).glob("Dataset*_HippocampusSparse3"):
+                shutil.rmtree(p)
