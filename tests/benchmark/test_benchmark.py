@@ -59,12 +59,37 @@ def test_target_verdicts_follow_the_numbers():
     rows = targets(state)
     # all: +1.0 over nnU-Net 2d < 3 -> missed; no test set there -> not measured;
     # 10: best nnU-Net is 3d_fullres (0.65): +6.0 -> met, test +7.0 -> met, 3d_fullres learned after 10 min;
-    # inference: 2.0 s against the best "all" configuration's 1.0 s -> missed
-    assert [v for _, _, v in rows] == ["missed", "not measured", "met", "met", "met", "missed"]
+    # inference: 2.0 s against the best "all" configuration's 1.0 s -> missed; no sparse-label runs
+    assert [v for _, _, v in rows] == ["missed", "not measured", "met", "met", "met", "missed", "not measured"]
     assert "nnUNetTrainer:3d_fullres 0.650 (+6.0)" in rows[2][1] and "after 10.0 min" in rows[4][1]
     runs[0]["dice"] = {"a": 0.69, "b": 0.70}
     assert [v for _, _, v in targets(state)][2] == "missed"
     assert mean_dice(runs[0]) == pytest.approx(0.695)
+
+
+def test_sparse_label_verdicts_follow_the_numbers():
+    """3 slices per volume: samnnu's default keeps >= 90 % of its dense Dice and beats nnU-Net's best run on
+    the same sparse labels by 5 points; dense runs of other sizes and sparse runs of other N play no part."""
+    from samnnu.benchmark.runner import sparse_key, sparse_targets
+
+    d = "SAMedLoRATrainer:2d"
+    dense = _run(d, "10", (0.80, 0.80), True)
+    ours = dict(_run(d, "10", (0.74, 0.74), True), sparse_slices=3)
+    theirs = [dict(_run("nnUNetTrainer:3d_fullres", "10", (0.66, 0.70), False), sparse_slices=3),
+              dict(_run("nnUNetTrainer:2d", "10", (0.30, 0.30), False), sparse_slices=3),
+              dict(_run("nnUNetTrainer:2d", "10", (0.90, 0.90), False), sparse_slices=5)]
+    ours["test"], dense["test"] = {"dice": {"a": 0.70, "b": 0.70}}, {"dice": {"a": 0.80, "b": 0.80}}
+    theirs[0]["test"] = {"dice": {"a": 0.60, "b": 0.60}}
+    state = {"setup": {"samnnu_default": d, "training_subsets": {"10": []}},
+             "runs": {f"{d}@10": dense, sparse_key(d, "10", 3): ours,
+                      **{sparse_key(r["model"], "10", r["sparse_slices"]): r for r in theirs}}}
+    rows = sparse_targets(state)
+    # validation: 0.74 / 0.80 = 92.5 % -> met; +6.0 over 3d_fullres (0.68) -> met;
+    # test: 0.70 / 0.80 = 87.5 % -> missed; +10.0 over 3d_fullres (0.60) -> met
+    assert [v for _, _, v in rows] == ["met", "met", "missed", "met"]
+    assert "(92.5%)" in rows[0][1] and "nnUNetTrainer:3d_fullres 0.680 (+6.0)" in rows[1][1]
+    ours["dice"] = {"a": 0.70, "b": 0.70}
+    assert [v for _, _, v in sparse_targets(state)][:2] == ["missed", "missed"]  # 87.5 %, +2.0
 
 
 @pytest.fixture(scope="module")
