@@ -53,6 +53,7 @@ setup(
             "samnnu_summarize=samnnu.cli:summarize_main",
             "samnnu_benchmark=samnnu.cli:benchmark_main",
             "samnnu_refine=samnnu.cli:refine_main",
+            "samnnu_distill=samnnu.cli:distill_main",
         ]
     },
 )

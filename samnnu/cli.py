@@ -228,6 +228,47 @@ def plan_and_preprocess_main(argv: Sequence[str] | None = None) -> int:
     return _run(p.prog, go, verbose=args.verbose)
 
 
+def distill_main(argv: Sequence[str] | None = None) -> int:
+    """``samnnu_distill -d DATASET [-d ...] --teacher litemedsam --student tinyvit_s -o FILE.pth``."""
+    p = _Parser(prog="samnnu_distill",
+                description="Distil a SAM image encoder into a smaller student on your own preprocessed images; "
+                            "the student keeps the teacher's prompt encoder and mask decoder. Use the file with "
+                            "samnnu_plan_and_preprocess --sam-checkpoint FILE.")
+    p.add_argument("-d", "--dataset", action="append", required=True,
+                   help="a planned and preprocessed dataset (ID or name); repeat for several")
+    p.add_argument("--teacher", default="litemedsam", help="teacher encoder (default litemedsam, bundled)")
+    p.add_argument("--teacher-checkpoint", default=None, help="the teacher's SAM checkpoint, if not bundled")
+    p.add_argument("--student", default="tinyvit_s", help="student: tinyvit_s (default) or tinyvit_xs")
+    p.add_argument("-o", "--output", required=True, help="the student checkpoint to write (.pth)")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="encoder input side (default: the first dataset's planned 2d input size)")
+    p.add_argument("--steps", type=_positive_int, default=2000, help="optimisation steps (default 2000)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per step (default 16)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
+                   help="cache the teacher's embeddings once per slice (no augmentation) or run the teacher on "
+                        "augmented slices; auto caches when each slice is seen at least twice")
+    p.add_argument("--seed", type=int, default=0)
+    _verbose(p)
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.config import configure_threads
+        from samnnu.pipeline.distill import distill
+
+        configure_threads()
+        record = distill(args.dataset, args.output, teacher=args.teacher, student=args.student,
+                         teacher_checkpoint=args.teacher_checkpoint, input_size=args.input_size, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, cache=args.cache, seed=args.seed)
+        print(f"wrote {args.output}: {record['student']} ({record['student_parameters']:,} parameters) distilled from "
+              f"{record['teacher']} on {record['slices']} slices at input {record['input_size']}, final embedding "
+              f"MSE {record['final_mse']:.4f}")
+
+    return _run(p.prog, go, verbose=args.verbose)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="samnnu_train", description="Train one fold, then validate, postprocess, "
                                                                   "evaluate and write the fold report.")

