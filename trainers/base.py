@@ -67,7 +67,24 @@ def ignore_outside_image(transforms, ignore_label: int | None):
     return transforms
 
 
-class SAMTrainerBase(nnUNetTrainer, abc.ABC):
+class IgnoreOutsideImage:
+    """Mixin for an nnUNetTrainer subclass: with sparse labels, padding is ignored in augmentation
+    (:func:`ignore_outside_image`). Every samnnu trainer has it."""
+
+    @staticmethod
+    def get_training_transforms(*args, ignore_label: int | None = None, **kwargs):
+        """nnU-Net's training augmentation; with sparse labels, padding is ignored (:func:`ignore_outside_image`)."""
+        return ignore_outside_image(nnUNetTrainer.get_training_transforms(*args, ignore_label=ignore_label, **kwargs),
+                                    ignore_label)
+
+    @staticmethod
+    def get_validation_transforms(*args, ignore_label: int | None = None, **kwargs):
+        """nnU-Net's validation transforms; with sparse labels, padding is ignored."""
+        return ignore_outside_image(nnUNetTrainer.get_validation_transforms(*args, ignore_label=ignore_label,
+                                                                            **kwargs), ignore_label)
+
+
+class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
     """The shared SAM recipe; a concrete trainer writes :meth:`build_network_architecture` and what its
     idea changes (its loss, a hyper-parameter as a class attribute)."""
 
@@ -125,18 +142,6 @@ class SAMTrainerBase(nnUNetTrainer, abc.ABC):
         if dist.is_available() and dist.is_initialized():
             batch = max(1, round(batch / dist.get_world_size()))
         self.batch_size = batch
-
-    @staticmethod
-    def get_training_transforms(*args, ignore_label: int | None = None, **kwargs):
-        """nnU-Net's training augmentation; with sparse labels, padding is ignored (:func:`ignore_outside_image`)."""
-        return ignore_outside_image(nnUNetTrainer.get_training_transforms(*args, ignore_label=ignore_label, **kwargs),
-                                    ignore_label)
-
-    @staticmethod
-    def get_validation_transforms(*args, ignore_label: int | None = None, **kwargs):
-        """nnU-Net's validation transforms; with sparse labels, padding is ignored."""
-        return ignore_outside_image(nnUNetTrainer.get_validation_transforms(*args, ignore_label=ignore_label,
-                                                                            **kwargs), ignore_label)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """The SAM networks have a single output: nothing to switch."""

@@ -12,10 +12,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from samnnu.modeling.nnsam import NNSAMNet
-from samnnu.trainers.base import load_sam_pretrained
+from samnnu.trainers.base import IgnoreOutsideImage, load_sam_pretrained
 
 
-class nnSAMTrainer(nnUNetTrainer):
+class nnSAMTrainer(IgnoreOutsideImage, nnUNetTrainer):
     """nnSAM: nnU-Net's U-Net and recipe, frozen SAM embedding concatenated into the bottleneck."""
 
     patch_dimensions = (2, 3)  # nnU-Net's U-Net takes either

@@ -30,15 +30,17 @@ def _augment(get_transforms, seg: np.ndarray, draws: int, seed: int = 0) -> list
     return out
 
 
-def test_augmentation_never_invents_labels_where_nothing_was_annotated():
+@pytest.mark.parametrize("trainer", ["SAMedLoRATrainer", "SAM3DAdapterTrainer", "nnSAMTrainer"])
+def test_augmentation_never_invents_labels_where_nothing_was_annotated(trainer):
     """Voxels from outside the image (padding, rotation, zoom-out) stay ignored in samnnu's trainers; with
     nnU-Net's own transforms they become background, a label nobody drew."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from samnnu.trainers.base import SAMTrainerBase
+    from samnnu.pipeline.training import get_trainer_class
 
+    cls = get_trainer_class(trainer)
     unannotated = np.full((1, 48, 48), IGNORE, dtype=np.int16)
-    ours = _augment(SAMTrainerBase.get_training_transforms, unannotated, draws=60)
+    ours = _augment(cls.get_training_transforms, unannotated, draws=60)
     assert all((seg == IGNORE).all() for seg in ours)
     theirs = _augment(nnUNetTrainer.get_training_transforms, unannotated, draws=60)
     assert any((seg == 0).any() for seg in theirs)  # the draws did bring in outside voxels
@@ -46,7 +48,7 @@ def test_augmentation_never_invents_labels_where_nothing_was_annotated():
     band = unannotated.copy()
     band[0, 20:28, :] = 0
     band[0, 22:26, 10:30] = 1
-    for seg in _augment(SAMTrainerBase.get_training_transforms, band, draws=60, seed=1):
+    for seg in _augment(cls.get_training_transforms, band, draws=60, seed=1):
         assert set(np.unique(seg).tolist()) <= {0, 1, IGNORE}
         assert np.count_nonzero(seg != IGNORE) <= 2.5 * 8 * 48  # at most the band, scaled by up to 1.4 (and rotated)
 
