@@ -76,7 +76,7 @@ def measure_speed(student: Path, input_size: int, batch: int, repeats: int) -> d
     return out
 
 
-def box_dice(student: Path, dataset: str, input_size: int) -> dict:
+def box_dice(student: Path, dataset: str, input_size: int, max_cases: int | None = None) -> dict:
     """Mean Dice of box-prompted masks, per encoder and class, over fold 0's validation slices."""
     import numpy as np
     import SimpleITK as sitk
@@ -90,7 +90,7 @@ def box_dice(student: Path, dataset: str, input_size: int) -> dict:
     raw = current_paths().raw / dataset
     labels = {k: v for k, v in read_json(raw / "dataset.json", "dataset.json")["labels"].items()
               if k not in ("background", "ignore")}
-    cases = sorted(read_json(pre / "splits_final.json", "splits")[0]["val"])
+    cases = sorted(read_json(pre / "splits_final.json", "splits")[0]["val"])[:max_cases]
     name, sparts = student_parts(student, input_size)
     refiners = {"litemedsam": SliceRefiner(teacher_parts(input_size), encoder="litemedsam"),
                 name: SliceRefiner(sparts, encoder=name)}
@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-cases", type=int, default=None, help="box Dice on the first N validation cases only")
     p.add_argument("--steps", nargs="+", default=["speed", "box_dice", "samunet"],
                    choices=["speed", "box_dice", "samunet"])
     args = p.parse_args(argv)
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
         if step == "speed":
             results[step] = measure_speed(args.student, sam["input_size"], sam["batch_size"], args.repeats)
         elif step == "box_dice":
-            results[step] = box_dice(args.student, dataset, record["input_size"])
+            results[step] = box_dice(args.student, dataset, record["input_size"], args.max_cases)
         else:
             results[step] = samunet(args.student.resolve(), args.data_root.resolve(), dataset, args.iterations,
                                     args.output.resolve())

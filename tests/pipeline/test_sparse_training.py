@@ -82,6 +82,14 @@ def test_sparse_dataset_is_planned_trained_with_a_masked_loss_and_predicted_dens
     note = plans["samnnu"]["sparse_annotations"]
     assert note["ignore_label"] == IGNORE and 0.03 < note["annotated_fraction"] < 0.2
     assert "sparse annotations:" in summarize_plans(plans)
+    # labels converted with --sparse carry no record of how they were made: the planner counts
+    from samnnu.plans.samnnu_planner import SAMnnUPlanner
+
+    planner = SAMnnUPlanner(44, encoder="tiny")
+    del planner.dataset_json["samnnu_sparse"]
+    counted = planner.sparse_annotations()
+    assert counted["ignore_label"] == IGNORE and counted["annotated_fraction"] == pytest.approx(
+        note["annotated_fraction"], rel=0.3)
 
     result = train(44, 0, epochs=1, iters_per_epoch=2, mirroring=False, device="cpu", return_trainer=True)
     trainer = result["trainer_object"]
