@@ -33,6 +33,17 @@ def use_data_root(mp: pytest.MonkeyPatch, root: Path):
     return setup_environment(root, quiet=True)
 
 
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """Point nnU-Net's folders into tmp_path (restored after the test); return the raw folder."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
+                 "nnUNet_def_n_proc", "nnUNet_n_proc_DA", "SAMNNU_DATA_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    from samnnu.config import setup_environment
+
+    return setup_environment(tmp_path / "data", quiet=True).raw
+
+
 def demo_cases() -> list[str]:
     """Case ids of the shipped demo data, sorted."""
     from samnnu.demo_data import demo_dataset_path

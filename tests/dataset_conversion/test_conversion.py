@@ -68,17 +68,6 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def nnunet_env(tmp_path, monkeypatch):
-    """Point nnU-Net's folders into tmp_path (restored after the test); return the raw folder."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
-                 "nnUNet_def_n_proc", "nnUNet_n_proc_DA", "SAMNNU_DATA_ROOT"):
-        monkeypatch.delenv(name, raising=False)
-    from samnnu.config import setup_environment
-
-    return setup_environment(tmp_path / "data", quiet=True).raw
-
-
 def shared_reason(path: Path) -> str:
     """The reason the converter gives for a damaged file: samnnu.safe_io.check_image_file's message,
     with the file named ``folder/file``."""

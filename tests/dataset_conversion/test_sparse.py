@@ -45,16 +45,6 @@ def dense_label(shape=(20, 16, 16)) -> np.ndarray:
     return label
 
 
-@pytest.fixture
-def nnunet_env(tmp_path, monkeypatch):
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
-                 "nnUNet_def_n_proc", "nnUNet_n_proc_DA", "SAMNNU_DATA_ROOT"):
-        monkeypatch.delenv(name, raising=False)
-    from samnnu.config import setup_environment
-
-    return setup_environment(tmp_path / "data", quiet=True).raw
-
-
 def make_source(root: Path, n: int = 3, label=None, ignore_value=None) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
