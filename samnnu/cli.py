@@ -264,7 +264,8 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
                          batch_size=args.batch_size, lr=args.lr, cache=args.cache, seed=args.seed)
         print(f"wrote {args.output}: {record['student']} ({record['student_parameters']:,} parameters) distilled from "
               f"{record['teacher']} on {record['slices']} slices at input {record['input_size']}, final embedding "
-              f"MSE {record['final_mse']:.4f}")
+              f"MSE {record['final_mse']:.4f} ({record['final_relative_mse']:.1%} of the teacher embeddings' "
+              f"mean square)")
 
     return _run(p.prog, go, verbose=args.verbose)
 

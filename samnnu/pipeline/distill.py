@@ -11,6 +11,9 @@ them (the plans' intensity window, scaled to [0, 1], the longer side fitted to t
 - with the teacher's embeddings cached once per slice (no augmentation), which is cheaper when each
   slice is seen at least twice (``cache="auto"``).
 
+The student starts from its random initialisation except for the weights it shares with the teacher
+by name and shape (:func:`warm_start`: the neck and the 320-wide last-stage blocks).
+
 The run resumes from ``FILE.partial.pth`` (written every ``save_every`` steps) and the teacher cache
 from where it stopped. The result, ``FILE``, is a SAM-style checkpoint (``image_encoder.*`` of the
 student, ``prompt_encoder.*`` and ``mask_decoder.*`` of the teacher, and a ``samnnu_distill`` record)
@@ -175,6 +178,23 @@ def _build(name: str, input_size: int, checkpoint: str | None = None, pretrained
     return parts
 
 
+def warm_start(student: torch.nn.Module, teacher: torch.nn.Module) -> list[str]:
+    """Copy every teacher weight whose name and shape the student shares (in practice the neck that maps
+    the last stage to SAM's 256 channels, and the 320-wide last-stage blocks); return the names copied.
+
+    The student then starts with the teacher's output scale instead of having to find it (LiteMedSAM's
+    embeddings have a variance near 0.01; a fresh neck's, near 1).
+    """
+    theirs = teacher.state_dict()
+    ours = student.state_dict()
+    last = max(int(k.split(".")[1]) for k in ours if k.startswith("layers."))
+    shared = ("neck.", f"layers.{last}.")  # same role in both; earlier stages differ in width and depth
+    copied = [k for k, v in ours.items() if k.startswith(shared) and k in theirs and theirs[k].shape == v.shape
+              and v.dtype.is_floating_point]
+    student.load_state_dict({**ours, **{k: theirs[k].clone() for k in copied}})
+    return copied
+
+
 def check_pair(teacher: str, student: str) -> None:
     """One-line SamnnuError unless ``student`` is a registered student whose decoder shape fits ``teacher``."""
     from samnnu.modeling.encoders import ENCODERS, get_encoder_spec
@@ -228,6 +248,7 @@ def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "li
     t_enc, s_enc = teacher_parts.image_encoder.eval(), student_parts.image_encoder
     for p in t_enc.parameters():
         p.requires_grad_(False)
+    warm = warm_start(s_enc, t_enc)
 
     cached = _teacher_cache(output, settings, source, t_enc, progress) if use_cache else None
     optimizer = torch.optim.AdamW(s_enc.parameters(), lr=lr, weight_decay=0.01)
@@ -246,7 +267,7 @@ def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "li
     rng = np.random.default_rng(seed + start)
     batches = None if use_cache else AugmentedBatches(source, seed + start)
     s_enc.train()
-    losses = []
+    losses, energies = [], []
     bar = tqdm(total=steps, initial=start, desc=f"distilling {teacher} -> {student}", unit="step",
                dynamic_ncols=True, disable=not progress)
     began = time.perf_counter()
@@ -267,14 +288,17 @@ def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "li
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
+        energies.append(float(target.pow(2).mean()))
         bar.update(1)
-        bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
+        bar.set_postfix(relative_mse=f"{np.mean(losses[-20:]) / np.mean(energies[-20:]):.3f}")
         if (step + 1) % save_every == 0 and step + 1 < steps:
             state = {"settings": asdict(settings), "student": s_enc.state_dict(), "optimizer": optimizer.state_dict(),
                      "torch_rng": torch.get_rng_state(), "step": step + 1}
             write_atomic(partial, lambda tmp, st=state: torch.save(st, tmp))
     bar.close()
     record = {**asdict(settings), "slices": n_slices, "final_mse": float(np.mean(losses[-20:])) if losses else None,
+              "final_relative_mse": float(np.mean(losses[-20:]) / np.mean(energies[-20:])) if losses else None,
+              "warm_started_tensors": len(warm),
               "seconds_this_run": round(time.perf_counter() - began, 1),
               "student_parameters": count_parameters(s_enc), "teacher_parameters": count_parameters(t_enc)}
     checkpoint = {f"image_encoder.{k}": v for k, v in s_enc.state_dict().items()}

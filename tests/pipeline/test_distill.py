@@ -162,3 +162,17 @@ def test_a_dataset_without_preprocessed_slices_is_refused(data_root, tmp_path):
             SliceSource(["Dataset005_Empty"])
     finally:
         shutil.rmtree(empty)
+
+
+def test_warm_start_copies_only_the_neck_and_last_stage_the_student_shares():
+    from samnnu.pipeline.distill import _build, warm_start
+
+    teacher = _build("tiny", 64).image_encoder
+    student = _build("tiny_student", 64, pretrained=False).image_encoder
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    copied = warm_start(student, teacher)
+    assert copied and all(k.startswith(("neck.", "layers.3.")) for k in copied)
+    after, theirs = student.state_dict(), teacher.state_dict()
+    assert all(torch.equal(after[k], theirs[k]) for k in copied)
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in copied)  # the rest untouched
+    assert any(k.startswith("neck.") for k in copied)
