@@ -287,7 +287,7 @@ def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "li
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         energies.append(float(target.pow(2).mean()))
         bar.update(1)
         bar.set_postfix(relative_mse=f"{np.mean(losses[-20:]) / np.mean(energies[-20:]):.3f}")
