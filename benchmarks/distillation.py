@@ -37,21 +37,17 @@ def _save(out: Path, results: dict) -> None:
 
 def student_parts(student: Path, input_size: int):
     """The student's encoder with the teacher's prompt encoder and mask decoder, all from the student file."""
-    from samnnu.modeling.encoders import build_sam_parts, load_pretrained
+    from samnnu.pipeline.distill import build_parts
     from samnnu.plans.samnnu_planner import encoder_for_checkpoint
 
     name = encoder_for_checkpoint(student)
-    parts = build_sam_parts(name, input_size=input_size, num_mask_tokens=4)
-    load_pretrained(name, parts, checkpoint=student)
-    return name, parts
+    return name, build_parts(name, input_size, checkpoint=student)
 
 
 def teacher_parts(input_size: int):
-    from samnnu.modeling.encoders import build_sam_parts, load_pretrained
+    from samnnu.pipeline.distill import build_parts
 
-    parts = build_sam_parts("litemedsam", input_size=input_size, num_mask_tokens=4)
-    load_pretrained("litemedsam", parts)
-    return parts
+    return build_parts("litemedsam", input_size)
 
 
 def measure_speed(student: Path, input_size: int, batch: int, repeats: int) -> dict:

@@ -18,6 +18,11 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
+def dataset_id(name: str) -> int:
+    """``"Dataset004_Hippocampus"`` -> ``4``."""
+    return int(name[len("Dataset"):len("Dataset") + 3])
+
+
 def datasets_with_id(ident: int, roots: Iterable[Path]) -> list[str]:
     """The ``DatasetNNN_*`` folder names of dataset ID ``ident`` in any of ``roots``, sorted (nothing is created)."""
     prefix = dataset_folder_name(ident, "")

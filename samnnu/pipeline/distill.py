@@ -166,7 +166,9 @@ class AugmentedBatches:
 
 # ----------------------------------------------------------------------------------------------- the run
 
-def _build(name: str, input_size: int, checkpoint: str | None = None, pretrained: bool = True):
+def build_parts(name: str, input_size: int, checkpoint: str | None = None, pretrained: bool = True):
+    """A registered encoder's SAM parts (seeded initialisation), with its pretrained weights (bundled, or
+    ``checkpoint``) unless ``pretrained`` is False or it has none."""
     from samnnu.modeling.encoders import build_sam_parts, get_encoder_spec, load_pretrained
 
     spec = get_encoder_spec(name)
@@ -243,8 +245,8 @@ def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "li
     use_cache = cache == "on" or (cache == "auto" and steps * batch_size >= 2 * n_slices)
     settings = DistillSettings(teacher, student, source.names, int(input_size), steps, batch_size, lr, use_cache, seed,
                                teacher_checkpoint and str(Path(teacher_checkpoint).resolve()))
-    teacher_parts = _build(teacher, input_size, teacher_checkpoint)
-    student_parts = _build(student, input_size, pretrained=False)
+    teacher_parts = build_parts(teacher, input_size, teacher_checkpoint)
+    student_parts = build_parts(student, input_size, pretrained=False)
     t_enc, s_enc = teacher_parts.image_encoder.eval(), student_parts.image_encoder
     for p in t_enc.parameters():
         p.requires_grad_(False)

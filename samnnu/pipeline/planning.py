@@ -4,13 +4,9 @@ from __future__ import annotations
 import os
 
 from samnnu.config import current_paths, num_processes, setup_environment
-from samnnu.datasets import dataset_name, ensure_splits
+from samnnu.datasets import dataset_id, dataset_name, ensure_splits
 from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
-
-
-def _dataset_id(name: str) -> int:
-    return int(name[len("Dataset"):len("Dataset") + 3])
 
 
 def default_device() -> tuple[str, float]:
@@ -48,7 +44,7 @@ def plan_and_preprocess(dataset: str | int, *, configurations: tuple[str, ...] |
     name = dataset_name(dataset)
     if not (current_paths().raw / name / "dataset.json").is_file():
         raise SamnnuError(f"{current_paths().raw / name}: no raw dataset (dataset.json missing); run samnnu_convert")
-    ident = _dataset_id(name)
+    ident = dataset_id(name)
     np_ = processes or num_processes()
     guessed_type, guessed_memory = default_device()
     device_type = device_type or guessed_type

@@ -12,17 +12,13 @@ import shutil
 
 from samnnu.config import current_paths, num_processes
 from samnnu.dataset_conversion.sparse import SPARSE_KEY, make_sparse_dataset, sparse_info
-from samnnu.datasets import dataset_folder_name, datasets_with_id
+from samnnu.datasets import dataset_folder_name, dataset_id, datasets_with_id
 from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
 from samnnu.safe_io import read_json, write_json_atomic
 
 #: marks a preprocessed configuration of the twin as complete (preprocessing is redone when missing)
 DONE = ".samnnu_preprocessed_{plans}_{configuration}"
-
-
-def _dataset_id(name: str) -> int:
-    return int(name[len("Dataset"):len("Dataset") + 3])
 
 
 def twin_name(dense: str, slices: int) -> str:
@@ -37,7 +33,7 @@ def _find_or_pick_id(name: str) -> int:
     for root in roots:
         if root.is_dir():
             for p in root.glob(f"Dataset[0-9][0-9][0-9]_{name}"):
-                return _dataset_id(p.name)
+                return dataset_id(p.name)
     for ident in range(999, 0, -1):
         if not datasets_with_id(ident, roots):
             return ident

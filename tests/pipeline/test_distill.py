@@ -119,7 +119,7 @@ def test_an_interrupted_distillation_resumes_and_the_teacher_cache_is_exact(data
     source = d.SliceSource(["4"])
     inputs, embeddings = np.load(tmp_path / "s.teacher_inputs.npy"), np.load(tmp_path / "s.teacher.npy")
     assert len(inputs) == len(embeddings) == len(source.all_slices())
-    teacher = d._build("tiny", 64).image_encoder.eval()
+    teacher = d.build_parts("tiny", 64).image_encoder.eval()
     row = len(inputs) // 2
     x = source.encoder_input(row, 64)
     assert np.allclose(inputs[row, 0], x[0, 0].numpy(), atol=1e-3)
@@ -165,10 +165,10 @@ def test_a_dataset_without_preprocessed_slices_is_refused(data_root, tmp_path):
 
 
 def test_warm_start_copies_only_the_neck_and_last_stage_the_student_shares():
-    from samnnu.pipeline.distill import _build, warm_start
+    from samnnu.pipeline.distill import build_parts, warm_start
 
-    teacher = _build("tiny", 64).image_encoder
-    student = _build("tiny_student", 64, pretrained=False).image_encoder
+    teacher = build_parts("tiny", 64).image_encoder
+    student = build_parts("tiny_student", 64, pretrained=False).image_encoder
     before = {k: v.clone() for k, v in student.state_dict().items()}
     copied = warm_start(student, teacher)
     assert copied and all(k.startswith(("neck.", "layers.3.")) for k in copied)
