@@ -54,6 +54,7 @@ setup(
             "samnnu_benchmark=samnnu.cli:benchmark_main",
             "samnnu_refine=samnnu.cli:refine_main",
             "samnnu_distill=samnnu.cli:distill_main",
+            "samnnu_train_prompts=samnnu.cli:train_prompts_main",
         ]
     },
 )

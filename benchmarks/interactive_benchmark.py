@@ -58,20 +58,31 @@ def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, 
     from samnnu.interactive.refiner import InteractiveSession
     from samnnu.interactive.simulated_user import next_click
 
+    target = ref == label
+    if start == "box":  # one box on the label's largest slice, nothing from the prompt-free model
+        seg, probs = np.zeros_like(seg), None
+        options = dataclasses.replace(options, stop_at_base=False)
     session = InteractiveSession(refiner, image, seg, probs, labels, spacing=spacing, options=options)
     if start == "auto":
         for prompt in auto_prompts(seg, [label], probs, spacing=spacing):
             session.add_prompt(prompt)
-    target = ref == label
+    elif start == "box" and target.any():
+        from samnnu.interactive.auto_prompts import bounding_rectangle
+
+        z = int(np.argmax(target.sum(axis=(1, 2))))
+        y0, x0, y1, x1 = bounding_rectangle(target[z])
+        session.box(label, (z, y0, x0), (z, y1, x1))
     dices = [dice(session.label_mask(label), target)]
-    made = []
+    made, steps = [], []
     for _ in range(clicks):
         click = next_click(session.label_mask(label), target, spacing)
         if click is not None:  # a perfect mask gets no more clicks; its Dice stays
+            decodes, began = refiner.stats["decodes"], time.perf_counter()
             session.click(label, click.index, click.positive)
+            steps.append([time.perf_counter() - began, refiner.stats["decodes"] - decodes])
             made.append([*click.index, "+" if click.positive else "-"])
         dices.append(dice(session.label_mask(label), target))
-    return dices, made
+    return dices, made, steps
 
 
 def prompt_probe(refiner, ref, labels, base=None):
@@ -139,6 +150,17 @@ def probe_summary(probes: list[dict]) -> dict:
     return out
 
 
+def click_step_timing(records) -> dict:
+    """How long one click took to answer (embeddings cached or not), per click and per slice it decoded."""
+    steps = [s for r in records for s in r.get("click_steps", [])]
+    per_slice = [t / n for t, n in steps if n > 0]
+    return {"click_steps": len(steps),
+            "click_step_seconds_median": float(np.median([t for t, _ in steps])) if steps else None,
+            "click_step_seconds_max": float(np.max([t for t, _ in steps])) if steps else None,
+            "click_step_seconds_per_decoded_slice_max": float(np.max(per_slice)) if per_slice else None,
+            "click_step_seconds_per_decoded_slice_median": float(np.median(per_slice)) if per_slice else None}
+
+
 def summarize(records, clicks_at=(0, 1, 3, 5)):
     """Mean Dice over cases and labels per (variant, start) at each number of clicks, plus per label."""
     out = {}
@@ -165,12 +187,13 @@ def markdown(result) -> str:
     ks = [k for k in (0, 1, 3, 5) if k <= result["settings"]["clicks"]]
     lines = ["# Interactive refinement: simulated user", "",
              f"Command: `{result['command']}`", "",
-             f"Model: {result['settings']['model']}, fold {result['settings']['fold']}; refiner "
-             f"{result['settings']['refiner']}; {len(result['cases'])} validation cases: "
+             f"Model: {result['settings']['model']}, fold {result['settings']['fold']}; "
+             f"{result['settings']['refiner_description']}; {len(result['cases'])} validation cases: "
              f"{', '.join(result['cases'])}.", "",
              "Mean Dice over cases and labels after k clicks (one label at a time; clicks at the largest error "
              "region). Start \"prompt-free\" = the trained model's prediction; \"auto\" = its automatic first "
-             "prompts applied by the refiner.", "",
+             "prompts applied by the refiner; \"box\" = one reference box per label on its largest slice, "
+             "propagated through the volume, without the prompt-free prediction.", "",
              "| variant | start | n | " + " | ".join(f"{k} clicks" for k in ks) + " |",
              "|---|---|---|" + "---|" * len(ks)]
     for row in result["summary"]:
@@ -198,7 +221,11 @@ def markdown(result) -> str:
     lines += ["", f"Refiner cost on this machine ({t['torch_threads']} torch thread(s)): {t['embeddings']} slice "
                   f"embeddings computed, {t['embedding_seconds_per_slice']:.2f} s each ({t['embeddings_from_cache']} "
                   f"loaded from the cache); {t['decodes']} decoder runs, "
-                  f"{t['decode_seconds_per_run']:.3f} s each. Prompt-free prediction: "
+                  f"{t['decode_seconds_per_run']:.3f} s each. "
+                  + (f"A click was answered in {t['click_step_seconds_median']:.2f} s (median; at most "
+                     f"{t['click_step_seconds_max']:.2f} s; at most {t['click_step_seconds_per_decoded_slice_max']:.2f} s "
+                     f"per slice it decoded, embeddings included when not yet computed). " if t["click_steps"] else "")
+                  + "Prompt-free prediction: "
                   f"{t['prompt_free_seconds']:.1f} s for all cases. Total {t['total_seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -215,8 +242,13 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", default=None, help="validation cases to use (default: all of the fold)")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N validation cases")
     p.add_argument("--clicks", type=int, default=5)
-    p.add_argument("--starts", nargs="+", default=["prompt-free", "auto"], choices=["prompt-free", "auto"])
+    p.add_argument("--starts", nargs="+", default=["prompt-free", "auto"], choices=["prompt-free", "auto", "box"],
+                   help="prompt-free: the model's prediction; auto: its automatic first prompts; box: one reference "
+                        "box per label on its largest slice, propagated, without the prompt-free prediction")
     p.add_argument("--refiner", default="litemedsam", help="refiner encoder (litemedsam; tiny for smoke tests)")
+    p.add_argument("--refiner-weights", default="auto",
+                   help="auto (the model's trained prompt path, fold_F/refiner.pth, when there is one), pretrained, "
+                        "or a refiner.pth file")
     p.add_argument("--variant", action="append", default=None,
                    help="NAME:OPT=VAL,OPT=VAL (RefineOptions); repeatable (default: default:)")
     p.add_argument("--prompt-probe", action="store_true",
@@ -236,7 +268,7 @@ def main(argv=None) -> int:
     from samnnu.defaults import PLANS_NAME
     from samnnu.interactive.prompts import label_values
     from samnnu.interactive.refiner import SliceRefiner
-    from samnnu.pipeline.prediction import prompt_free_predictions, read_image
+    from samnnu.pipeline.prediction import choose_prompt_path, prompt_free_predictions, read_image
     from samnnu.safe_io import (
         check_torch_archive,
         load_torch_safely,
@@ -284,7 +316,10 @@ def main(argv=None) -> int:
     names = {v: k for k, v in labels.items()}
     variants = dict(parse_variant(v) for v in (args.variant or ["default:"]))
 
-    refiner = SliceRefiner.create(args.refiner, device=args.device)
+    folder = model_folder(name, args.trainer, plans, args.configuration)
+    refiner = SliceRefiner.create(args.refiner, device=args.device,
+                                  trained=choose_prompt_path(folder, (args.fold,), args.refiner_weights))
+    print(f"refiner: {refiner.description}", flush=True)
     records, probes = [], []
     from_cache = 0
     for case in cases:
@@ -302,10 +337,10 @@ def main(argv=None) -> int:
         for vname, options in variants.items():
             for start_name in args.starts:
                 for label in sorted(names):
-                    dices, made = run_label(refiner, image, seg, probs, ref, label, labels, spacing, options,
-                                            start_name, args.clicks)
+                    dices, made, steps = run_label(refiner, image, seg, probs, ref, label, labels, spacing, options,
+                                                   start_name, args.clicks)
                     records.append({"case": case, "label": names[label], "variant": vname, "start": start_name,
-                                    "dice": dices, "clicks": made})
+                                    "dice": dices, "clicks": made, "click_steps": steps})
                     print(f"{case} {names[label]:>10} {vname:>12} {start_name:>11}: "
                           + " ".join(f"{d:.3f}" for d in dices), flush=True)
         if args.prompt_probe:
@@ -319,6 +354,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python benchmarks/interactive_benchmark.py", *(argv or sys.argv[1:])]),
         "settings": {"model": model_folder_name(args.trainer, plans, args.configuration),
                      "dataset": name, "fold": args.fold, "clicks": args.clicks, "refiner": args.refiner,
+                     "refiner_description": refiner.description, "prompt_path": refiner.trained,
                      "tta": not args.disable_tta,
                      "variants": {k: dataclasses.asdict(v) for k, v in variants.items()}},
         "cases": cases,
@@ -328,6 +364,7 @@ def main(argv=None) -> int:
         "timing": {"embeddings": st["embeddings"], "embeddings_from_cache": from_cache,
                    "embedding_seconds_per_slice": st["embedding_seconds"] / max(1, st["embeddings"]),
                    "decodes": st["decodes"], "decode_seconds_per_run": st["decode_seconds"] / max(1, st["decodes"]),
+                   **click_step_timing(records),
                    "prompt_free_seconds": prompt_free_seconds,
                    "total_seconds": time.perf_counter() - total_start, "torch_threads": torch.get_num_threads()},
     }

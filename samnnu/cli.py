@@ -270,6 +270,50 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
     return _run(p.prog, go, verbose=args.verbose)
 
 
+def train_prompts_main(argv: Sequence[str] | None = None) -> int:
+    """``samnnu_train_prompts DATASET FOLD``: the refiner's prompt path trained on a trained fold's cases."""
+    p = _Parser(prog="samnnu_train_prompts",
+                description="Train the interactive refiner's prompt encoder and mask decoder on the fold's training "
+                            "cases with simulated boxes and corrective clicks (the image encoder stays frozen). "
+                            "Writes fold_F/refiner.pth into the model folder; samnnu_predict --prompts and "
+                            "samnnu_refine then use it.")
+    p.add_argument("dataset", help="dataset ID or name")
+    p.add_argument("fold", type=_fold, help="the trained fold whose training cases are used")
+    p.add_argument("-tr", "--trainer", default=None, help="the model folder's trainer (default: as samnnu_predict)")
+    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
+    p.add_argument("-p", "--plans", default=None)
+    p.add_argument("--steps", type=_positive_int, default=600, help="optimisation steps (default 600)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="slices per step (default 8)")
+    p.add_argument("--rounds", type=int, default=3, help="corrective clicks after the first prompt (default 3)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate, cosine decay (default 1e-4)")
+    p.add_argument("--slices-per-case", type=_positive_int, default=4,
+                   help="labelled slices taken from each training case (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default=None, help="file to write instead of fold_F/refiner.pth")
+    p.add_argument("--refiner-encoder", default="litemedsam", choices=["litemedsam", "tiny"],
+                   help="the refiner whose prompt path is trained (default litemedsam; tiny for tests)")
+    _verbose(p)
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        from samnnu.config import configure_threads
+        from samnnu.interactive.prompt_training import train_prompts
+
+        configure_threads()
+        record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
+                               plans=args.plans, encoder=args.refiner_encoder, steps=args.steps,
+                               batch_size=args.batch_size, rounds=args.rounds, lr=args.lr,
+                               slices_per_case=args.slices_per_case, seed=args.seed, output=args.output)
+        last = record["history"][-1]
+        print(f"wrote {record['file']}: prompt path trained {record['steps']} steps on {record['samples']} labelled "
+              f"slices of {record['cases']} cases; training Dice of the last steps {last['dice_first']:.3f} after the "
+              f"first prompt, {last['dice_last']:.3f} after {record['rounds']} corrective clicks")
+
+    return _run(p.prog, go, verbose=args.verbose)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="samnnu_train", description="Train one fold, then validate, postprocess, "
                                                                   "evaluate and write the fold report.")
@@ -387,6 +431,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                           checkpoint=args.checkpoint, mirroring=not args.disable_tta,
                           postprocess=not args.no_postprocessing, prompts=args.prompts,
                           auto_prompts=args.auto_prompts, refiner=args.refiner_encoder, refine_options=options,
+                          refiner_weights=args.refiner_weights,
                           write_prompts=args.write_prompts, overwrite=args.overwrite, num_parts=args.num_parts,
                           part_id=args.part_id, overlay=args.overlay)
         part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ""
@@ -398,6 +443,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 def _prompt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-encoder", default="litemedsam", choices=["litemedsam", "tiny"],
                    help="promptable refiner: pretrained LiteMedSAM (default) or a tiny random one (tests)")
+    p.add_argument("--refiner-weights", default="auto", metavar="auto|pretrained|FILE",
+                   help="the refiner's prompt path: auto (default) uses the one samnnu_train_prompts trained for the "
+                        "model when there is one, else the pretrained one; pretrained; or a refiner.pth file")
     p.add_argument("--refine-option", action="append", default=[], metavar="NAME=VALUE",
                    help="refiner setting, a field of samnnu.interactive.refiner.RefineOptions (margin, mask_prompt, "
                         "derived_box, propagate_clicks, stop_at_base, fuse_base, multimask, clicks, click_prompts); "
@@ -451,8 +499,9 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
             configuration=args.configuration, plans=args.plans, device=args.device, checkpoint=args.checkpoint,
             mirroring=not args.disable_tta, postprocess=not args.no_postprocessing, reference=args.reference,
             prompts=args.prompts, case=args.case, auto_prompts=args.auto_prompts, refiner=args.refiner_encoder,
-            options=_refine_options(args))
+            options=_refine_options(args), refiner_weights=args.refiner_weights)
         loop = RefineLoop(session, geometry, args.input[0], args.output, out, label=args.label, prog=p.prog)
+        loop.say(f"refiner: {session.refiner.description}")
         for value in sorted(session.names):
             loop.say(("* " if value == loop.label else "  ") + session.describe(value))
         if args.commands is not None:

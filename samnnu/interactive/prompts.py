@@ -3,10 +3,15 @@
 A prompts file names, per case, prompts for labels of the model (the schema is documented in
 ``docs/interactive.md``)::
 
-    {"version": 1,
+    {"version": 2,
      "cases": {"hippocampus_023": [
          {"label": "Anterior", "coordinates": "voxel", "box": [[17, 20, 10], [17, 34, 22]]},
-         {"label": 2, "coordinates": "world", "positive": [[-12.0, -30.5, 17.0]], "negative": []}]}}
+         {"label": 2, "coordinates": "world", "positive": [[-12.0, -30.5, 17.0]], "negative": []},
+         {"label": 2, "coordinates": "voxel", "scribbles": [[[20, 30, 12], [20, 33, 16], [20, 35, 21]]],
+          "negative_scribbles": [], "lasso": [[21, 28, 10], [21, 28, 22], [21, 38, 22], [21, 38, 10]]}]}}
+
+Version 2 added scribbles (polylines drawn on one slice, inside the label or, negative, outside it)
+and the lasso (a closed outline on one slice around the label); version 1 files load unchanged.
 
 Voxel coordinates are integer indices in the order of the array SimpleITK gives numpy, ``(z, y, x)``;
 world coordinates are millimetres ``(x, y, z)`` in the image's physical space, mapped to the nearest
@@ -27,8 +32,10 @@ import numpy as np
 
 from samnnu.errors import SamnnuError
 
-SCHEMA_VERSION = 1
-_PROMPT_KEYS = {"label", "coordinates", "box", "positive", "negative", "automatic"}
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+_V2_KEYS = {"scribbles", "negative_scribbles", "lasso"}
+_PROMPT_KEYS = {"label", "coordinates", "box", "positive", "negative", "automatic"} | _V2_KEYS
 _COORDINATES = ("voxel", "world")
 
 Index = tuple[int, int, int]
@@ -104,6 +111,58 @@ class Box:
 
 
 @dataclass(frozen=True)
+class Stroke:
+    """A scribble: the (z, y, x) voxels of a polyline drawn on one slice, in drawing order; positive = the
+    voxels belong to the label, negative = they do not."""
+
+    voxels: tuple[Index, ...]
+    positive: bool
+
+    @property
+    def z(self) -> int:
+        return self.voxels[0][0]
+
+    def sample(self, n: int = 3) -> tuple[Point, ...]:
+        """Up to ``n`` clicks spread along the stroke (its ends and evenly between), for a point-prompted decoder."""
+        idx = np.unique(np.round(np.linspace(0, len(self.voxels) - 1, min(n, len(self.voxels)))).astype(int))
+        return tuple(Point(self.voxels[i], self.positive) for i in idx)
+
+
+@dataclass(frozen=True)
+class Lasso:
+    """A closed outline drawn around the label on slice ``z``: its vertices (y, x), in order."""
+
+    z: int
+    outline: tuple[tuple[int, int], ...]
+
+    def mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """(Y, X) bool: the voxels inside the outline or on it."""
+        from matplotlib.path import Path as Polygon  # local: matplotlib is slow to import
+
+        out = np.zeros(shape, dtype=bool)
+        ys, xs = np.indices(shape)
+        inside = Polygon(np.asarray(self.outline, dtype=float)).contains_points(np.c_[ys.ravel(), xs.ravel()])
+        out[inside.reshape(shape)] = True
+        closed = self.outline + self.outline[:1]
+        for (y0, x0), (y1, x1) in zip(closed, closed[1:]):
+            for y, x in line_voxels((y0, x0), (y1, x1)):
+                out[y, x] = True
+        return out
+
+    def box(self, shape: tuple[int, int]) -> "Box":
+        ys, xs = np.nonzero(self.mask(shape))
+        return Box((self.z, int(ys.min()), int(xs.min())), (self.z, int(ys.max()), int(xs.max())))
+
+
+def line_voxels(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, ...]]:
+    """The voxels of the straight segment from ``a`` to ``b`` (any dimension), one per step along its
+    longest axis, both ends included."""
+    a, b = np.asarray(a), np.asarray(b)
+    n = int(np.abs(b - a).max()) + 1
+    return [tuple(int(v) for v in np.round(a + (b - a) * t)) for t in np.linspace(0.0, 1.0, n)]
+
+
+@dataclass(frozen=True)
 class ObjectPrompt:
     """Prompts for one object of one label, in voxel indices: an optional box and any number of clicks.
 
@@ -117,12 +176,17 @@ class ObjectPrompt:
     source: str = ""
     # derived from the prompt-free prediction (samnnu.interactive.auto_prompts) rather than given by a person
     automatic: bool = False
+    strokes: tuple[Stroke, ...] = ()
+    lasso: Lasso | None = None
 
     def slices(self) -> list[int]:
-        """Slices (z) where this prompt says something directly: the box's key slice and every click's slice."""
-        out = {p.index[0] for p in self.points}
+        """Slices (z) where this prompt says something directly: the box's key slice, every click's and
+        scribble's slice and the lasso's."""
+        out = {p.index[0] for p in self.points} | {s.z for s in self.strokes}
         if self.box is not None:
             out.add(key_slice(self))
+        if self.lasso is not None:
+            out.add(self.lasso.z)
         return sorted(out)
 
     def with_point(self, point: Point) -> "ObjectPrompt":
@@ -193,13 +257,19 @@ def read_prompts_file(path: str | os.PathLike | Mapping) -> tuple[str, dict[str,
     extra = set(data) - {"version", "cases"}
     if extra:
         raise SamnnuError(f"{name}: unknown top-level key(s) {sorted(extra)} (allowed: version, cases)")
-    if data.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise SamnnuError(f"{name}: schema version {data.get('version')!r} is not supported (expected "
-                          f"{SCHEMA_VERSION})")
+    version = data.get("version", SCHEMA_VERSION)
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise SamnnuError(f"{name}: schema version {version!r} is not supported (supported: "
+                          f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     cases = {}
     for case, entries in data["cases"].items():
         if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
             raise SamnnuError(f"{_where(name, case)}: expected a list of prompt objects")
+        for i, e in enumerate(entries):
+            newer = sorted(_V2_KEYS & set(e))
+            if version < 2 and newer:
+                raise SamnnuError(f"{_where(name, case, i + 1, e)}: {', '.join(newer)} need schema version 2 "
+                                  f"(set \"version\": 2)")
         cases[case] = [dict(e) for e in entries]
     return name, cases
 
@@ -278,8 +348,9 @@ def resolve_prompt(entry: Mapping, number: int, case: str, labels: Mapping[str, 
     if system not in _COORDINATES:
         raise SamnnuError(f"{where}: 'coordinates' must be \"voxel\" (z, y, x indices) or \"world\" (x, y, z mm), "
                           f"got {json.dumps(system)}")
-    if not any(entry.get(k) for k in ("box", "positive", "negative")):
-        raise SamnnuError(f"{where}: give a 'box' and/or 'positive'/'negative' points")
+    if not any(entry.get(k) for k in ("box", "positive", "negative", *_V2_KEYS)):
+        raise SamnnuError(f"{where}: give a 'box', 'positive'/'negative' points, 'scribbles'/'negative_scribbles' "
+                          f"or a 'lasso'")
     box = None
     if entry.get("box") is not None:
         corners = entry["box"]
@@ -298,7 +369,34 @@ def resolve_prompt(entry: Mapping, number: int, case: str, labels: Mapping[str, 
     automatic = entry.get("automatic", False)
     if not isinstance(automatic, bool):
         raise SamnnuError(f"{where}: 'automatic' must be true or false, got {json.dumps(automatic)}")
-    return ObjectPrompt(label, box, tuple(points), source=f"case '{case}', prompt {number}", automatic=automatic)
+    strokes = []
+    for key, positive in (("scribbles", True), ("negative_scribbles", False)):
+        lines = entry.get(key) or []
+        if not isinstance(lines, (list, tuple)) or not all(isinstance(line, (list, tuple)) and line for line in lines):
+            raise SamnnuError(f"{where}: '{key}' must be a list of scribbles, each a list of points, got "
+                              f"{json.dumps(lines)}")
+        for i, line in enumerate(lines):
+            vertices = _on_one_slice(line, system, geometry, f"{where}: {key} {i + 1}")
+            voxels = [vertices[0]] + [v for a, b in zip(vertices, vertices[1:]) for v in line_voxels(a, b)[1:]]
+            strokes.append(Stroke(tuple(voxels), positive))
+    lasso = None
+    if entry.get("lasso") is not None:
+        outline = entry["lasso"]
+        if not isinstance(outline, (list, tuple)) or len(outline) < 3:
+            raise SamnnuError(f"{where}: 'lasso' must be an outline of at least 3 points, got {json.dumps(outline)}")
+        vertices = _on_one_slice(outline, system, geometry, f"{where}: lasso")
+        lasso = Lasso(vertices[0][0], tuple((v[1], v[2]) for v in vertices))
+    return ObjectPrompt(label, box, tuple(points), source=f"case '{case}', prompt {number}", automatic=automatic,
+                        strokes=tuple(strokes), lasso=lasso)
+
+
+def _on_one_slice(coords: Sequence, system: str, geometry: ImageGeometry, what: str) -> list[Index]:
+    """Points of a scribble or lasso -> voxel indices, which must all lie on one slice (one z)."""
+    vertices = [voxel_index(c, system, geometry, f"{what}, point {i + 1}") for i, c in enumerate(coords)]
+    slices = sorted({v[0] for v in vertices})
+    if len(slices) > 1:
+        raise SamnnuError(f"{what} spans slices z = {', '.join(map(str, slices))}; draw it on one slice")
+    return vertices
 
 
 def load_prompts(source: str | os.PathLike | Mapping, labels: Mapping[str, int],
@@ -334,6 +432,12 @@ def prompts_to_json(prompts: Mapping[str, Iterable[ObjectPrompt]], label_names: 
                 pts = [list(q.index) for q in p.points if q.positive == positive]
                 if pts:
                     entry[key] = pts
+            for key, positive in (("scribbles", True), ("negative_scribbles", False)):
+                lines = [[list(v) for v in st.voxels] for st in p.strokes if st.positive == positive]
+                if lines:
+                    entry[key] = lines
+            if p.lasso is not None:
+                entry["lasso"] = [[p.lasso.z, y, x] for y, x in p.lasso.outline]
             if p.automatic:
                 entry["automatic"] = True
             entries.append(entry)

@@ -6,6 +6,8 @@ Commands (one per line; ``#`` starts a comment; voxel coordinates are (z, y, x) 
     label NAME|VALUE                      choose the label the next clicks and boxes refine
     click + Z Y X  |  click - Z Y X       positive / negative click (also: click + world X Y Z)
     box Z0 Y0 X0 Z1 Y1 X1                 a box between two corners (also: box world X0 Y0 Z0 X1 Y1 Z1)
+    scribble + Z Y X Y X ...              a scribble on slice Z through the (y, x) points (-: not the label)
+    lasso Z Y X Y X Y X ...               an outline around the label on slice Z (at least 3 points)
     undo                                  take back the last click or box
     show                                  volume (and Dice) of every label
     save [PATH]                           write the current label map (default: the -o path)
@@ -32,7 +34,7 @@ from samnnu.errors import SamnnuError
 from samnnu.interactive.auto_prompts import auto_prompts as make_auto_prompts
 from samnnu.interactive.prompts import ImageGeometry, label_values, read_prompts_file, resolve_prompt, voxel_index
 from samnnu.interactive.refiner import InteractiveSession, RefineOptions, SliceRefiner
-from samnnu.pipeline.prediction import prompt_free_predictions, read_image
+from samnnu.pipeline.prediction import choose_prompt_path, prompt_free_predictions, read_image, trained_model_folder
 from samnnu.safe_io import write_image_atomic
 
 HELP = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
@@ -143,6 +145,27 @@ class RefineLoop:
             hi = self._index(prefix + nums[3:], "box corner 2")
             s.box(self.label, lo, hi)
             self.say(s.describe(self.label))
+        elif cmd in ("scribble", "lasso"):
+            sign = None
+            if cmd == "scribble":
+                if not args or args[0] not in ("+", "-"):
+                    raise SamnnuError(f"scribble: expected '+' or '-' first, e.g. scribble + 12 30 20 32 24; got "
+                                      f"'{line.strip()}'")
+                sign, args = args[0], args[1:]
+            least = 1 if cmd == "scribble" else 3
+            if len(args) < 1 + 2 * least or len(args) % 2 != 1:
+                raise SamnnuError(f"{cmd}: expected a slice Z and then (y, x) pairs, at least {least}; got "
+                                  f"{' '.join(args) or 'none'}")
+            try:
+                z, *rest = (int(v) for v in args)
+            except ValueError:
+                raise SamnnuError(f"{cmd}: coordinates must be integer voxel indices, got {' '.join(args)}") from None
+            points = [(z, rest[i], rest[i + 1]) for i in range(0, len(rest), 2)]
+            if cmd == "scribble":
+                s.scribble(self.label, points, sign == "+")
+            else:
+                s.lasso(self.label, z, [p[1:] for p in points])
+            self.say(s.describe(self.label))
         elif cmd == "undo":
             self.say(s.describe(self.label) if s.undo() else "nothing to undo")
         elif cmd == "show":
@@ -186,13 +209,14 @@ def open_session(images: Sequence[str | os.PathLike], dataset: str | int, *, fol
                  device: str | None = None, checkpoint: str = FINAL_CHECKPOINT, mirroring: bool = True,
                  postprocess: bool = True, reference: str | os.PathLike | None = None,
                  prompts: str | os.PathLike | None = None, case: str | None = None, auto_prompts: bool = False,
-                 refiner: str = "litemedsam", options: RefineOptions | None = None
+                 refiner: str = "litemedsam", options: RefineOptions | None = None, refiner_weights: str = "auto"
                  ) -> tuple[InteractiveSession, ImageGeometry]:
     """Predict one case (its channel files) without prompts and open an interactive session on it.
 
     reference: a label map on the same grid (for Dice). prompts: a prompts file; the entries of ``case``
     (default: the image file name without ending and ``_0000``) start the session. auto_prompts: start
-    from the automatic first prompts.
+    from the automatic first prompts. refiner_weights: as :func:`samnnu.pipeline.prediction.predict` (the
+    model's trained prompt path when it has one); ``session.refiner.description`` says which was used.
     """
     paths = [Path(p) for p in images]
     for p in paths:
@@ -218,7 +242,10 @@ def open_session(images: Sequence[str | os.PathLike], dataset: str | int, *, fol
         mirroring=mirroring, postprocess=postprocess)
     seg, probs = predictions[case_id]
     labels = label_values(dataset_json["labels"])
-    session = InteractiveSession(SliceRefiner.create(refiner, device=device), image, seg, probs, labels,
+    folder = trained_model_folder(dataset, trainer or DEFAULT_TRAINER, configuration or DEFAULT_CONFIGURATION, plans)
+    prompt_path = choose_prompt_path(folder, folds, refiner_weights)
+    session = InteractiveSession(SliceRefiner.create(refiner, device=device, trained=prompt_path), image, seg, probs,
+                                 labels,
                                  spacing=tuple(reversed(geometry.spacing)), reference=ref,
                                  options=options or RefineOptions())
     if auto_prompts:

@@ -32,9 +32,11 @@ What the defaults are and why (measured with ``benchmarks/interactive_benchmark.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -45,9 +47,14 @@ from scipy import ndimage
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import dice
 from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
-from samnnu.interactive.prompts import Box, ObjectPrompt, Point, key_slice
+from samnnu.interactive.prompts import Box, Lasso, ObjectPrompt, Point, Stroke, key_slice, line_voxels
+from samnnu.safe_io import load_torch_safely
 
 REFINER_ENCODERS = ("litemedsam", "tiny")
+# a prompt path trained on a dataset (samnnu.interactive.prompt_training): its file in a fold's folder, and the
+# key of its record in that file
+PROMPT_PATH_FILE = "refiner.pth"
+RECORD = "samnnu_prompt_path"
 _MASK_PROMPTS = ("none", "base", "previous")
 _MULTIMASK = ("sam", "never", "always")
 _CLICK_MODES = ("replace", "edit")
@@ -134,9 +141,11 @@ class SliceRefiner:
     are computed on first use and cached until the next :meth:`set_volume`.
     """
 
-    def __init__(self, parts, *, device: str | torch.device = "cpu", encoder: str = ""):
+    def __init__(self, parts, *, device: str | torch.device = "cpu", encoder: str = "", trained: dict | None = None):
         self.parts = parts
         self.encoder = encoder
+        # the record of a prompt path trained on the dataset (samnnu.interactive.prompt_training), else None
+        self.trained = trained
         self.device = torch.device(device)
         for module in (parts.image_encoder, parts.prompt_encoder, parts.mask_decoder):
             module.to(self.device).eval()
@@ -148,9 +157,24 @@ class SliceRefiner:
         self.embeddings: dict[int, torch.Tensor] = {}
         self.stats = {"embeddings": 0, "embedding_seconds": 0.0, "decodes": 0, "decode_seconds": 0.0}
 
+    @property
+    def description(self) -> str:
+        """Which refiner this is, in words (for reports and command output)."""
+        if self.trained is None:
+            return f"pretrained {self.encoder} refiner (prompt path not trained on this dataset)"
+        t = self.trained
+        return (f"{self.encoder} refiner with its prompt path trained on this dataset ({t['file']}: "
+                f"{t['steps']} steps on {t['slices']} slices of fold {t['fold']}'s training cases)")
+
     @classmethod
-    def create(cls, encoder: str = "litemedsam", *, device: str | None = None) -> "SliceRefiner":
-        """``litemedsam``: the bundled pretrained LiteMedSAM at 256. ``tiny``: random weights at 64 (tests)."""
+    def create(cls, encoder: str = "litemedsam", *, device: str | None = None,
+               trained: str | Path | None = None) -> "SliceRefiner":
+        """``litemedsam``: the bundled pretrained LiteMedSAM at 256. ``tiny``: random weights at 64 (tests).
+
+        trained: a prompt path trained on a dataset (``refiner.pth`` of
+        :func:`samnnu.interactive.prompt_training.train_prompts`), loaded over the pretrained prompt encoder
+        and mask decoder (weights only; a file for another refiner encoder is refused).
+        """
         # local: pulls in segment_anything, timm and LiteMedSAM (slow to import)
         from samnnu.modeling.encoders import build_sam_parts, load_pretrained
 
@@ -165,7 +189,8 @@ class SliceRefiner:
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 parts = build_sam_parts("tiny", input_size=64, num_mask_tokens=4)
-        return cls(parts, device=device or "cpu", encoder=encoder)
+        record = load_prompt_path(trained, parts, encoder) if trained is not None else None
+        return cls(parts, device=device or "cpu", encoder=encoder, trained=record)
 
     # ------------------------------------------------------------------ image side
     def set_volume(self, image: np.ndarray) -> None:
@@ -205,15 +230,9 @@ class SliceRefiner:
         return self.embeddings[z]
 
     # ------------------------------------------------------------------ prompt side
-    def _scale(self) -> float:
-        return self.input_size / max(self._volume.shape[1:])
-
     def probability_prompt(self, prob: np.ndarray) -> torch.Tensor:
         """(Y, X) probabilities -> (1, 1, M, M) mask-prompt logits on the padded grid (padding = certain 0)."""
-        x = torch.from_numpy(np.asarray(prob, dtype=np.float32)).to(self.device)[None, None]
-        x, _ = self._fit(x, self.mask_size[0])
-        x = x.clamp(1e-3, 1 - 1e-3)
-        return torch.log(x) - torch.log1p(-x)
+        return probability_logits(prob, self.mask_size[0]).to(self.device)
 
     def decode(self, z: int, *, box: tuple[int, int, int, int] | None = None,
                points: Sequence[Point] = (), mask_input: torch.Tensor | None = None,
@@ -224,30 +243,13 @@ class SliceRefiner:
         mask_input: (1, 1, M, M) logits or None. Returns the logits of the chosen mask.
         """
         start = time.perf_counter()
-        s = self._scale()
-        pe = self.parts.prompt_encoder
-        point_arg = box_arg = None
-        if points:
-            # SAM's point coordinates are (x, y) on the input grid; the prompt encoder adds half a pixel
-            coords = torch.tensor([[[(p.index[2] + 0.5) * s - 0.5, (p.index[1] + 0.5) * s - 0.5] for p in points]],
-                                  dtype=torch.float32, device=self.device)
-            labels = torch.tensor([[1 if p.positive else 0 for p in points]], dtype=torch.int64, device=self.device)
-            point_arg = (coords, labels)
-        if box is not None:
-            y0, x0, y1, x1 = box
-            box_arg = torch.tensor([[x0 * s, y0 * s, (x1 + 1) * s - 1, (y1 + 1) * s - 1]], dtype=torch.float32,
-                                   device=self.device)
-        multi = multimask == "always" or (multimask == "sam" and box is None and mask_input is None
-                                          and len(points) == 1)
+        # SAM's rule for the pretrained decoder; a prompt path trained here was trained single-mask
+        multi = self.trained is None and (multimask == "always" or (
+            multimask == "sam" and box is None and mask_input is None and len(points) == 1))
         emb = self.embedding(z)
         with torch.inference_mode():
-            sparse, dense = pe(points=point_arg, boxes=box_arg, masks=mask_input)
-            low, iou = self.parts.mask_decoder(image_embeddings=emb, image_pe=pe.get_dense_pe(),
-                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                               multimask_output=multi)
-            if multi:
-                best = int(torch.argmax(iou[0]))
-                low = low[:, best:best + 1]
+            low = decode_prompts(self.parts, emb, self._volume.shape[1:], box=box, points=points,
+                                 mask_input=mask_input, multimask=multi)
             full = self._to_slice(low)
         self.stats["decodes"] += 1
         self.stats["decode_seconds"] += time.perf_counter() - start
@@ -255,11 +257,94 @@ class SliceRefiner:
 
     def _to_slice(self, low: torch.Tensor) -> np.ndarray:
         """(1, 1, M, M) -> (Y, X) logits on the slice grid (crop the padding, resize)."""
-        h, w = self._volume.shape[1:]
-        s = low.shape[-1] / max(h, w)
-        ch, cw = max(1, round(h * s)), max(1, round(w * s))
-        out = F.interpolate(low[..., :ch, :cw], size=(h, w), mode="bilinear", align_corners=False)
-        return out[0, 0].float().cpu().numpy()
+        return low_to_slice(low, self._volume.shape[1:])[0, 0].float().cpu().numpy()
+
+
+def probability_logits(prob: np.ndarray, size: int) -> torch.Tensor:
+    """(Y, X) probabilities -> (1, 1, size, size) mask-prompt logits on the padded square grid (padding =
+    certain 0), as the image was fitted to the encoder's input."""
+    from samnnu.modeling.common import fit_square  # local: pulls in segment_anything (slow to import)
+
+    x, _ = fit_square(torch.from_numpy(np.asarray(prob, dtype=np.float32))[None, None], size)
+    x = x.clamp(1e-3, 1 - 1e-3)
+    return torch.log(x) - torch.log1p(-x)
+
+
+def low_to_slice(low: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, K, M, M) decoder logits on the padded square grid -> (B, K, Y, X) on a slice of ``shape`` (Y, X):
+    the padding is cropped and the rest resized (differentiable)."""
+    h, w = shape
+    s = low.shape[-1] / max(h, w)
+    ch, cw = max(1, round(h * s)), max(1, round(w * s))
+    return F.interpolate(low[..., :ch, :cw], size=(h, w), mode="bilinear", align_corners=False)
+
+
+def decode_prompts(parts, embedding: torch.Tensor, shape: tuple[int, int], *,
+                   box: tuple[int, int, int, int] | None = None, points: Sequence[Point] = (),
+                   mask_input: torch.Tensor | None = None, multimask: bool = False) -> torch.Tensor:
+    """SAM's prompt encoder and mask decoder on one slice's embedding; differentiable (training uses it too).
+
+    embedding: (1, D, g, g); shape: the slice's (Y, X), fitted to the input grid as the image was; box:
+    (y0, x0, y1, x1) inclusive voxel indices; points: clicks on this slice (their z is ignored); mask_input:
+    (1, 1, M, M) logits or None. multimask: SAM's three candidate masks, the one with the best predicted IoU
+    kept. Returns (1, 1, M', M') low-resolution logits on the padded square grid.
+    """
+    device = embedding.device
+    s = parts.input_size / max(shape)
+    pe = parts.prompt_encoder
+    point_arg = box_arg = None
+    if points:
+        # SAM's point coordinates are (x, y) on the input grid; the prompt encoder adds half a pixel
+        coords = torch.tensor([[[(p.index[2] + 0.5) * s - 0.5, (p.index[1] + 0.5) * s - 0.5] for p in points]],
+                              dtype=torch.float32, device=device)
+        labels = torch.tensor([[1 if p.positive else 0 for p in points]], dtype=torch.int64, device=device)
+        point_arg = (coords, labels)
+    if box is not None:
+        y0, x0, y1, x1 = box
+        box_arg = torch.tensor([[x0 * s, y0 * s, (x1 + 1) * s - 1, (y1 + 1) * s - 1]], dtype=torch.float32,
+                               device=device)
+    sparse, dense = pe(points=point_arg, boxes=box_arg, masks=mask_input)
+    low, iou = parts.mask_decoder(image_embeddings=embedding, image_pe=pe.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=multimask)
+    if multimask:
+        best = int(torch.argmax(iou[0]))
+        low = low[:, best:best + 1]
+    return low
+
+
+# ---------------------------------------------------------------------- trained prompt paths
+def load_prompt_path(path: str | Path, parts, encoder: str) -> dict:
+    """Load a trained prompt path into ``parts`` (prompt encoder and mask decoder), weights only.
+
+    Returns its record (with ``file``). Raises a one-line SamnnuError for a damaged file, a file holding
+    code, or one trained for another refiner encoder.
+    """
+    path = Path(path)
+    state = load_torch_safely(path)
+    if not isinstance(state, dict) or RECORD not in state:
+        raise SamnnuError(f"{path}: not a trained prompt path (no '{RECORD}' record)")
+    record = json.loads(state[RECORD])
+    if record.get("encoder") != encoder:
+        raise SamnnuError(f"{path}: trained for the '{record.get('encoder')}' refiner, not '{encoder}'")
+    for module in ("prompt_encoder", "mask_decoder"):
+        prefix = module + "."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            getattr(parts, module).load_state_dict(weights)
+        except RuntimeError as e:
+            raise SamnnuError(f"{path}: its {module} does not fit the '{encoder}' refiner "
+                              f"({str(e).splitlines()[0]})") from None
+    return dict(record, file=str(path))
+
+
+def find_prompt_path(folder: Path, folds: Sequence) -> Path | None:
+    """``fold_F/refiner.pth`` of the first of ``folds`` that has one in a model folder, else None."""
+    for fold in folds:
+        candidate = Path(folder) / f"fold_{fold}" / PROMPT_PATH_FILE
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 # ---------------------------------------------------------------------- propagation through a volume
@@ -369,9 +454,14 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
     base_mask = np.asarray(base_mask, dtype=bool)
     nz, h, w = base_mask.shape
     previous = last.logits if last is not None else {}
+    lasso_mask = None
+    if prompt.lasso is not None:  # a lasso acts as a box on its slice, with its inside as the mask prompt
+        lasso_mask = prompt.lasso.mask((h, w))
+        if prompt.box is None:
+            prompt = replace(prompt, box=prompt.lasso.box((h, w)))
     box = prompt.box
     clicks: dict[int, list[Point]] = defaultdict(list)
-    for p in prompt.points:
+    for p in prompt.points + tuple(p for st in prompt.strokes for p in st.sample()):
         clicks[p.index[0]].append(p)
     edit = options.clicks == "edit"
     # in edit mode the box (if any) is applied first, alone; the clicks then edit the result
@@ -380,6 +470,8 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
     logits: dict[int, torch.Tensor] = {}
 
     def mask_prompt(z: int) -> torch.Tensor | None:
+        if lasso_mask is not None and z == prompt.lasso.z:
+            return refiner.probability_prompt(np.where(lasso_mask, 0.9, 0.1))
         if options.mask_prompt == "previous" and z in previous:
             return previous[z]
         if options.mask_prompt in ("base", "previous") and base_prob is not None:
@@ -444,6 +536,12 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
     box_pass = (box, mask.copy(), sorted(covered), dict(logits)) if edit and box is not None else None
     if edit and clicks:
         mask, covered = _edit_with_clicks(refiner, clicks, base_mask, mask, covered, options, mask_prompt, logits)
+    for st in prompt.strokes:  # scribbled voxels are what the person said they are
+        if st.z not in covered:
+            mask[st.z] = base_mask[st.z]
+            covered.add(st.z)
+        for z, y, x in st.voxels:
+            mask[z, y, x] = st.positive
     return ObjectResult(mask, sorted(covered), logits, box_pass)
 
 
@@ -642,6 +740,12 @@ class InteractiveSession:
         if prompt.box is not None:
             self._check_index(prompt.box.lo, "box corner")
             self._check_index(prompt.box.hi, "box corner")
+        for st in prompt.strokes:
+            for v in st.voxels:
+                self._check_index(v, "scribble point")
+        if prompt.lasso is not None:
+            for y, x in prompt.lasso.outline:
+                self._check_index((prompt.lasso.z, y, x), "lasso point")
         self._snapshot(prompt.label)
         st = self.state[prompt.label]
         st.prompts.append(prompt)
@@ -668,6 +772,36 @@ class InteractiveSession:
         b = np.asarray(self._check_index(hi, "box corner"))
         box = Box(tuple(int(v) for v in np.minimum(a, b)), tuple(int(v) for v in np.maximum(a, b)))
         self.add_prompt(ObjectPrompt(value, box, (), source="box"))
+
+    def scribble(self, label: str | int, voxels: Sequence[Sequence[int]], positive: bool = True) -> None:
+        """A scribble through voxels (z, y, x) on one slice (joined by straight segments), added to the label's
+        object nearest to its first voxel (a new object when the label has none). Positive: these voxels are
+        the label; negative: they are not."""
+        value = self.label_value(label)
+        vertices = [self._check_index(v, "scribble point") for v in voxels]
+        if not vertices:
+            raise SamnnuError("scribble: give at least one point")
+        if len({v[0] for v in vertices}) > 1:
+            raise SamnnuError("scribble: every point must lie on one slice (one z)")
+        path = [vertices[0]] + [v for a, b in zip(vertices, vertices[1:]) for v in line_voxels(a, b)[1:]]
+        stroke = Stroke(tuple(path), positive)
+        st = self.state[value]
+        if not st.prompts:
+            self.add_prompt(ObjectPrompt(value, strokes=(stroke,), source="scribble"))
+            return
+        i = self._nearest_object(value, vertices[0])
+        self._snapshot(value)
+        st.prompts[i] = replace(st.prompts[i], strokes=st.prompts[i].strokes + (stroke,))
+        self._update(value, i)
+
+    def lasso(self, label: str | int, z: int, outline: Sequence[Sequence[int]]) -> None:
+        """A new object from a closed outline of (y, x) vertices around the label on slice z (at least 3)."""
+        value = self.label_value(label)
+        if len(outline) < 3:
+            raise SamnnuError("lasso: give at least 3 outline points")
+        vertices = [self._check_index((z, *v), "lasso point") for v in outline]
+        self.add_prompt(ObjectPrompt(value, lasso=Lasso(int(z), tuple((v[1], v[2]) for v in vertices)),
+                                     source="lasso"))
 
     def undo(self) -> bool:
         """Take back the last action; False when there is nothing to undo."""

@@ -37,7 +37,8 @@ from samnnu.config import current_paths
 from samnnu.datasets import dataset_name
 from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
-from samnnu.safe_io import read_json, write_atomic, write_json_atomic
+from samnnu.row_cache import cached_rows
+from samnnu.safe_io import read_json, write_atomic
 
 RECORD = "samnnu_distill"
 
@@ -321,37 +322,20 @@ def _teacher_cache(output: Path, settings: DistillSettings, source: SliceSource,
     equal) and the teacher's embedding of it, float16 memory maps in ``FILE.teacher_inputs.npy`` and
     ``FILE.teacher.npy``; resumable (``FILE.teacher.json`` records how many rows are done, and for what)."""
     stem = output.name[:-len(".pth")]
-    data_file, meta_file = output.with_name(stem + ".teacher.npy"), output.with_name(stem + ".teacher.json")
-    input_file = output.with_name(stem + ".teacher_inputs.npy")
     slices = source.all_slices()
-    key = {"teacher": settings.teacher, "teacher_checkpoint": settings.teacher_checkpoint,
-           "datasets": settings.datasets, "input_size": settings.input_size, "slices": len(slices)}
-    with torch.no_grad():
-        probe = t_enc(torch.zeros(1, 3, settings.input_size, settings.input_size))
-    shape = (len(slices), *probe.shape[1:])
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     size = settings.input_size
-    if meta is None or meta.get("key") != key or not data_file.is_file() or not input_file.is_file():
-        arr = np.lib.format.open_memmap(data_file, mode="w+", dtype=np.float16, shape=shape)
-        inputs = np.lib.format.open_memmap(input_file, mode="w+", dtype=np.float16, shape=(len(slices), 1, size, size))
-        meta = {"key": key, "done": 0}
-        write_json_atomic(meta_file, meta)
-    else:
-        arr, inputs = np.load(data_file, mmap_mode="r+"), np.load(input_file, mmap_mode="r+")
-    done = int(meta["done"])
-    chunk = 32
-    bar = tqdm(total=len(slices), initial=done, desc="teacher embeddings (cached once)", unit="slice",
-               dynamic_ncols=True, disable=not progress)
+    key = {"teacher": settings.teacher, "teacher_checkpoint": settings.teacher_checkpoint,
+           "datasets": settings.datasets, "input_size": size, "slices": len(slices)}
     with torch.no_grad():
-        while done < len(slices):
-            rows = range(done, min(done + chunk, len(slices)))
-            x = torch.cat([source.encoder_input(i, size) for i in rows])
-            arr[rows.start:rows.stop] = t_enc(x).numpy().astype(np.float16)
-            inputs[rows.start:rows.stop] = x[:, :1].numpy().astype(np.float16)
-            arr.flush()
-            inputs.flush()
-            done = rows.stop
-            write_json_atomic(meta_file, dict(meta, done=done))
-            bar.update(len(rows))
-    bar.close()
-    return np.load(input_file, mmap_mode="r"), np.load(data_file, mmap_mode="r")
+        probe = t_enc(torch.zeros(1, 3, size, size))
+
+    def compute(rows: range) -> dict:
+        x = torch.cat([source.encoder_input(i, size) for i in rows])
+        with torch.no_grad():
+            return {"embeddings": t_enc(x).numpy(), "inputs": x[:, :1].numpy()}
+
+    arrays = {"embeddings": (output.with_name(stem + ".teacher.npy"), tuple(probe.shape[1:])),
+              "inputs": (output.with_name(stem + ".teacher_inputs.npy"), (1, size, size))}
+    maps = cached_rows(arrays, output.with_name(stem + ".teacher.json"), key, len(slices), compute,
+                       desc="teacher embeddings (cached once)", progress=progress)
+    return maps["inputs"], maps["embeddings"]

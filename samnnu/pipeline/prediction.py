@@ -10,7 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -224,14 +224,10 @@ def _default_trained_model(name: str, trainer: str | None, configuration: str | 
     return trainer or DEFAULT_TRAINER, configuration or DEFAULT_CONFIGURATION
 
 
-def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, configuration: str | None,
-                plans: str | None,
-                device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
-    """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
-    setup_environment()
-    configure_threads()
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # local: pulls in torch (slow to import)
-
+def trained_model_folder(dataset: str | int, trainer: str | None = None, configuration: str | None = None,
+                         plans: str | None = None) -> Path:
+    """The folder of a trained model (``RESULTS/DATASET/TRAINER__PLANS__CONFIGURATION``), with what the user
+    left open decided as ``samnnu_train`` decides it; one-line SamnnuError when there is none."""
     name = dataset_name(dataset)
     if trainer is None or configuration is None:
         trainer, configuration = _default_trained_model(name, trainer, configuration, plans)
@@ -240,6 +236,18 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, config
     if not mfolder.is_dir():
         raise SamnnuError(f"{mfolder}: no trained model for trainer {trainer}, plans {plans_name}, "
                           f"configuration {configuration} (train it with samnnu_train)")
+    return mfolder
+
+
+def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, configuration: str | None,
+                plans: str | None,
+                device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
+    """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
+    setup_environment()
+    configure_threads()
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # local: pulls in torch (slow to import)
+
+    mfolder = trained_model_folder(dataset, trainer, configuration, plans)
     folds = tuple(f if f == "all" else int(f) for f in folds)
     for f in folds:
         ckpt = mfolder / f"fold_{f}" / checkpoint
@@ -420,7 +428,8 @@ def _file_stamp(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, refine_options) -> dict:
+def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, refine_options,
+                   prompt_path: Path | None = None) -> dict:
     """What makes two prediction runs interchangeable: the model files and every option that changes outputs."""
     if prompts is None:
         prompt_id = None
@@ -432,7 +441,8 @@ def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, ref
             "checkpoints": [_file_stamp(model.folder / f"fold_{f}" / model.checkpoint) for f in model.folds],
             "mirroring": model.mirroring, "postprocessing": repr(model.postprocessing), "prompts": prompt_id,
             "auto_prompts": auto_prompts, "refiner": refiner if (prompts is not None or auto_prompts) else None,
-            "refine_options": repr(refine_options)}
+            "refine_options": repr(refine_options),
+            "prompt_path": [str(prompt_path), *_file_stamp(prompt_path)] if prompt_path is not None else None}
 
 
 def _load_resume_state(record: Path, signature: dict) -> dict | None:
@@ -449,7 +459,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             plans: str | None = None, device: str | None = None, checkpoint: str = FINAL_CHECKPOINT,
             mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
             auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,
-            write_prompts: str | os.PathLike | None = None, overwrite: bool = False, num_parts: int = 1,
+            refiner_weights: str = "auto", write_prompts: str | os.PathLike | None = None, overwrite: bool = False, num_parts: int = 1,
             part_id: int = 0, overlay: bool = False) -> list[Path]:
     """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
 
@@ -462,6 +472,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     :class:`~samnnu.interactive.refiner.RefineOptions`). The whole file is checked before anything is predicted:
     a bad prompt is a one-line SamnnuError and no file is written. auto_prompts: every case also gets
     automatic first prompts from its prompt-free prediction (:mod:`samnnu.interactive.auto_prompts`).
+    refiner_weights: ``"auto"`` (the prompt path trained on the dataset, ``fold_F/refiner.pth`` of
+    ``samnnu_train_prompts``, when the model has one; else the pretrained refiner), ``"pretrained"``, or the
+    path of a trained prompt path file. Which one was used is printed.
     write_prompts: write every prompt used (automatic and given, voxel coordinates) to this JSON file.
 
     Interrupted runs resume: cases an earlier, interrupted run of the same model and options finished (its
@@ -504,12 +517,14 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         given = load_prompts(prompts, model.labels(), {c: _geometry(p[0]) for c, p in cases.items()},
                              input_name=str(inp))
     prompted = [c for c in cases if c in given or auto_prompts]
-    refiner_model = None
+    refiner_model = prompt_path = None
     if prompted:
         from samnnu.interactive.refiner import RefineOptions, SliceRefiner  # local: pulls in torch (slow to import)
 
         refine_options = refine_options or RefineOptions()
-        refiner_model = SliceRefiner.create(refiner, device=device)
+        prompt_path = choose_prompt_path(model.folder, model.folds, refiner_weights)
+        refiner_model = SliceRefiner.create(refiner, device=device, trained=prompt_path)
+        print(f"samnnu: prompts are applied by the {refiner_model.description}", file=sys.stderr)
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".samnnu_tmp_*"):  # left by versions that could not resume
@@ -520,7 +535,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if num_parts > 1:
         resume_file = out / f"{Path(RESUME_FILE).stem}.part{part_id}of{num_parts}.json"
         work = out / f"{WORK_FOLDER}.part{part_id}of{num_parts}"
-    signature = _run_signature(model, prompts, auto_prompts, refiner, refine_options)
+    signature = _run_signature(model, prompts, auto_prompts, refiner, refine_options, prompt_path)
     stamps = {c: [_file_stamp(p) for p in paths] for c, paths in cases.items()}
     previous = None if overwrite else _load_resume_state(resume_file, signature)
     if previous is None and work.is_dir():
@@ -575,6 +590,22 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         names = {v: k for k, v in model.labels().items()}
         write_json_atomic(write_prompts, prompts_to_json(used_prompts, names), indent=1)
     return sorted(written)
+
+
+def choose_prompt_path(folder: Path, folds: Sequence, refiner_weights: str = "auto") -> Path | None:
+    """The trained prompt path the refiner loads: for ``"auto"`` the model's own (``fold_F/refiner.pth`` of
+    the first fold that has one), for ``"pretrained"`` none, else the file given (which must exist)."""
+    from samnnu.interactive.refiner import find_prompt_path  # local: pulls in torch and scipy
+
+    if refiner_weights == "auto":
+        return find_prompt_path(folder, folds)
+    if refiner_weights == "pretrained":
+        return None
+    path = Path(refiner_weights)
+    if not path.is_file():
+        raise SamnnuError(f"{path}: prompt path file not found (--refiner-weights takes auto, pretrained or a "
+                          f"refiner.pth written by samnnu_train_prompts)")
+    return path
 
 
 def _intact_output(path: Path) -> bool:

@@ -20,8 +20,10 @@ from samnnu.interactive.auto_prompts import auto_prompts, deepest_voxel
 from samnnu.interactive.prompts import (
     Box,
     ImageGeometry,
+    Lasso,
     ObjectPrompt,
     Point,
+    Stroke,
     load_prompts,
     prompts_to_json,
     voxel_to_world,
@@ -109,6 +111,53 @@ def test_prompts_file_is_parsed_in_voxel_and_world_coordinates(tmp_path):
     assert [(p.label, p.box, p.points) for p in again["a"]] == [(p.label, p.box, p.points) for p in prompts["a"]]
 
 
+def test_scribbles_and_lasso_in_schema_version_2(tmp_path):
+    geometry = rotated_geometry()
+    world = [voxel_to_world(v, geometry).tolist() for v in ((5, 10, 10), (5, 13, 16))]
+    data = {"version": 2, "cases": {"a": [
+        {"label": 1, "coordinates": "voxel", "scribbles": [[[3, 10, 10], [3, 10, 14], [3, 12, 16]]],
+         "negative_scribbles": [[[3, 2, 2]]], "lasso": [[4, 5, 5], [4, 5, 9], [4, 9, 9], [4, 9, 5]]},
+        {"label": 2, "coordinates": "world", "scribbles": [world]},
+    ]}}
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(data))
+    first, second = load_prompts(path, LABELS, {"a": geometry})["a"]
+    pos, neg = first.strokes
+    # the polyline's voxels, one per step along its longer axis, both ends included, in drawing order
+    assert pos.positive and pos.voxels == ((3, 10, 10), (3, 10, 11), (3, 10, 12), (3, 10, 13), (3, 10, 14),
+                                           (3, 11, 15), (3, 12, 16))
+    assert not neg.positive and neg.voxels == ((3, 2, 2),)
+    assert [p.index for p in pos.sample()] == [(3, 10, 10), (3, 10, 13), (3, 12, 16)]
+    assert first.lasso == Lasso(4, ((5, 5), (5, 9), (9, 9), (9, 5)))
+    inside = first.lasso.mask((20, 20))
+    assert inside.sum() == 25 and inside[5:10, 5:10].all()  # the outline and what it encloses
+    assert first.lasso.box((20, 20)) == Box((4, 5, 5), (4, 9, 9))
+    assert first.slices() == [3, 4]
+    assert second.strokes[0].voxels[0] == (5, 10, 10) and second.strokes[0].voxels[-1] == (5, 13, 16)
+    again = load_prompts(prompts_to_json({"a": [first, second]}, {1: "Anterior", 2: "Posterior"}), LABELS,
+                         {"a": geometry})["a"]
+    assert [(p.strokes, p.lasso) for p in again] == [(p.strokes, p.lasso) for p in (first, second)]
+    # a version-1 file still loads
+    path.write_text(json.dumps({"version": 1, "cases": {"a": [GOOD]}}))
+    assert load_prompts(path, LABELS, {"a": geometry})["a"][0].points == (Point((1, 2, 3), True),)
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ({"scribbles": [[[1, 2, 3], [2, 2, 3]]]}, "scribbles 1 spans slices z = 1, 2; draw it on one slice"),
+    ({"scribbles": [[]]}, "'scribbles' must be a list of scribbles"),
+    ({"negative_scribbles": [[[1, 2, 50]]]}, "negative_scribbles 1, point 1 at voxel (z, y, x) [1, 2, 50] lies outside"),
+    ({"lasso": [[1, 2, 3], [1, 4, 5]]}, "'lasso' must be an outline of at least 3 points"),
+    ({"lasso": [[1, 2, 3], [1, 4, 5], [3, 4, 4]]}, "lasso spans slices z = 1, 3"),
+])
+def test_bad_scribbles_and_lassos(tmp_path, entry, expected):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"version": 2, "cases": {"case7": [dict(label=1, coordinates="voxel", **entry)]}}))
+    with pytest.raises(SamnnuError) as e:
+        load_prompts(path, LABELS, {"case7": rotated_geometry()})
+    assert "\n" not in str(e.value) and "case 'case7', prompt 1" in str(e.value) and expected in str(e.value), \
+        str(e.value)
+
+
 GOOD = {"label": "Anterior", "coordinates": "voxel", "positive": [[1, 2, 3]]}
 
 
@@ -118,7 +167,7 @@ GOOD = {"label": "Anterior", "coordinates": "voxel", "positive": [[1, 2, 3]]}
     ({"label": 0, "coordinates": "voxel", "positive": [[1, 2, 3]]}, "no label with value 0"),
     ({"coordinates": "voxel", "positive": [[1, 2, 3]]}, "'label' is missing"),
     ({"label": "Anterior", "coordinates": "pixel", "positive": [[1, 2, 3]]}, "'coordinates' must be"),
-    ({"label": "Anterior", "coordinates": "voxel"}, "give a 'box' and/or"),
+    ({"label": "Anterior", "coordinates": "voxel"}, "give a 'box', 'positive'/'negative' points"),
     ({"label": "Anterior", "coordinates": "voxel", "positive": [[20, 2, 3]]},
      "positive point 1 at voxel (z, y, x) [20, 2, 3] lies outside the image (size z, y, x = 20, 30, 40)"),
     ({"label": "Anterior", "coordinates": "voxel", "negative": [[0, 0, 0], [-1, 2, 3]]}, "negative point 2 at voxel"),
@@ -144,7 +193,9 @@ def test_bad_prompts_give_one_line_naming_case_and_prompt(tmp_path, entry, expec
     ('{"cases": {"a": [', "not valid JSON (line 1"),
     ('[1, 2]', "expected an object"),
     ('{"cases": {}, "extra": 1}', "unknown top-level key(s) ['extra']"),
-    ('{"version": 2, "cases": {}}', "schema version 2 is not supported"),
+    ('{"version": 3, "cases": {}}', "schema version 3 is not supported (supported: 1, 2)"),
+    ('{"version": 1, "cases": {"case7": [{"label": 1, "coordinates": "voxel", "lasso": [[1, 1, 1]]}]}}',
+     "prompt 1 (label 1): lasso need schema version 2"),
     ('{"cases": {"a": {"label": 1}}}', "case 'a': expected a list of prompt objects"),
     ('{"cases": {"nope": []}}', "case 'nope': no such case in the input folder (cases: case7)"),
 ])
@@ -330,6 +381,28 @@ def test_box_spanning_slices_bounds_propagation_and_clicks_add_seeds():
     result = refine_object(ThresholdRefiner(image), clicks, base2, None,
                            RefineOptions(margin=1, clicks="replace", propagate_clicks=False))
     assert result.covered == [6, 9]
+
+
+def test_lasso_propagates_like_a_box_and_scribbles_are_kept():
+    image = cone_volume()
+    empty = np.zeros(image.shape, bool)
+    refiner = ThresholdRefiner(image)
+    lasso = ObjectPrompt(1, lasso=Lasso(7, ((3, 3), (3, 21), (21, 21), (21, 3))))
+    result = refine_object(refiner, lasso, empty, None, RefineOptions(margin=1, stop_at_base=False))
+    expected = image > 0.5
+    expected[7, 1:3, 1:3] = False  # the speck lies outside the outline
+    assert result.covered == list(range(1, 15))  # the lasso's slice, then outward until the mask vanishes
+    np.testing.assert_array_equal(result.mask, expected)
+    assert refiner.calls[0] == (7, (3, 3, 21, 21), ())  # its slice was decoded with the outline's box
+    # a positive scribble on an empty slice: clicks along it, and its voxels are the label whatever the answer
+    stroke = Stroke(((7, 1, 1), (7, 1, 2), (7, 1, 3), (7, 1, 4)), True)
+    result = refine_object(ThresholdRefiner(image), ObjectPrompt(1, strokes=(stroke,)), empty, None, RefineOptions())
+    assert result.covered == [7] and result.mask[7, 1, 1:5].all() and result.mask[7, 1:3, 1:3].all()
+    # a negative scribble through the object removes exactly its voxels
+    cut = Stroke(tuple((7, 12, x) for x in range(0, 24)), False)
+    result = refine_object(ThresholdRefiner(image), ObjectPrompt(1, strokes=(cut,)), image > 0.5, None,
+                           RefineOptions())
+    assert not result.mask[7, 12].any() and result.mask[7, 9].sum() == 17  # rows away from the clicks: kept
 
 
 def test_negative_click_alone_on_an_empty_slice_gives_nothing():
@@ -762,3 +835,46 @@ def test_refine_errors_are_one_line(trained_folds, data_root, held_out, tmp_path
     assert refine_main(["-i", str(images / f"{case}.nii.gz"), "--prompts", str(tmp_path / "p.json"), *PREDICT],
                        stdin=io.StringIO("")) == 1
     assert f"no prompts for case '{case}'" in one_line_error(capsys, "samnnu_refine")
+
+
+@pytest.mark.slow
+def test_prediction_and_refine_use_the_trained_prompt_path_and_say_so(trained_folds, data_root, held_out,
+                                                                       reference_as_prediction, tmp_path, capsys):
+    from samnnu.cli import predict_main, refine_main, train_prompts_main
+    from samnnu.interactive.refiner import PROMPT_PATH_FILE
+
+    images, labels, case = held_out
+    base = reference_as_prediction
+    z = int(np.argmax((base == 2).sum(axis=(1, 2))))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"cases": {case: [
+        {"label": "Posterior", "coordinates": "voxel", "box": [[z, 2, 2], [z, base.shape[1] - 3, base.shape[2] - 3]]}]}}))
+    args = ["-i", str(images), "--prompts", str(prompts), *PREDICT]
+    assert predict_main(["-o", str(tmp_path / "pretrained"), *args]) == 0
+    assert "applied by the pretrained tiny refiner" in capsys.readouterr().err
+    trained = trained_folds / "fold_0" / PROMPT_PATH_FILE
+    try:
+        assert train_prompts_main(["4", "0", "--refiner-encoder", "tiny", "--steps", "2", "--batch-size", "2",
+                                   "--rounds", "1", "--slices-per-case", "1", "--lr", "0.01"]) == 0
+        out = capsys.readouterr().out
+        assert f"wrote {trained}" in out and "corrective clicks" in out
+        assert predict_main(["-o", str(tmp_path / "trained"), *args]) == 0
+        err = capsys.readouterr().err
+        assert "prompt path trained on this dataset" in err and str(trained) in err
+        # the same case, other decoder weights: the prompted label differs, the other case does not
+        other = [p.name for p in images.iterdir() if p.name != f"{case}.nii.gz"][0]
+        np.testing.assert_array_equal(_read(tmp_path / "trained" / other), _read(tmp_path / "pretrained" / other))
+        assert not np.array_equal(_read(tmp_path / "trained" / f"{case}.nii.gz"),
+                                  _read(tmp_path / "pretrained" / f"{case}.nii.gz"))
+        assert predict_main(["-o", str(tmp_path / "forced"), "--refiner-weights", "pretrained", *args]) == 0
+        assert "applied by the pretrained tiny refiner" in capsys.readouterr().err
+        np.testing.assert_array_equal(_read(tmp_path / "forced" / f"{case}.nii.gz"),
+                                      _read(tmp_path / "pretrained" / f"{case}.nii.gz"))
+        text = io.StringIO()
+        assert refine_main(["-i", str(images / f"{case}.nii.gz"), *PREDICT], stdin=io.StringIO("quit\n"),
+                           stdout=text) == 0
+        assert f"refiner: tiny refiner with its prompt path trained on this dataset ({trained}" in text.getvalue()
+        assert predict_main(["-o", str(tmp_path / "x"), "--refiner-weights", str(tmp_path / "no.pth"), *args]) == 1
+        assert "no.pth: prompt path file not found" in one_line_error(capsys, "samnnu_predict")
+    finally:
+        trained.unlink(missing_ok=True)  # the session's other tests use the pretrained refiner
