@@ -319,7 +319,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                                                   "evaluate and write the fold report.")
     p.add_argument("dataset", help="dataset ID or name")
     p.add_argument("fold", type=_fold, help="fold 0-4 (fewer for datasets of under 5 cases), or 'all'")
-    p.add_argument("-tr", "--trainer", default=None, help="trainer class name (default: SAMedLoRATrainer for 2d, "
+    p.add_argument("-tr", "--trainer", default=None, help="trainer class name (default: SAMUNetTrainer for 2d, "
                                                            "SAM3DAdapterTrainer for 3d_fullres)")
     p.add_argument("-c", "--configuration", default=None,
                    help="configuration from the plans (default: the one the planner recommends)")
@@ -544,7 +544,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="samnnu_report", description="Rebuild a trained fold's report.html and "
                                                                    "report.json from the files in its folder.")
     p.add_argument("fold_dir", help="the fold's results folder, e.g. nnUNet_results/Dataset004_Hippocampus/"
-                                    "SAMedLoRATrainer__samnnuPlans__2d/fold_0")
+                                    "SAMUNetTrainer__samnnuPlans__2d/fold_0")
     _data_root(p)
     args = p.parse_args(argv)
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 #: the plans samnnu's planner writes (nnU-Net's own are ``nnUNetPlans``)
 PLANS_NAME = "samnnuPlans"
-#: the trainer used when the user names none, by the configuration's patch dimension
-DEFAULT_TRAINERS = {2: "SAMedLoRATrainer", 3: "SAM3DAdapterTrainer"}
+#: the trainer used when the user names none, by the configuration's patch dimension; the 2D one was chosen
+#: by 2-fold cross-validation at an equal time budget (docs/benchmarks.md, "Choosing samnnu's default")
+DEFAULT_TRAINERS = {2: "SAMUNetTrainer", 3: "SAM3DAdapterTrainer"}
 DEFAULT_CONFIGURATION = "2d"
 DEFAULT_TRAINER = DEFAULT_TRAINERS[2]
 #: the settings of a training run, written into its fold folder (used by --continue and the report)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from samnnu.config import setup_environment
 from samnnu.dataset_conversion.hippocampus import convert_hippocampus
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.demo_data import demo_dataset_path
 from samnnu.evaluation.folders import evaluate_folders, format_dice_table, write_evaluation
 from samnnu.pipeline.planning import plan_and_preprocess
@@ -42,7 +43,7 @@ def run_demo(output: str | None = None, *, iterations: int | None = None, encode
     inputs = _links(work / "demo_inputs", {f"{c}_0000.nii.gz": raw / "imagesTr" / f"{c}_0000.nii.gz"
                                            for c in val_cases})
     predictions = work / "demo_predictions"
-    predict(inputs, predictions, DEMO_DATASET_ID, folds=(0,), trainer="SAMedLoRATrainer", configuration="2d",
+    predict(inputs, predictions, DEMO_DATASET_ID, folds=(0,), trainer=DEFAULT_TRAINER, configuration="2d",
             device=device, mirroring=False)
 
     step("evaluating the predictions against their labels")
@@ -90,7 +91,7 @@ def run_demo_2d(output: str | None = None, *, iterations: int | None = None, enc
     val_cases = _validation_cases(result, ".png")
     inputs = _links(work / "demo_inputs", {f"{c}.jpg": src / "images" / f"{c}.jpg" for c in val_cases})
     predictions = work / "demo_predictions"
-    predict(inputs, predictions, PHOTO_DATASET_ID, folds=(0,), trainer="SAMedLoRATrainer", configuration="2d",
+    predict(inputs, predictions, PHOTO_DATASET_ID, folds=(0,), trainer=DEFAULT_TRAINER, configuration="2d",
             device=device, mirroring=False)
 
     step("evaluating the predicted PNG masks (0/255) against the original JPEG masks")
@@ -111,7 +112,7 @@ def run_demo_2d(output: str | None = None, *, iterations: int | None = None, enc
 
 
 def _plan_and_train(step, dataset_id: int, encoder: str, iterations: int | None, device: str | None) -> tuple[dict, int]:
-    """Plan and preprocess ``2d``, then train fold 0 of SAMedLoRATrainer briefly with the chain after it;
+    """Plan and preprocess ``2d``, then train fold 0 of samnnu's default trainer briefly with the chain after it;
     returns (train()'s result, iterations trained)."""
     step("fingerprint, plans, preprocessing")
     plan_and_preprocess(dataset_id, configurations=("2d",), encoder=encoder)
@@ -120,7 +121,7 @@ def _plan_and_train(step, dataset_id: int, encoder: str, iterations: int | None,
     epochs = max(1, round(iterations / per_epoch))
     step(f"training fold 0: {epochs} epoch(s) x {per_epoch} iterations, then validation, postprocessing, "
          f"evaluation and report")
-    result = train(dataset_id, 0, trainer="SAMedLoRATrainer", configuration="2d", epochs=epochs,
+    result = train(dataset_id, 0, trainer=DEFAULT_TRAINER, configuration="2d", epochs=epochs,
                    iters_per_epoch=per_epoch, device=device, mirroring=False)
     return result, epochs * per_epoch
 

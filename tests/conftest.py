@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from samnnu.defaults import DEFAULT_TRAINER
+
 # nnunetv2.configuration reads nnUNet_def_n_proc once, when it is first imported (during collection,
 # before any fixture runs); its default of 8 spawned workers is far too many for this small shared
 # machine. A value the user already set is kept.
@@ -95,7 +97,7 @@ def data_root(prepared_root, monkeypatch) -> Path:
     return prepared_root
 
 
-TINY_MODEL = "SAMedLoRATrainer__samnnuPlans__2d"
+TINY_MODEL = f"{DEFAULT_TRAINER}__samnnuPlans__2d"
 
 
 @pytest.fixture(scope="session")

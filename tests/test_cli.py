@@ -14,6 +14,7 @@ import pytest
 
 from conftest import copy_demo_cases, demo_cases, use_data_root
 from samnnu import cli
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.errors import SamnnuError
 
 PLAN_ARGS = ["-d", "4", "--encoder", "tiny", "--device", "cpu", "--device-memory-gb", "8", "-c", "2d"]
@@ -85,9 +86,9 @@ def test_train_and_predict_are_quiet_and_the_training_log_stays_complete(raw_roo
     out, err = capfd.readouterr()
     for nnunet_line in ("Epoch 0", "train_loss", "This is the configuration used by this training", "Using splits"):
         assert nnunet_line not in out + err, nnunet_line
-    assert "training SAMedLoRATrainer fold 0" in err  # samnnu's progress bar
+    assert f"training {DEFAULT_TRAINER} fold 0" in err  # samnnu's progress bar
     assert no_warnings(out + err), err
-    fold = root / "nnUNet_results" / "Dataset004_Hippocampus" / "SAMedLoRATrainer__samnnuPlans__2d" / "fold_0"
+    fold = root / "nnUNet_results" / "Dataset004_Hippocampus" / f"{DEFAULT_TRAINER}__samnnuPlans__2d" / "fold_0"
     log = next(fold.glob("training_log_*.txt")).read_text()
     for nnunet_line in ("Epoch 0", "train_loss", "This is the configuration used by this training", "Training done"):
         assert nnunet_line in log, nnunet_line

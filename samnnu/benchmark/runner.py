@@ -169,6 +169,8 @@ def _worker(spec: dict) -> dict:
     summary = report.get("plans_summary", {})
     budget = result.get("budget")
     iterations = budget["stopped_at"]["iterations"] if budget else spec["epochs"] * spec["iters_per_epoch"]
+    # a budgeted run's own record spans every process of a resumed run, and only the training loop
+    training_seconds = budget["stopped_at"]["wall_seconds"] if budget else result["train_seconds"]
     out = {
         "dice": {k: v.get("dice") for k, v in evaluation["mean"].items()},
         "hd95_mm": {k: v.get("hd95") for k, v in evaluation["mean"].items()},
@@ -177,10 +179,8 @@ def _worker(spec: dict) -> dict:
         "batch_size": summary.get("batch_size"),
         "patch_size": summary.get("patch_size"),
         "trainable_parameters": summary.get("trainable_parameters"),
-        # a budgeted run's own record spans every process of a resumed run, and only the training loop
-        "training_seconds": budget["stopped_at"]["wall_seconds"] if budget else result["train_seconds"],
-        "seconds_per_iteration": (budget["stopped_at"]["wall_seconds"] if budget else result["train_seconds"])
-        / max(1, iterations),
+        "training_seconds": training_seconds,
+        "seconds_per_iteration": training_seconds / max(1, iterations),
         "resumed": resume,
         "probabilities_saved": bool(spec.get("save_probabilities")),
     }

@@ -110,7 +110,7 @@ def default_model(plans_dict: dict, trainer: str | None, configuration: str | No
 
     The configuration defaults to the planner's recommendation (``plans["samnnu"]``; ``2d`` when the
     plans have none, e.g. nnU-Net's own); the trainer to ``SAM3DAdapterTrainer`` for a 3D
-    configuration and ``SAMedLoRATrainer`` otherwise.
+    configuration and ``SAMUNetTrainer`` otherwise (:data:`samnnu.defaults.DEFAULT_TRAINERS`).
     """
     configuration = configuration or plans_dict.get("samnnu", {}).get("recommended_configuration",
                                                                       DEFAULT_CONFIGURATION)

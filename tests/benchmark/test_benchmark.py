@@ -9,6 +9,7 @@ import pytest
 
 from conftest import use_data_root
 from samnnu.benchmark.runner import epochs_for, mean_dice, parse_model, targets, to_markdown, training_subsets
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.errors import SamnnuError
 
 
@@ -193,7 +194,7 @@ def test_time_budget_benchmark_records_learning_curves_and_the_held_out_set(base
 
     use_data_root(monkeypatch, baseline_root)
     # every configuration nnU-Net planned (the fixture preprocessed its 2d only, so the run names two models)
-    assert default_models(4) == ["SAMedLoRATrainer:2d", "nnUNetTrainer:2d", "nnUNetTrainer:3d_fullres"]
+    assert default_models(4) == ["SAMUNetTrainer:2d", "nnUNetTrainer:2d", "nnUNetTrainer:3d_fullres"]
     raw = baseline_root / "nnUNet_raw" / "Dataset004_Hippocampus"
     held = sorted(raw.glob("labelsTr/*.nii.gz"))[:2]  # stand-ins for held-out cases (mechanism only)
     for sub in ("imagesTs", "labelsTs"):
@@ -212,7 +213,7 @@ def test_time_budget_benchmark_records_learning_curves_and_the_held_out_set(base
             shutil.rmtree(raw / sub)
     state = json.loads((out / "results.json").read_text())
     assert state["setup"]["budget"] == {"minutes": 0.2, "mode": "stopped", "clock": "wall"}
-    assert state["setup"]["samnnu_default"] == "SAMedLoRATrainer:2d"
+    assert state["setup"]["samnnu_default"] == f"{DEFAULT_TRAINER}:2d"
     assert sorted(state["runs"]) == ["SAMedLoRATrainer:2d@all", "nnUNetTrainer:2d@all"]
     for run in state["runs"].values():
         curve = run["learning_curve"]

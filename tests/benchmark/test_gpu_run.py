@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from samnnu.defaults import DEFAULT_TRAINER
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -26,7 +28,7 @@ def test_gpu_run_script_runs_on_cpu(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     state = json.loads((out / "results.json").read_text())
-    assert sorted(state["runs"]) == ["SAMedLoRATrainer:2d@all", "nnUNetTrainer:3d_fullres@all"]
+    assert sorted(state["runs"]) == sorted([f"{DEFAULT_TRAINER}:2d@all", "nnUNetTrainer:3d_fullres@all"])
     raw = tmp_path / "work" / "nnUNet_raw" / "Dataset004_Hippocampus"
     held_out = sorted(p.name for p in (raw / "labelsTs").iterdir())
     assert held_out and all(n.endswith("7.nii.gz") for n in held_out)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.pipeline.budget import CURVE_FILE, TrainingBudget, process_tree_cpu_seconds, snapshot_name
 
 BIN = Path(sys.executable).parent
@@ -75,7 +76,7 @@ def test_budgeted_training_stops_keeps_snapshots_and_resumes_with_the_spent_budg
     """Killed after its first epoch, a 15-second run resumes with what it had spent, not from zero; it
     stops once the budget is spent, on the normal schedule, with checkpoints at 25 % and 50 %."""
     root = _private_root(prepared_root, tmp_path)
-    fold = root / "nnUNet_results" / DATASET / "SAMedLoRATrainer__samnnuPlans__2d" / "fold_0"
+    fold = root / "nnUNet_results" / DATASET / f"{DEFAULT_TRAINER}__samnnuPlans__2d" / "fold_0"
     budget_s, per_epoch = 20.0, 5  # short epochs: the tiny model takes about half a second per iteration
     proc = subprocess.Popen(_train(root, "--budget-minutes", str(budget_s / 60), "--iters-per-epoch", str(per_epoch)),
                             env=ENV,

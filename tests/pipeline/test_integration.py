@@ -15,10 +15,11 @@ import SimpleITK as sitk
 
 from conftest import demo_cases, use_data_root
 from samnnu.cli import predict_main, train_main
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.demo_data import demo_dataset_path
 
 DATASET = "Dataset004_Hippocampus"
-MODEL = "SAMedLoRATrainer__samnnuPlans__2d"
+MODEL = f"{DEFAULT_TRAINER}__samnnuPlans__2d"
 BUDGET = dict(epochs=1, iters_per_epoch=3, device="cpu", mirroring=False)
 
 

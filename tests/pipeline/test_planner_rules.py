@@ -243,9 +243,9 @@ def test_the_plans_pick_configuration_and_trainer_when_the_user_does_not():
     plans = {"configurations": {"2d": {"patch_size": [56, 40]}, "3d_fullres": {"patch_size": [40, 56, 40]}},
              "samnnu": {"recommended_configuration": "3d_fullres"}}
     assert default_model(plans, None, None) == ("SAM3DAdapterTrainer", "3d_fullres")
-    assert default_model(plans, None, "2d") == ("SAMedLoRATrainer", "2d")
+    assert default_model(plans, None, "2d") == ("SAMUNetTrainer", "2d")
     assert default_model(plans, "SAMUNetTrainer", None) == ("SAMUNetTrainer", "3d_fullres")
     plans["samnnu"]["recommended_configuration"] = "2d"
-    assert default_model(plans, None, None) == ("SAMedLoRATrainer", "2d")
+    assert default_model(plans, None, None) == ("SAMUNetTrainer", "2d")
     # nnU-Net's own plans carry no recommendation: 2d, as before
     assert default_model({"configurations": plans["configurations"]}, "nnUNetTrainer", None) == ("nnUNetTrainer", "2d")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.evaluation.folders import evaluate_folders
 from samnnu.reporting.report import SECTIONS, pick_cases, write_fold_report
 
@@ -159,7 +160,7 @@ def test_render_fold_report_from_disk(trained_folds, data_root, capsys):
     parser = ReportParser()
     parser.feed(text)
     assert parser.h2 == list(SECTIONS)
-    assert "SAMedLoRATrainer" in text and "tiny" in text
+    assert DEFAULT_TRAINER in text and "tiny" in text
     # loss, pseudo Dice, epoch time + per-case plots (at least Dice, IoU, surface Dice, volumes) + 3 overlays
     assert len(parser.images) >= 3 + 5 + 3
     from PIL import Image
