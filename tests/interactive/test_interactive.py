@@ -568,6 +568,12 @@ def test_refine_loop_survives_bad_commands_and_keeps_the_mask(tmp_path, monkeypa
         f"save {tmp_path / 'refined'}": "give a file name with an image ending",
         f"save {tmp_path / 'refined.txt'}": "cannot be written",
         "save a.nii.gz b.nii.gz": "at most one path",
+        "scribble 7 1 2": "expected '+' or '-'",
+        "scribble + 7 1": "expected a slice Z and then (y, x) pairs, at least 1",
+        "scribble + 7 1 2 3 99": "scribble point at voxel (z, y, x) [7, 3, 99] lies outside the image",
+        "lasso 7 1 1 5 5": "expected a slice Z and then (y, x) pairs, at least 3",
+        "lasso 7 1 1 5 5 x 1": "coordinates must be integer voxel indices",
+        "lasso 99 1 1 5 5 1 5": "lasso point at voxel (z, y, x) [99, 1, 1] lies outside the image",
     }
     for command, expected in bad.items():
         line = run_one(command)
@@ -595,6 +601,25 @@ def test_refine_loop_survives_bad_commands_and_keeps_the_mask(tmp_path, monkeypa
 # --------------------------------------------------------------------------------------------
 # the pretrained refiner itself (LiteMedSAM at 256, one slice)
 # --------------------------------------------------------------------------------------------
+def test_refine_loop_scribble_and_lasso_commands():
+    from samnnu.interactive.refine import RefineLoop
+
+    image = cone_volume()
+    geometry = ImageGeometry(image.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    session = InteractiveSession(ThresholdRefiner(image), image, np.zeros(image.shape, np.uint8), None,
+                                 {"Thing": 1}, options=RefineOptions(margin=1, stop_at_base=False))
+    loop = RefineLoop(session, geometry, "unused.nii.gz", None, io.StringIO())
+    assert loop.run(["lasso 7 3 3 3 21 21 21 21 3"]) == 0
+    expected = image > 0.5
+    expected[7, 1:3, 1:3] = False
+    np.testing.assert_array_equal(session.label_mask("Thing"), expected)  # the lasso propagated through the cone
+    assert loop.run(["scribble - 7 12 0 12 23"]) == 0  # a cut through the key slice
+    assert not session.label_mask("Thing")[7, 12].any() and session.label_mask("Thing")[7, 9].sum() == 17
+    assert len(session.prompts()) == 1 and len(session.prompts()[0].strokes) == 1  # added to the lasso's object
+    assert loop.run(["undo"]) == 0
+    np.testing.assert_array_equal(session.label_mask("Thing"), expected)
+
+
 def test_pretrained_litemedsam_segments_a_boxed_square():
     from samnnu.interactive.refiner import SliceRefiner
 
