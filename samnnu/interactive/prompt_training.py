@@ -15,7 +15,11 @@ and SAM-Med2D train theirs: a first prompt, then ``rounds`` corrective clicks.
     shifted, with a piece cut out or a blob added, smoothed into probabilities). It is given as the mask
     prompt, with the box around it enlarged by one voxel, as the refiner decodes propagated and clicked
     slices;
-  - ``point``: one positive click inside the label, alone.
+  - ``point``: one positive click inside the label, alone;
+  - ``neighbour``: a propagation step. The box of the label on the neighbouring slice, enlarged by one
+    voxel, as the refiner passes a mask on to the next slice. The label may have ended on this slice, and
+    then the right answer is nothing: the training slices include where each label begins and ends
+    along z and the slices just beyond, so that propagation learns where to stop.
 - Each further round clicks on the largest connected error of the last answer: positive on a missed
   region, negative on a spurious one, at its deepest voxel or at a random voxel of it. The next decode
   gets every click so far and the box around the last answer and the positive clicks. Its mask prompt
@@ -63,7 +67,7 @@ from samnnu.interactive.refiner import (
 from samnnu.row_cache import cached_rows
 from samnnu.safe_io import check_torch_archive, load_torch_safely, read_json, write_atomic
 
-FIRST_PROMPTS = ("box", "base", "point")
+FIRST_PROMPTS = ("box", "base", "point", "neighbour")
 
 
 @dataclass
@@ -79,25 +83,53 @@ class PromptTrainingSettings:
     lr: float
     slices_per_case: int
     seed: int
-    first_prompts: tuple = (0.4, 0.4, 0.2)  # probabilities of box, base, point
+    first_prompts: tuple = (0.3, 0.3, 0.15, 0.25)  # probabilities of box, base, point, neighbour
 
 
 # ------------------------------------------------------------------------------------------- slices
 
 def training_slices(labels: dict[str, np.ndarray], per_case: int) -> list[tuple[str, int]]:
-    """(case, z) of up to ``per_case`` slices of each case holding a label, evenly spread over them.
+    """(case, z) of up to ``per_case`` slices of each case holding a label, evenly spread over them, and
+    the slices where each label begins and ends along z with their outer neighbours (where propagation
+    has to stop).
 
     labels: {case: (Z, Y, X) integer label map}; slices are taken along z, as the refiner decodes them.
     """
     out = []
     for case in sorted(labels):
-        zs = np.flatnonzero(labels[case].reshape(labels[case].shape[0], -1).max(axis=1) > 0)
+        lab = labels[case]
+        zs = np.flatnonzero(lab.reshape(lab.shape[0], -1).max(axis=1) > 0)
         if len(zs) == 0:
             continue
         picks = np.unique(np.round(np.linspace(0, len(zs) - 1, min(per_case, len(zs)) + 2)[1:-1]).astype(int)) \
             if len(zs) > per_case else np.arange(len(zs))
-        out += [(case, int(zs[i])) for i in picks]
+        chosen = {int(zs[i]) for i in picks}
+        for value in np.unique(lab[lab > 0]):
+            present = np.flatnonzero((lab == value).reshape(lab.shape[0], -1).any(axis=1))
+            for z in (present[0] - 1, present[0], present[-1], present[-1] + 1):
+                if 0 <= z < lab.shape[0]:
+                    chosen.add(int(z))
+        out += [(case, z) for z in sorted(chosen)]
     return out
+
+
+def training_samples(labels: dict[str, np.ndarray], rows: list[tuple[str, int]], min_voxels: int = 3
+                     ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+    """The samples of a set of rows: (row, label) for every label on the row's slice (at least
+    ``min_voxels``), and the propagation steps (row, label, source z): a neighbouring slice holds the label
+    (at least ``min_voxels``), whatever this slice holds of it, possibly nothing."""
+    on_slice, steps = [], []
+    for i, (case, z) in enumerate(rows):
+        lab = labels[case]
+        for v in np.unique(lab[z]):
+            if v > 0 and (lab[z] == v).sum() >= min_voxels:
+                on_slice.append((i, int(v)))
+        for src in (z - 1, z + 1):
+            if 0 <= src < lab.shape[0]:
+                for v in np.unique(lab[src]):
+                    if v > 0 and (lab[src] == v).sum() >= min_voxels:
+                        steps.append((i, int(v), src))
+    return on_slice, steps
 
 
 # ------------------------------------------------------------------------------------ interactions
@@ -180,17 +212,22 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def simulate_interaction(parts, embedding: torch.Tensor, target: np.ndarray, rng: np.random.Generator, *,
-                         rounds: int, first: str) -> tuple[torch.Tensor, list[float]]:
-    """One simulated interaction on one slice; returns (mean loss over the decodes, Dice after each decode).
+                         rounds: int, first: str, source: np.ndarray | None = None) -> tuple[torch.Tensor, list[float]]:
+    """One simulated interaction on one slice; returns (mean loss over the decodes, Dice after each decode;
+    1 when the target and the answer are both empty).
 
-    embedding: (1, D, g, g) of the slice; target: (Y, X) bool, non-empty; first: ``box``, ``base`` or
-    ``point`` (the module docstring says what each is).
+    embedding: (1, D, g, g) of the slice; target: (Y, X) bool; first: ``box``, ``base``, ``point`` (target
+    non-empty) or ``neighbour``: the box of ``source`` (the label on the neighbouring slice, non-empty)
+    enlarged by one voxel, as the refiner propagates a mask to the next slice; the target may be empty
+    there, and the answer should then be empty too (the module docstring says what the others are).
     """
     shape = target.shape
     t = torch.from_numpy(target.astype(np.float32))
     box, clicks, mask_input, base = None, [], None, None
     if first == "box":
         box = jittered_box(target, rng)
+    elif first == "neighbour":
+        box = enlarge(bounding_rectangle(source), 1, shape)
     elif first == "base":
         rough = imperfect_mask(target, rng)
         prob = ndimage.gaussian_filter(rough.astype(np.float32), sigma=1.0)
@@ -207,8 +244,8 @@ def simulate_interaction(parts, embedding: torch.Tensor, target: np.ndarray, rng
         full = low_to_slice(low, shape)[0, 0]
         losses.append(segmentation_loss(full, t))
         pred = (full.detach() > 0).numpy()
-        inter = float((pred & target).sum())
-        dices.append(2 * inter / max(1.0, float(pred.sum() + target.sum())))
+        inter, total = float((pred & target).sum()), float(pred.sum() + target.sum())
+        dices.append(2 * inter / total if total else 1.0)
         if r == rounds:
             break
         click = corrective_click(pred, target, rng)
@@ -270,8 +307,7 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
             raise SamnnuError(f"{file}: label file missing")
         labels[case] = read_image(file)[0].astype(np.int16)
     rows = training_slices(labels, slices_per_case)
-    pairs = [(i, int(v)) for i, (case, z) in enumerate(rows) for v in np.unique(labels[case][z]) if v > 0
-             and (labels[case][z] == v).sum() >= 3]
+    pairs, steps_between = training_samples(labels, rows)
     if not pairs:
         raise SamnnuError(f"{name}: fold {fold}'s training cases hold no labelled slice to train prompts on")
     settings = PromptTrainingSettings(name, fold, encoder, steps, batch_size, rounds, lr, slices_per_case, seed)
@@ -325,15 +361,20 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
         for group in optimizer.param_groups:  # cosine decay to 5 % of lr
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         optimizer.zero_grad(set_to_none=True)
-        batch = rng.choice(len(pairs), size=min(batch_size, len(pairs)), replace=False)
-        for j in batch:
-            row, value = pairs[j]
+        for _ in range(batch_size):
+            first = FIRST_PROMPTS[int(rng.choice(len(FIRST_PROMPTS), p=settings.first_prompts))]
+            source = None
+            if first == "neighbour" and steps_between:
+                row, value, src = steps_between[rng.integers(len(steps_between))]
+                source = labels[rows[row][0]][src] == value
+            else:
+                first = "box" if first == "neighbour" else first
+                row, value = pairs[rng.integers(len(pairs))]
             case, z = rows[row]
             target = labels[case][z] == value
             emb = torch.from_numpy(np.asarray(cache[row], dtype=np.float32))[None]
-            first = FIRST_PROMPTS[int(rng.choice(3, p=settings.first_prompts))]
-            loss, dices = simulate_interaction(parts, emb, target, rng, rounds=rounds, first=first)
-            (loss / len(batch)).backward()
+            loss, dices = simulate_interaction(parts, emb, target, rng, rounds=rounds, first=first, source=source)
+            (loss / batch_size).backward()
             recent.append((float(loss.detach()), dices[0], dices[-1]))
         optimizer.step()
         bar.update(1)
@@ -350,6 +391,7 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
             write_atomic(partial, lambda tmp, st=state: torch.save(st, tmp), check_torch_archive)
     bar.close()
     record = {**asdict(settings), "cases": len(cases), "slices": len(rows), "samples": len(pairs),
+              "propagation_samples": len(steps_between),
               "input_size": parts.input_size, "history": history,
               "seconds_this_run": round(time.perf_counter() - began, 1)}
     checkpoint = {f"{module}.{k}": v for module in ("prompt_encoder", "mask_decoder")

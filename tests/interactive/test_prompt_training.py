@@ -13,7 +13,9 @@ from samnnu.interactive.prompt_training import (
     corrective_click,
     imperfect_mask,
     jittered_box,
+    simulate_interaction,
     train_prompts,
+    training_samples,
     training_slices,
 )
 from samnnu.interactive.refiner import PROMPT_PATH_FILE, find_prompt_path, load_prompt_path
@@ -24,15 +26,23 @@ def disc(shape=(40, 50), centre=(20, 24), radius=8) -> np.ndarray:
     return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
 
 
-def test_training_slices_spread_over_the_labelled_slices():
+def test_training_slices_spread_over_the_labelled_slices_and_hold_where_labels_end():
     lab = np.zeros((30, 8, 8), dtype=np.int16)
     lab[5:25, 2:5, 2:5] = 1  # 20 labelled slices
+    lab[10:12, 6:8, 6:8] = 2
     empty = np.zeros((10, 8, 8), dtype=np.int16)
     rows = training_slices({"a": lab, "b": empty}, per_case=4)
     zs = [z for _, z in rows]
-    assert all(c == "a" for c, _ in rows) and len(zs) == 4
-    assert all(5 <= z < 25 for z in zs) and zs == sorted(set(zs)) and zs[-1] - zs[0] >= 10
-    assert len(training_slices({"a": lab}, per_case=50)) == 20
+    assert all(c == "a" for c, _ in rows) and zs == sorted(set(zs))
+    ends = {4, 5, 24, 25, 9, 10, 11, 12}  # each label's first and last slice and the slices just beyond
+    spread = set(zs) - ends
+    assert ends <= set(zs) and 1 <= len(spread) <= 4 and all(5 <= z < 25 for z in spread)
+    assert len(training_slices({"a": lab}, per_case=50)) == 22  # every labelled slice, and 4 and 25
+    on_slice, steps = training_samples({"a": lab}, [("a", 4), ("a", 10), ("a", 12)])
+    assert on_slice == [(1, 1), (1, 2), (2, 1)]  # slice 4 holds nothing, slice 12 no label 2
+    # propagation steps: from a neighbouring slice holding the label, including onto slices without it
+    assert (0, 1, 5) in steps and (1, 2, 11) in steps and (2, 2, 11) in steps and (2, 1, 11) in steps
+    assert all(lab[src][lab[src] == v].size >= 3 for _, v, src in steps)
 
 
 def test_simulated_prompts_look_like_the_refiner_inputs():
@@ -53,6 +63,23 @@ def test_simulated_prompts_look_like_the_refiner_inputs():
     click = corrective_click(spurious, target, rng)
     assert not click.positive and spurious[click.index[1], click.index[2]] and not target[click.index[1], click.index[2]]
     assert corrective_click(target, target, rng) is None
+
+
+def test_a_propagation_step_past_the_label_teaches_an_empty_answer():
+    from samnnu.interactive.refiner import SliceRefiner
+
+    parts = SliceRefiner.create("tiny").parts
+    emb = parts.image_encoder(torch.rand(1, 3, 64, 64)).detach()
+    rng = np.random.default_rng(0)
+    source, empty = disc(), np.zeros((40, 50), bool)
+    loss, dices = simulate_interaction(parts, emb, empty, rng, rounds=2, first="neighbour", source=source)
+    assert torch.isfinite(loss) and loss.requires_grad and 1 <= len(dices) <= 3
+    loss.backward()
+    grads = [p.grad for p in parts.mask_decoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    for first in ("box", "base", "point", "neighbour"):
+        loss, dices = simulate_interaction(parts, emb, source, rng, rounds=1, first=first, source=source)
+        assert torch.isfinite(loss) and all(0 <= d <= 1 for d in dices)
 
 
 def test_train_prompts_writes_a_prompt_path_that_prediction_loads(trained_folds, data_root, capsys):
