@@ -64,6 +64,7 @@ from samnnu.interactive.refiner import (
     low_to_slice,
     probability_logits,
 )
+from samnnu.interactive.simulated_user import largest_error
 from samnnu.row_cache import cached_rows
 from samnnu.safe_io import check_torch_archive, load_torch_safely, read_json, write_atomic
 
@@ -176,18 +177,10 @@ def corrective_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Genera
     """A click on the largest connected error of a (Y, X) answer (positive on missed voxels, negative on
     spurious ones): at its deepest voxel with probability ``deepest``, else at a random voxel of it. None
     when the answer is exact. The click's z is 0."""
-    best = None
-    for positive, errors in ((True, target & ~pred), (False, pred & ~target)):
-        components, n = ndimage.label(errors)
-        if n == 0:
-            continue
-        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
-        i = int(np.argmax(sizes))
-        if best is None or sizes[i] > best[0]:
-            best = (int(sizes[i]), positive, components == i + 1)
-    if best is None:
+    found = largest_error(pred, target)
+    if found is None:
         return None
-    _, positive, region = best
+    positive, region = found
     if rng.random() < deepest:
         y, x = deepest_voxel(region)
     else:

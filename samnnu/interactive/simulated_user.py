@@ -31,6 +31,17 @@ def next_click(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | Non
     deepest voxel (spacing: (z, y, x) mm for that distance; None: voxels). Positive on a false negative,
     negative on a false positive.
     """
+    found = largest_error(pred, ref)
+    if found is None:
+        return None
+    positive, region = found
+    return Point(deepest_voxel(region, spacing=None if spacing is None else tuple(spacing)), positive)
+
+
+def largest_error(pred: np.ndarray, ref: np.ndarray) -> tuple[bool, np.ndarray] | None:
+    """(positive, region): the largest connected error component of a mask against its reference (any
+    dimension; face connectivity; a false-negative one on equal size), positive when it is a false
+    negative; None when the mask equals the reference."""
     best = None
     for positive, errors in zip((True, False), error_regions(pred, ref)):
         components, n = ndimage.label(errors)
@@ -40,7 +51,4 @@ def next_click(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | Non
         i = int(np.argmax(sizes))
         if best is None or sizes[i] > best[0]:
             best = (int(sizes[i]), positive, components == i + 1)
-    if best is None:
-        return None
-    _, positive, region = best
-    return Point(deepest_voxel(region, spacing=None if spacing is None else tuple(spacing)), positive)
+    return None if best is None else best[1:]
