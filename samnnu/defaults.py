@@ -12,5 +12,9 @@ DEFAULT_TRAINER = DEFAULT_TRAINERS[2]
 RUN_SETTINGS = "samnnu_training.json"
 #: a fold's checkpoints, newest first: the order in which they are tried when resuming or predicting
 CHECKPOINTS_NEWEST_FIRST = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+#: a prompt path trained on a fold's cases (samnnu_train_prompts): its file in the fold folder, and the key of
+#: its record inside that file
+PROMPT_PATH_FILE = "refiner.pth"
+PROMPT_PATH_RECORD = "samnnu_prompt_path"
 #: the checkpoint a finished training leaves, the one prediction uses unless told otherwise
 FINAL_CHECKPOINT = CHECKPOINTS_NEWEST_FIRST[0]

@@ -31,7 +31,7 @@ the rounds. AdamW with a cosine decay. The run resumes from ``refiner.partial.pt
 ``save_every`` steps.
 
 The result, ``fold_F/refiner.pth`` beside the fold's checkpoints, holds the prompt encoder's and mask
-decoder's weights and a record (:data:`RECORD`). ``samnnu_predict --prompts`` and ``samnnu_refine`` load
+decoder's weights and a record (:data:`samnnu.defaults.PROMPT_PATH_RECORD`). ``samnnu_predict --prompts`` and ``samnnu_refine`` load
 it (weights only) when the model folder has one, and say which refiner they used.
 """
 from __future__ import annotations
@@ -51,12 +51,11 @@ from tqdm import tqdm
 
 from samnnu.config import current_paths
 from samnnu.datasets import dataset_name
+from samnnu.defaults import PROMPT_PATH_FILE, PROMPT_PATH_RECORD
 from samnnu.errors import SamnnuError
 from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
 from samnnu.interactive.prompts import Point
 from samnnu.interactive.refiner import (
-    PROMPT_PATH_FILE,
-    RECORD,
     SliceRefiner,
     decode_prompts,
     enlarge,
@@ -389,10 +388,15 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
               "seconds_this_run": round(time.perf_counter() - began, 1)}
     checkpoint = {f"{module}.{k}": v for module in ("prompt_encoder", "mask_decoder")
                   for k, v in getattr(parts, module).state_dict().items()}
-    checkpoint[RECORD] = json.dumps(record)
+    checkpoint[PROMPT_PATH_RECORD] = json.dumps(record)
     write_atomic(output, lambda tmp: torch.save(checkpoint, tmp), check_torch_archive)
     load_prompt_path(output, SliceRefiner.create(encoder).parts, encoder)  # the file must load as prediction loads it
     partial.unlink(missing_ok=True)
     for f in (stem.with_name(stem.name + ".embeddings.npy"), stem.with_name(stem.name + ".embeddings.json")):
         f.unlink(missing_ok=True)
-    return dict(record, file=str(output))
+    record = dict(record, file=str(output))
+    if output.name == PROMPT_PATH_FILE and (output.parent / "evaluation.json").is_file():
+        from samnnu.reporting.report import render_fold_report  # local: pulls in matplotlib
+
+        record["report"] = str(render_fold_report(output.parent))  # the fold report says it has one now
+    return record

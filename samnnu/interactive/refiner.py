@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from samnnu.defaults import PROMPT_PATH_FILE, PROMPT_PATH_RECORD
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import dice
 from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
@@ -51,10 +52,6 @@ from samnnu.interactive.prompts import Box, Lasso, ObjectPrompt, Point, Stroke, 
 from samnnu.safe_io import load_torch_safely
 
 REFINER_ENCODERS = ("litemedsam", "tiny")
-# a prompt path trained on a dataset (samnnu.interactive.prompt_training): its file in a fold's folder, and the
-# key of its record in that file
-PROMPT_PATH_FILE = "refiner.pth"
-RECORD = "samnnu_prompt_path"
 _MASK_PROMPTS = ("none", "base", "previous")
 _MULTIMASK = ("sam", "never", "always")
 _CLICK_MODES = ("replace", "edit")
@@ -322,9 +319,9 @@ def load_prompt_path(path: str | Path, parts, encoder: str) -> dict:
     """
     path = Path(path)
     state = load_torch_safely(path)
-    if not isinstance(state, dict) or RECORD not in state:
-        raise SamnnuError(f"{path}: not a trained prompt path (no '{RECORD}' record)")
-    record = json.loads(state[RECORD])
+    if not isinstance(state, dict) or PROMPT_PATH_RECORD not in state:
+        raise SamnnuError(f"{path}: not a trained prompt path (no '{PROMPT_PATH_RECORD}' record)")
+    record = json.loads(state[PROMPT_PATH_RECORD])
     if record.get("encoder") != encoder:
         raise SamnnuError(f"{path}: trained for the '{record.get('encoder')}' refiner, not '{encoder}'")
     for module in ("prompt_encoder", "mask_decoder"):

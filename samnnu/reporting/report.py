@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 import textwrap
@@ -31,7 +32,13 @@ from matplotlib.ticker import MaxNLocator
 
 from samnnu.config import current_paths
 from samnnu.datasets import split_model_folder_name
-from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, FINAL_CHECKPOINT, RUN_SETTINGS
+from samnnu.defaults import (
+    CHECKPOINTS_NEWEST_FIRST,
+    FINAL_CHECKPOINT,
+    PROMPT_PATH_FILE,
+    PROMPT_PATH_RECORD,
+    RUN_SETTINGS,
+)
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import METRICS, WORST, foreground_classes
 from samnnu.reporting.html import format_value, kv_table, page
@@ -598,6 +605,22 @@ def _plans_summary_from_disk(fold_dir: Path, settings: Mapping[str, Any]) -> dic
     return {k: v for k, v in summary.items() if v is not None}
 
 
+REFINER_KEY = "interactive refiner"
+
+
+def describe_prompt_path(path: Path) -> str:
+    """One line on a fold's trained prompt path (``refiner.pth``), read without running code."""
+    try:
+        record = json.loads(load_torch_safely(path)[PROMPT_PATH_RECORD])
+        last = record["history"][-1]
+    except (SamnnuError, KeyError, IndexError, TypeError, ValueError) as e:
+        return f"{path.name}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return (f"{record['encoder']} with its prompt path trained on this fold's training cases ({path.name}: "
+            f"{record['steps']} steps; training Dice {last['dice_first']:.3f} after the first prompt, "
+            f"{last['dice_last']:.3f} after {record['rounds']} corrective clicks); used by samnnu_predict "
+            f"--prompts and samnnu_refine")
+
+
 def render_fold_report(fold_dir: str | os.PathLike) -> Path:
     """Rebuild ``report.html`` and ``report.json`` of a trained fold from the files in its folder.
 
@@ -633,6 +656,10 @@ def render_fold_report(fold_dir: str | os.PathLike) -> Path:
     extra = dict(previous.get("extra") or {})
     if not extra and settings.get("device"):
         extra["device"] = settings["device"]
+    extra.pop(REFINER_KEY, None)
+    refiner = fold_dir / PROMPT_PATH_FILE
+    if refiner.is_file():
+        extra[REFINER_KEY] = describe_prompt_path(refiner)
     if checkpoint is None:
         extra["training log"] = "no checkpoint in the fold folder"
     elif checkpoint != FINAL_CHECKPOINT:

@@ -867,6 +867,7 @@ def test_prediction_and_refine_use_the_trained_prompt_path_and_say_so(trained_fo
                                                                        reference_as_prediction, tmp_path, capsys):
     from samnnu.cli import predict_main, refine_main, train_prompts_main
     from samnnu.interactive.refiner import PROMPT_PATH_FILE
+    from samnnu.reporting.report import render_fold_report
 
     images, labels, case = held_out
     base = reference_as_prediction
@@ -901,5 +902,6 @@ def test_prediction_and_refine_use_the_trained_prompt_path_and_say_so(trained_fo
         assert f"refiner: tiny refiner with its prompt path trained on this dataset ({trained}" in text.getvalue()
         assert predict_main(["-o", str(tmp_path / "x"), "--refiner-weights", str(tmp_path / "no.pth"), *args]) == 1
         assert "no.pth: prompt path file not found" in one_line_error(capsys, "samnnu_predict")
-    finally:
-        trained.unlink(missing_ok=True)  # the session's other tests use the pretrained refiner
+    finally:  # the session's other tests use the pretrained refiner, and a report without it
+        trained.unlink(missing_ok=True)
+        render_fold_report(trained.parent)

@@ -19,6 +19,7 @@ from samnnu.interactive.prompt_training import (
     training_slices,
 )
 from samnnu.interactive.refiner import PROMPT_PATH_FILE, find_prompt_path, load_prompt_path
+from samnnu.reporting.report import render_fold_report
 
 
 def disc(shape=(40, 50), centre=(20, 24), radius=8) -> np.ndarray:
@@ -86,9 +87,20 @@ def test_train_prompts_writes_a_prompt_path_that_prediction_loads(trained_folds,
     from samnnu.interactive.refiner import SliceRefiner
 
     pretrained = SliceRefiner.create("tiny")
+    path = trained_folds / "fold_0" / PROMPT_PATH_FILE
+    try:
+        check_the_trained_prompt_path(pretrained, path, trained_folds)
+    finally:  # the session's other tests use the pretrained refiner, and a report without it
+        path.unlink(missing_ok=True)
+        render_fold_report(path.parent)
+    assert "interactive refiner" not in json.loads((path.parent / "report.json").read_text())["extra"]
+
+
+def check_the_trained_prompt_path(pretrained, path, trained_folds):
+    from samnnu.interactive.refiner import SliceRefiner
+
     record = train_prompts(4, 0, encoder="tiny", steps=3, batch_size=2, rounds=1, slices_per_case=1,
                            save_every=2, progress=False)
-    path = trained_folds / "fold_0" / PROMPT_PATH_FILE
     assert record["file"] == str(path) and path.is_file()
     assert record["steps"] == 3 and record["samples"] >= record["slices"] > 0
     assert find_prompt_path(trained_folds, (1, 0)) == path and find_prompt_path(trained_folds, (1,)) is None
@@ -103,6 +115,10 @@ def test_train_prompts_writes_a_prompt_path_that_prediction_loads(trained_folds,
                for k, v in trained.parts.image_encoder.state_dict().items())  # the encoder is frozen
     with pytest.raises(SamnnuError, match="trained for the 'tiny' refiner, not 'litemedsam'"):
         load_prompt_path(path, pretrained.parts, "litemedsam")
+    # the fold report was rendered again and says the fold has a trained prompt path
+    assert record["report"] == str(path.parent / "report.html")
+    line = json.loads((path.parent / "report.json").read_text())["extra"]["interactive refiner"]
+    assert "prompt path trained on this fold's training cases (refiner.pth: 3 steps" in line
 
 
 def test_prompt_path_files_never_run_code(tmp_path):
