@@ -439,10 +439,20 @@ def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, ref
         prompt_id = hashlib.sha256(Path(prompts).read_bytes()).hexdigest() if Path(prompts).is_file() else str(prompts)
     return {"model": str(model.folder), "folds": [str(f) for f in model.folds], "checkpoint": model.checkpoint,
             "checkpoints": [_file_stamp(model.folder / f"fold_{f}" / model.checkpoint) for f in model.folds],
-            "mirroring": model.mirroring, "postprocessing": repr(model.postprocessing), "prompts": prompt_id,
+            "mirroring": model.mirroring, "postprocessing": _describe_postprocessing(model.postprocessing),
+            "prompts": prompt_id,
             "auto_prompts": auto_prompts, "refiner": refiner if (prompts is not None or auto_prompts) else None,
             "refine_options": repr(refine_options),
             "prompt_path": [str(prompt_path), *_file_stamp(prompt_path)] if prompt_path is not None else None}
+
+
+def _describe_postprocessing(postprocessing: tuple | None) -> str | None:
+    """nnU-Net's postprocessing decision by function names and arguments: the same in every process (the
+    functions' own repr holds their memory address, which would make every run look like another's)."""
+    if postprocessing is None:
+        return None
+    fns, kwargs = postprocessing
+    return json.dumps([[f.__name__ for f in fns], kwargs], sort_keys=True, default=str)
 
 
 def _load_resume_state(record: Path, signature: dict) -> dict | None:

@@ -247,7 +247,7 @@ def test_sparse_label_runs_train_on_the_twin_and_are_evaluated_against_dense_lab
 
     use_data_root(monkeypatch, baseline_root)
     out = tmp_path / "bench"
-    models = ("SAMedLoRATrainer:2d", "nnUNetTrainer:2d")
+    models = (f"{DEFAULT_TRAINER}:2d", "nnUNetTrainer:2d")  # samnnu's default, whose sparse verdicts are made
     args = ["-d", "4", "--iterations", "2", "--timing-cases", "1", "--sparse-slices", "3", "-m", *models,
             "-o", str(out), "--data-root", str(baseline_root)]
     try:

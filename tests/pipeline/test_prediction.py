@@ -9,6 +9,7 @@ import pytest
 
 from conftest import demo_cases
 from samnnu.cli import predict_main
+from samnnu.defaults import DEFAULT_TRAINER
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
 
@@ -37,7 +38,7 @@ def test_parts_cover_every_case_exactly_once(trained_folds, data_root, tmp_path,
 
     monkeypatch.setattr(prediction, "_run_model", recording)
     for part in (2, 0, 1):  # any order; in practice at the same time, on several machines
-        written = prediction.predict(tmp_path / "in", out, 4, trainer="SAMedLoRATrainer", configuration="2d",
+        written = prediction.predict(tmp_path / "in", out, 4, trainer=DEFAULT_TRAINER, configuration="2d",
                                      mirroring=False, num_parts=3, part_id=part)
         assert sorted(p.name for p in written) == sorted(f"{c}.nii.gz" for c in predicted[part])
     every = [c for part in predicted.values() for c in part]

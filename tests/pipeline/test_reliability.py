@@ -27,6 +27,7 @@ from conftest import TINY_MODEL, copy_demo_cases, demo_cases, use_data_root
 from samnnu.cli import predict_main, report_main, train_main
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
+from samnnu.safe_io import check_image_file
 
 DATASET = "Dataset004_Hippocampus"
 BIN = Path(sys.executable).parent
@@ -424,6 +425,14 @@ def _predict_command(root: Path, inp: Path, out: Path) -> list[str]:
             "--data-root", str(root)]
 
 
+def _intact(path: Path) -> bool:
+    try:
+        check_image_file(path)
+        return True
+    except SamnnuError:
+        return False
+
+
 def _many_cases(folder: Path, n: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for case in demo_cases()[-n:]:
@@ -461,8 +470,10 @@ def test_terminated_prediction_cleans_up_and_resumes(own_root, tmp_path):
 
     inp, out = _many_cases(tmp_path / "in", 8), tmp_path / "out"
     proc = _start(_predict_command(own_root, inp, out))
-    raw = wait_for(lambda: list((out / WORK_FOLDER).glob("*.nii.gz")) if (out / WORK_FOLDER).is_dir() else [],
-                   timeout=300, step=0.01)
+    def complete_raw_predictions():  # a file caught while nnU-Net still writes it is not one
+        return [p for p in (out / WORK_FOLDER).glob("*.nii.gz") if _intact(p)] if (out / WORK_FOLDER).is_dir() else []
+
+    raw = wait_for(complete_raw_predictions, timeout=300, step=0.01)
     workers = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -475,7 +486,8 @@ def test_terminated_prediction_cleans_up_and_resumes(own_root, tmp_path):
     again = subprocess.run(_predict_command(own_root, inp, out), env=ENV, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "reusing" in again.stderr and "raw predictions of the interrupted run" in again.stderr, again.stderr[-2000:]
+    said = [line for line in again.stderr.splitlines() if line.startswith("samnnu")]
+    assert "reusing" in again.stderr and "raw predictions of the interrupted run" in again.stderr, said
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in inp.iterdir())  # nothing else left
 
     fresh = tmp_path / "fresh"
