@@ -41,7 +41,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,18 +55,22 @@ from samnnu.errors import SamnnuError
 from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
 from samnnu.interactive.prompts import Point
 from samnnu.interactive.refiner import (
+    RefineOptions,
     SliceRefiner,
     decode_prompts,
     enlarge,
     load_prompt_path,
     low_to_slice,
     probability_logits,
+    slice_box,
 )
 from samnnu.interactive.simulated_user import largest_error
 from samnnu.row_cache import cached_rows
 from samnnu.safe_io import check_torch_archive, load_torch_safely, read_json, write_atomic
 
 FIRST_PROMPTS = ("box", "base", "point", "neighbour")
+# corrected slices are decoded as the refiner decodes them: clicks as SAM points, box around mask and clicks
+_POINT_PROMPTS = RefineOptions(click_prompts="points")
 
 
 @dataclass
@@ -187,15 +190,6 @@ def corrective_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Genera
     return Point((0, int(y), int(x)), positive)
 
 
-def _region_box(mask: np.ndarray, clicks: Sequence[Point], margin: int = 1) -> tuple[int, int, int, int] | None:
-    """The box the refiner decodes a clicked slice with: around the mask and the positive clicks, enlarged."""
-    region = mask.copy()
-    for p in clicks:
-        if p.positive:
-            region[p.index[1], p.index[2]] = True
-    return enlarge(bounding_rectangle(region), margin, mask.shape) if region.any() else None
-
-
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice of (Y, X) logits against a (Y, X) {0, 1} float target."""
     prob = torch.sigmoid(logits)
@@ -245,7 +239,7 @@ def simulate_interaction(parts, embedding: torch.Tensor, target: np.ndarray, rng
             break
         clicks = clicks + [click]
         if first != "point":
-            box = _region_box(pred, clicks)
+            box = slice_box(pred, clicks, _POINT_PROMPTS, shape)
         mask_input = base if base is not None else low.detach()
     return torch.stack(losses).mean(), dices
 
@@ -307,11 +301,15 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
     refiner = SliceRefiner.create(encoder)
     parts = refiner.parts
 
+    loaded = [None]  # the case whose image the refiner holds (rows are grouped by case)
+
     def compute(chunk: range) -> dict:
         out = []
         for i in chunk:
             case, z = rows[i]
-            refiner.set_volume(read_image(raw / "imagesTr" / f"{case}_0000{ending}")[0])
+            if loaded[0] != case:
+                refiner.set_volume(read_image(raw / "imagesTr" / f"{case}_0000{ending}")[0])
+                loaded[0] = case
             out.append(refiner.embedding(z)[0].numpy())
             refiner.embeddings = {}
         return {"embeddings": np.stack(out)}

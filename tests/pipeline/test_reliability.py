@@ -27,7 +27,7 @@ from conftest import TINY_MODEL, copy_demo_cases, demo_cases, use_data_root
 from samnnu.cli import predict_main, report_main, train_main
 from samnnu.demo_data import demo_dataset_path
 from samnnu.errors import SamnnuError
-from samnnu.safe_io import check_image_file
+from samnnu.pipeline.prediction import _intact_output
 
 DATASET = "Dataset004_Hippocampus"
 BIN = Path(sys.executable).parent
@@ -425,14 +425,6 @@ def _predict_command(root: Path, inp: Path, out: Path) -> list[str]:
             "--data-root", str(root)]
 
 
-def _intact(path: Path) -> bool:
-    try:
-        check_image_file(path)
-        return True
-    except SamnnuError:
-        return False
-
-
 def _many_cases(folder: Path, n: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for case in demo_cases()[-n:]:
@@ -471,7 +463,7 @@ def test_terminated_prediction_cleans_up_and_resumes(own_root, tmp_path):
     inp, out = _many_cases(tmp_path / "in", 8), tmp_path / "out"
     proc = _start(_predict_command(own_root, inp, out))
     def complete_raw_predictions():  # a file caught while nnU-Net still writes it is not one
-        return [p for p in (out / WORK_FOLDER).glob("*.nii.gz") if _intact(p)] if (out / WORK_FOLDER).is_dir() else []
+        return [p for p in (out / WORK_FOLDER).glob("*.nii.gz") if _intact_output(p)] if (out / WORK_FOLDER).is_dir() else []
 
     raw = wait_for(complete_raw_predictions, timeout=300, step=0.01)
     workers = descendants(proc.pid)
