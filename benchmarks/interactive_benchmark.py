@@ -26,6 +26,8 @@ that fold) the trained model predicts the case without prompts (with probabiliti
 foreground label separately and for each starting point
   - "prompt-free": the prompt-free label map, no prompts;
   - "auto": the automatic first prompts of that label (samnnu.interactive.auto_prompts) applied by the refiner;
+  - "box": one box around the reference on the label's largest slice, propagated, no prompt-free prediction;
+  - "box+prediction": the same box applied on top of the prompt-free prediction;
 a simulated user adds up to ``--clicks`` clicks, one at a time: the largest connected error region of
 the current mask (false negative or false positive, face connectivity) gets a click at its voxel deepest
 inside it, positive on a false negative, negative on a false positive (samnnu.interactive.simulated_user). The
@@ -66,7 +68,7 @@ def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, 
     if start == "auto":
         for prompt in auto_prompts(seg, [label], probs, spacing=spacing):
             session.add_prompt(prompt)
-    elif start == "box" and target.any():
+    elif start in ("box", "box+prediction") and target.any():
         from samnnu.interactive.auto_prompts import bounding_rectangle
 
         z = int(np.argmax(target.sum(axis=(1, 2))))
@@ -193,7 +195,9 @@ def markdown(result) -> str:
              "Mean Dice over cases and labels after k clicks (one label at a time; clicks at the largest error "
              "region). Start \"prompt-free\" = the trained model's prediction; \"auto\" = its automatic first "
              "prompts applied by the refiner; \"box\" = one reference box per label on its largest slice, "
-             "propagated through the volume, without the prompt-free prediction.", "",
+             "propagated through the volume, without the prompt-free prediction; \"box+prediction\" = the same box "
+             "applied on top of the prompt-free prediction (propagation stops where the prediction has no voxel "
+             "of the label; the other slices keep the prediction).", "",
              "| variant | start | n | " + " | ".join(f"{k} clicks" for k in ks) + " |",
              "|---|---|---|" + "---|" * len(ks)]
     for row in result["summary"]:
@@ -242,9 +246,11 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", default=None, help="validation cases to use (default: all of the fold)")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N validation cases")
     p.add_argument("--clicks", type=int, default=5)
-    p.add_argument("--starts", nargs="+", default=["prompt-free", "auto"], choices=["prompt-free", "auto", "box"],
+    p.add_argument("--starts", nargs="+", default=["prompt-free", "auto"], choices=["prompt-free", "auto", "box", "box+prediction"],
                    help="prompt-free: the model's prediction; auto: its automatic first prompts; box: one reference "
-                        "box per label on its largest slice, propagated, without the prompt-free prediction")
+                        "box per label on its largest slice, propagated, without the prompt-free prediction; "
+                        "box+prediction: the same box on top of the prompt-free prediction, as samnnu_predict "
+                        "--prompts applies it")
     p.add_argument("--refiner", default="litemedsam", help="refiner encoder (litemedsam; tiny for smoke tests)")
     p.add_argument("--refiner-weights", default="auto",
                    help="auto (the model's trained prompt path, fold_F/refiner.pth, when there is one), pretrained, "

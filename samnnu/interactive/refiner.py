@@ -76,6 +76,9 @@ class RefineOptions:
     clicks: "edit" (clicks edit the current mask locally) or "replace" (click slices are decoded afresh).
     click_prompts: "points" (clicks go to the decoder as SAM points) or "box" (they only reshape the box:
         :func:`click_box`).
+    stop_confidence: propagation also stops at a slice whose mask has a mean probability (sigmoid of the
+        decoder's logits over the mask's voxels) under this; 0 turns the rule off. Meant for boxes without a
+        prompt-free prediction, where nothing else tells the refiner that the structure has ended.
     """
 
     margin: int = 1
@@ -87,6 +90,7 @@ class RefineOptions:
     multimask: str = "sam"
     clicks: str = "edit"
     click_prompts: str = "points"
+    stop_confidence: float = 0.0
 
     def __post_init__(self):
         if self.mask_prompt not in _MASK_PROMPTS:
@@ -101,6 +105,8 @@ class RefineOptions:
             raise SamnnuError(f"click_prompts must be points or box, not '{self.click_prompts}'")
         if self.margin < 0:
             raise SamnnuError(f"margin must be >= 0, not {self.margin}")
+        if not 0.0 <= self.stop_confidence < 1.0:
+            raise SamnnuError(f"stop_confidence must lie in [0, 1), not {self.stop_confidence}")
 
     @classmethod
     def parse(cls, items: Iterable[str]) -> "RefineOptions":
@@ -368,6 +374,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
 
 
+def mask_confidence(logits: np.ndarray) -> float:
+    """Mean probability over the voxels a (Y, X) logit map calls foreground; 0 when it calls none."""
+    inside = logits > 0
+    return float(sigmoid(logits[inside]).mean()) if inside.any() else 0.0
+
+
 def click_box(rect: tuple[int, int, int, int] | None, clicks: Sequence[Point], margin: int,
               shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """Clicks as changes of a box (y0, x0, y1, x1) on a (Y, X) slice, for refiners trained on boxes only.
@@ -496,11 +508,16 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
                                            multimask=options.multimask))
 
     def follow(z: int, src: int) -> bool:
-        """Propagate from slice src to its neighbour z; False when the source mask is empty."""
+        """Propagate from slice src to its neighbour z; False when the source mask is empty or the answer on
+        z is less confident than ``options.stop_confidence`` (z then stays empty)."""
         if not mask[src].any():
             return False
         rect = enlarge(bounding_rectangle(mask[src]), options.margin, (h, w))
-        mask[z] = decide(z, refiner.decode(z, box=rect, mask_input=mask_prompt(z), multimask=options.multimask))
+        out = refiner.decode(z, box=rect, mask_input=mask_prompt(z), multimask=options.multimask)
+        mask[z] = decide(z, out)
+        if options.stop_confidence > 0 and mask_confidence(out.full) < options.stop_confidence:
+            mask[z] = False
+            return False
         return True
 
     reusable = (edit and last is not None and last.box_pass is not None and last.box_pass[0] == box

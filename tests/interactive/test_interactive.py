@@ -37,6 +37,7 @@ from samnnu.interactive.refiner import (
     click_box,
     compose_label,
     edit_slice,
+    mask_confidence,
     merge_label,
     refine_object,
 )
@@ -357,6 +358,34 @@ def test_box_on_one_slice_propagates_until_the_prompt_free_mask_ends():
     result = refine_object(ThresholdRefiner(image), prompt, base, None, RefineOptions(margin=1, stop_at_base=False))
     assert result.covered == list(range(1, 15))  # slices 1 and 14 were decoded and came back empty
     np.testing.assert_array_equal(result.mask, expected)
+
+
+class FadingRefiner(ThresholdRefiner):
+    """ThresholdRefiner whose answers grow less confident away from slice 7: logits +-(4 - |z - 7|)."""
+
+    def decode(self, z, **kw):
+        out = super().decode(z, **kw)
+        return SliceLogits(out.low, out.full / 10.0 * max(0.5, 4.0 - abs(z - 7)))
+
+
+def test_propagation_stops_where_the_answer_loses_confidence():
+    image, empty = cone_volume(), np.zeros((16, 24, 24), bool)
+    prompt = ObjectPrompt(1, Box((7, 3, 3), (7, 21, 21)))
+    # mean foreground probability: 0.982 on slice 7, 0.953 on 6 and 8, 0.881 on 5 and 9
+    assert mask_confidence(np.array([[4.0, -4.0]])) == pytest.approx(0.982, abs=1e-3)
+    assert mask_confidence(np.full((3, 3), -4.0)) == 0.0
+    result = refine_object(FadingRefiner(image), prompt, empty, None,
+                           RefineOptions(margin=1, stop_at_base=False, stop_confidence=0.9))
+    assert result.covered == [6, 7, 8]
+    expected = image > 0.5
+    expected[7, 1:3, 1:3] = False
+    np.testing.assert_array_equal(result.mask[6:9], expected[6:9])
+    assert not result.mask[:6].any() and not result.mask[9:].any()  # slices 5 and 9 were refused
+    # off (the default): the same answers run until the mask vanishes
+    result = refine_object(FadingRefiner(image), prompt, empty, None, RefineOptions(margin=1, stop_at_base=False))
+    assert result.covered == list(range(1, 15))
+    with pytest.raises(SamnnuError, match="stop_confidence must lie in"):
+        RefineOptions(stop_confidence=1.0)
 
 
 def test_box_spanning_slices_bounds_propagation_and_clicks_add_seeds():
