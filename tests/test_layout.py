@@ -134,7 +134,7 @@ def test_every_trainer_module_is_found_by_the_registry():
 
     trainers = samnnu_trainers()
     expected = {"SAMedLoRATrainer", "SAMMed2DAdapterTrainer", "SAMUNetTrainer", "nnSAMTrainer",
-                "SAM3DAdapterTrainer", "SelfPromptTrainer", "ImplicitDecoderTrainer"}
+                "SAM3DAdapterTrainer", "SelfPromptTrainer", "ImplicitDecoderTrainer", "SAMUNetContextTrainer"}
     assert set(trainers) == expected
     from samnnu.trainers.base import SAMTrainerBase
 

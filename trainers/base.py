@@ -12,7 +12,11 @@ What differs from nnU-Net's trainer, each in one small override:
   (:func:`ignore_outside_image`): only what the annotator drew is learned;
 - AdamW on the trainable parameters only, linear warm-up (5 % of the run, at most 250 iterations)
   then polynomial decay, stepped per iteration (:class:`samnnu.trainers.schedules.WarmupPolyLR`);
-- a progress bar over all iterations with the time left.
+- a progress bar over all iterations with the time left;
+- 2.5D context (``context_slices`` > 0): training cases come with every slice's neighbours as channels
+  (:class:`~samnnu.modeling.context.ContextDataset`);
+- validation predicts with samnnu's :class:`~samnnu.pipeline.inference.BatchedPredictor` (the same
+  computation as nnU-Net's predictor, tiles batched on a GPU, neighbours added for 2.5D networks).
 
 nnU-Net finds every concrete subclass by name (``nnUNet_extTrainer`` points at this package), and so
 does samnnu (:func:`samnnu.trainers.samnnu_trainers`): a new trainer is a new module here, nothing more.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import abc
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import torch
 import torch.distributed as dist
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
@@ -32,7 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from samnnu.modeling.common import count_parameters
+from samnnu.modeling.context import ContextDataset
 from samnnu.modeling.encoders import get_encoder_spec
+from samnnu.pipeline.inference import BatchedPredictor
 from samnnu.trainers.schedules import WarmupPolyLR
 
 
@@ -99,6 +106,9 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
     sam_initial_lr = 1e-3
     sam_weight_decay = 0.01
     loss_weights = (0.2, 0.8)  # (cross-entropy, Dice)
+    #: neighbouring slices on each side given to a 2D network as extra channels (2.5D); the network must
+    #: take them (its ``context_slices``)
+    context_slices = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -142,6 +152,22 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
         if dist.is_available() and dist.is_initialized():
             batch = max(1, round(batch / dist.get_world_size()))
         self.batch_size = batch
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's datasets; with ``context_slices``, images come with their neighbouring slices."""
+        tr, val = super().get_tr_and_val_datasets()
+        if self.context_slices:
+            tr, val = ContextDataset(tr, self.context_slices), ContextDataset(val, self.context_slices)
+        return tr, val
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, predicting with :class:`~samnnu.pipeline.inference.BatchedPredictor`."""
+        original = nnunet_trainer_module.nnUNetPredictor
+        nnunet_trainer_module.nnUNetPredictor = BatchedPredictor
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            nnunet_trainer_module.nnUNetPredictor = original
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """The SAM networks have a single output: nothing to switch."""

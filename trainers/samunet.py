@@ -19,6 +19,7 @@ class SAMUNetTrainer(SAMTrainerBase):
     base_width = 32
     max_width = 256
     loss_weights = (1.0, 1.0)  # (cross-entropy, Dice)
+    context_slices = 0
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -27,4 +28,4 @@ class SAMUNetTrainer(SAMTrainerBase):
         sam = configuration_manager.configuration["sam"]
         return SAMUNet(encoder=sam["encoder"], input_size=sam["input_size"], in_channels=num_input_channels,
                        num_classes=num_output_channels, intensity_windows=sam["intensity_windows"],
-                       base_width=cls.base_width, max_width=cls.max_width)
+                       base_width=cls.base_width, max_width=cls.max_width, context_slices=cls.context_slices)

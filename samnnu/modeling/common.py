@@ -12,22 +12,32 @@ class IntensityToSAM(nn.Module):
 
     Each input channel is clipped to its planned intensity window (values after nnU-Net's
     normalisation, chosen by the planner from the data) and scaled to [0, 1]; a trainable 1x1
-    convolution, initialised to the channel mean, mixes C channels into 3.
+    convolution, initialised to the channel mean, mixes C channels into 3. With ``rgb_groups`` (2.5D
+    context, :mod:`samnnu.modeling.context`) the channels form three consecutive groups of C / 3
+    (the slices z - 1, z, z + 1) and output channel g starts as the mean of group g instead.
 
     x: (B, C, H, W) -> (B, 3, H, W)
     """
 
-    def __init__(self, in_channels: int, windows: list[tuple[float, float]]):
+    def __init__(self, in_channels: int, windows: list[tuple[float, float]], rgb_groups: bool = False):
         super().__init__()
         if len(windows) != in_channels:
             raise ValueError(f"{len(windows)} intensity windows for {in_channels} channels")
+        if rgb_groups and in_channels % 3:
+            raise ValueError(f"{in_channels} channels do not form three groups")
         lo = torch.tensor([w[0] for w in windows], dtype=torch.float32).view(1, -1, 1, 1)
         hi = torch.tensor([w[1] for w in windows], dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("lo", lo, persistent=False)
         self.register_buffer("width", (hi - lo).clamp_min(1e-6), persistent=False)
         self.mix = nn.Conv2d(in_channels, 3, kernel_size=1, bias=True)
         with torch.no_grad():
-            self.mix.weight.fill_(1.0 / in_channels)
+            if rgb_groups:
+                group = in_channels // 3
+                self.mix.weight.zero_()
+                for g in range(3):
+                    self.mix.weight[g, g * group:(g + 1) * group] = 1.0 / group
+            else:
+                self.mix.weight.fill_(1.0 / in_channels)
             self.mix.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,14 +23,14 @@ class FrozenSAMEncoder(nn.Module):
     """
 
     def __init__(self, *, encoder: str, input_size: int, in_channels: int,
-                 intensity_windows: list[tuple[float, float]]):
+                 intensity_windows: list[tuple[float, float]], rgb_groups: bool = False):
         super().__init__()
         parts = build_sam_parts(encoder, input_size=input_size, num_mask_tokens=1)
         self.encoder_name = encoder
         self.input_size = input_size
         self.stride = parts.stride
         self.embed_dim = parts.embed_dim
-        self.intensity = IntensityToSAM(in_channels, intensity_windows)
+        self.intensity = IntensityToSAM(in_channels, intensity_windows, rgb_groups=rgb_groups)
         self.image_encoder = parts.image_encoder
         for p in self.parameters():
             p.requires_grad = False

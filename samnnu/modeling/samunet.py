@@ -16,15 +16,25 @@ class SAMUNet(nn.Module):
     fixed [0, 1] intensity mapping, the conv branch on the nnU-Net-normalised channels themselves.
     Trainable: the conv branch and the decoder. Frozen: the whole SAM encoder (run without autograd).
 
-    x: (B, C, H, W) patch after nnU-Net normalisation -> logits (B, num_classes, H, W)
+    With ``context_slices`` = k > 0 (2.5D, :mod:`samnnu.modeling.context`) the network takes each slice
+    with k neighbours on each side: ``in_channels`` and ``intensity_windows`` are the image's C channels,
+    the input has C * (2k + 1); the conv branch sees all of them, and the encoder's RGB channels start as
+    the slices z - 1, z, z + 1 (k = 1). The predictor adds the neighbours (it reads ``context_slices``).
+
+    x: (B, C * (2k + 1), H, W) patch after nnU-Net normalisation -> logits (B, num_classes, H, W)
     """
 
     def __init__(self, *, encoder: str, input_size: int, in_channels: int, num_classes: int,
                  intensity_windows: list[tuple[float, float]], base_width: int = 32, max_width: int = 256,
-                 blocks_per_stage: int = 1):
+                 blocks_per_stage: int = 1, context_slices: int = 0):
         super().__init__()
+        if context_slices not in (0, 1):
+            raise ValueError(f"context_slices must be 0 or 1 (three slices fill SAM's RGB), not {context_slices}")
+        self.context_slices = context_slices
+        views = 2 * context_slices + 1
+        in_channels, intensity_windows = in_channels * views, list(intensity_windows) * views
         self.sam = FrozenSAMEncoder(encoder=encoder, input_size=input_size, in_channels=in_channels,
-                                    intensity_windows=intensity_windows)
+                                    intensity_windows=intensity_windows, rgb_groups=context_slices > 0)
         self.encoder_name = encoder
         self.input_size = input_size
         widths = branch_widths(self.sam.stride, base_width, max_width)

@@ -20,6 +20,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
+from samnnu.modeling.context import with_context
 from samnnu.modeling.encoders import get_encoder_spec
 
 #: most network inputs (tiles times mirrored copies) in one forward pass on a GPU
@@ -86,10 +87,19 @@ class BatchedPredictor(nnUNetPredictor):
                 m.use_embedding_cache(False)
 
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
-        """nnU-Net's, after telling cached frozen encoders that a fold's weights were just loaded."""
+        """nnU-Net's, after telling cached frozen encoders that a fold's weights were just loaded; a 2.5D
+        network (``context_slices`` > 0) gets every slice's neighbours as channels first
+        (:func:`samnnu.modeling.context.with_context`).
+
+        input_image: (C, Z, Y, X) -> logits (K, Z, Y, X)
+        """
         for m in self.network.modules():
             if hasattr(m, "weights_loaded"):
                 m.weights_loaded()
+        net = getattr(self.network, "_orig_mod", self.network)
+        context = int(getattr(net, "context_slices", 0))
+        if context:
+            input_image = with_context(input_image, context)
         return super().predict_sliding_window_return_logits(input_image)
 
     def _views_per_pass(self) -> int:
