@@ -24,7 +24,8 @@ setup(
         "samnnu.trainers": "trainers",
         "samnnu.dataset_conversion": "dataset_conversion",
     },
-    package_data={"samnnu.demo_data": ["hippocampus/README.md", "hippocampus/images/*.nii.gz",
+    package_data={"samnnu.interactive": ["napari.yaml"],
+                  "samnnu.demo_data": ["hippocampus/README.md", "hippocampus/images/*.nii.gz",
                                          "hippocampus/labels/*.nii.gz", "photos/README.md", "photos/images/*.jpg",
                                          "photos/masks/*.jpg"]},
     install_requires=[
@@ -40,7 +41,7 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "ruff", "napari[pyqt5]"], "napari": ["napari[pyqt5]"]},
     entry_points={
         "console_scripts": [
             "samnnu_convert=samnnu.cli:convert_main",
@@ -53,8 +54,10 @@ setup(
             "samnnu_summarize=samnnu.cli:summarize_main",
             "samnnu_benchmark=samnnu.cli:benchmark_main",
             "samnnu_refine=samnnu.cli:refine_main",
+            "samnnu_view=samnnu.cli:view_main",
             "samnnu_distill=samnnu.cli:distill_main",
             "samnnu_train_prompts=samnnu.cli:train_prompts_main",
-        ]
+        ],
+        "napari.manifest": ["samnnu = samnnu.interactive:napari.yaml"],
     },
 )

@@ -516,6 +516,43 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
     return _run(p.prog, go, verbose=args.verbose)
 
 
+def view_main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="samnnu_view", description="Open a case in napari with samnnu's refinement widget: the "
+                                                 "trained model segments it, then clicks, boxes, outlines and "
+                                                 "scribbles drawn in napari refine it (needs the napari extra: "
+                                                 "pip install -e \".[napari]\").")
+    p.add_argument("-i", "--input", required=True, help="the case's image file")
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
+    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
+    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
+    _prompt_arguments(p)
+    _verbose(p)
+    _data_root(p)
+    args = p.parse_args(argv)
+
+    def go():
+        _setup(args)
+        try:
+            import napari
+        except ImportError:
+            raise SamnnuError("napari is not installed: pip install -e \".[napari]\"") from None
+        from samnnu.interactive.viewer import make_widget
+
+        viewer = napari.Viewer(title="samnnu")
+        widget = make_widget(viewer, image=args.input, dataset=args.dataset, folds=tuple(args.folds),
+                             trainer=args.trainer, configuration=args.configuration, device=args.device,
+                             mirroring=not args.disable_tta, refiner=args.refiner_encoder,
+                             options=_refine_options(args), refiner_weights=args.refiner_weights)
+        viewer.window.add_dock_widget(widget, name="samnnu", area="right")
+        widget.segment()
+        napari.run()
+
+    return _run(p.prog, go, verbose=args.verbose)
+
+
 def demo_main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(prog="samnnu_demo", description="The whole chain on the hippocampus cases shipped "
                                                                  "with samnnu: convert, plan, preprocess, train, "
