@@ -535,6 +535,8 @@ def view_main(argv: Sequence[str] | None = None) -> int:
 
     def go():
         _setup(args)
+        if not Path(args.input).is_file():
+            raise SamnnuError(f"{args.input}: image not found")
         try:
             import napari
         except ImportError:

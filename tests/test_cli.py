@@ -275,3 +275,9 @@ def test_every_flag_is_dashed(capsys):
         texts.append(capsys.readouterr().out)
     flags = {f for text in texts for f in re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", text)}
     assert flags and not [f for f in flags if "_" in f]
+
+
+def test_view_refuses_a_missing_image_before_opening_a_window(tmp_path, capsys):
+    assert cli.view_main(["-i", str(tmp_path / "case.nii.gz"), "-d", "4", "--data-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"samnnu_view: error: {tmp_path / 'case.nii.gz'}: image not found"]
