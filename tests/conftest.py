@@ -53,6 +53,20 @@ def demo_cases() -> list[str]:
     return sorted(p.name[: -len(".nii.gz")] for p in (demo_dataset_path() / "images").glob("*.nii.gz"))
 
 
+def predict_held_out_case(tmp_path: Path, trainer: str) -> None:
+    """Predict the last demo case (never in the prepared root's training subset) with fold 0 of
+    ``trainer`` on the prepared root, and check that exactly its label map was written."""
+    from samnnu.demo_data import demo_dataset_path
+    from samnnu.pipeline.prediction import predict
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    case = sorted((demo_dataset_path() / "images").glob("*.nii.gz"))[-1]
+    (inputs / case.name).write_bytes(case.read_bytes())
+    written = predict(inputs, tmp_path / "out", 4, folds=(0,), trainer=trainer, device="cpu", mirroring=False)
+    assert [p.name for p in written] == [case.name]
+
+
 def copy_demo_cases(dst: Path, cases: list[str]) -> Path:
     """Copy demo cases into ``dst/images`` + ``dst/labels`` (the layout convert_hippocampus reads)."""
     from samnnu.demo_data import demo_dataset_path

@@ -10,6 +10,7 @@ import pytest
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
+from conftest import predict_held_out_case
 from samnnu.modeling.common import IntensityToSAM
 from samnnu.modeling.context import ContextDataset, ContextVolume, with_context
 
@@ -73,17 +74,10 @@ def test_context_network_takes_three_slices_per_channel():
 
 @pytest.mark.slow
 def test_context_trainer_trains_validates_and_predicts(data_root, tmp_path):
-    from samnnu.demo_data import demo_dataset_path
-    from samnnu.pipeline.prediction import predict
     from samnnu.pipeline.training import train
 
     name = "SAMUNetContextTrainer"
     result = train(4, 0, trainer=name, epochs=1, iters_per_epoch=2, device="cpu", mirroring=False)
     # the chain validated the fold: without the neighbours added there, the network would refuse its input
     assert Path(result["evaluation"]).is_file() and set(result["dice"]) == {"Anterior", "Posterior"}
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    case = sorted((demo_dataset_path() / "images").glob("*.nii.gz"))[-1]  # not in the training subset
-    (inputs / case.name).write_bytes(case.read_bytes())
-    written = predict(inputs, tmp_path / "out", 4, folds=(0,), trainer=name, device="cpu", mirroring=False)
-    assert [p.name for p in written] == [case.name]
+    predict_held_out_case(tmp_path, name)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from conftest import predict_held_out_case
 from samnnu.modeling.implicit_decoder import (
     PointLogits,
     PointSampledLoss,
@@ -231,8 +232,6 @@ def test_implicit_decoder_outputs_agree_across_resolutions():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINERS)
 def test_train_two_iterations_then_predict(name, data_root, tmp_path, monkeypatch):
-    from samnnu.demo_data import demo_dataset_path
-    from samnnu.pipeline.prediction import predict
     from samnnu.pipeline.training import train
 
     wrapper = CoarseAuxiliaryLoss if name == "SelfPromptTrainer" else PointSampledLoss
@@ -248,10 +247,5 @@ def test_train_two_iterations_then_predict(name, data_root, tmp_path, monkeypatc
     # two training steps on the training outputs, then validation on dense logits
     expected = "SelfPromptOutput" if name == "SelfPromptTrainer" else "PointLogits"
     assert seen[:2] == [expected] * 2 and set(seen[2:]) == {"Tensor"}
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    case = sorted((demo_dataset_path() / "images").glob("*.nii.gz"))[-1]  # not in the training subset
-    (inputs / case.name).write_bytes(case.read_bytes())
-    written = predict(inputs, tmp_path / "out", 4, folds=(0,), trainer=name, device="cpu", mirroring=False)
-    assert [p.name for p in written] == [case.name]
+    predict_held_out_case(tmp_path, name)
     assert name in result["fold_dir"]

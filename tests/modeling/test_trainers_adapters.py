@@ -7,6 +7,7 @@ import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from conftest import predict_held_out_case
 from samnnu.modeling.encoders import build_sam_parts
 from samnnu.modeling.sammed2d import ParallelAdapter, adapter_parameter_count, apply_adapters
 from samnnu.pipeline.training import get_trainer_class
@@ -157,15 +158,8 @@ def test_rebuilt_from_plans_gives_identical_outputs(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_TRAINERS)
 def test_train_two_iterations_then_predict(name, data_root, tmp_path):
-    from samnnu.demo_data import demo_dataset_path
-    from samnnu.pipeline.prediction import predict
     from samnnu.pipeline.training import train
 
     result = train(4, 0, trainer=name, epochs=1, iters_per_epoch=2, device="cpu", run_chain=False)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    case = sorted((demo_dataset_path() / "images").glob("*.nii.gz"))[-1]  # not in the training subset
-    (inputs / case.name).write_bytes(case.read_bytes())
-    written = predict(inputs, tmp_path / "out", 4, folds=(0,), trainer=name, device="cpu", mirroring=False)
-    assert [p.name for p in written] == [case.name]
+    predict_held_out_case(tmp_path, name)
     assert name in result["fold_dir"]
