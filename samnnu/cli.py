@@ -389,16 +389,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         "file per channel), or for a model trained on 2D images PNG, JPEG, TIFF or BMP (CASE.jpg, or "
                         "CASE_0000.png ...; an RGB file holds three channels, as samnnu_convert read them)")
     p.add_argument("-o", "--output", required=True, help="output folder (must differ from the input folder)")
-    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
-    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
-    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
-    p.add_argument("-p", "--plans", default=None)
-    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
-    _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
-    p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
+    _trained_model_arguments(p)
     p.add_argument("--overwrite", action="store_true",
                    help="predict every case again (default: an interrupted run resumes, keeping the cases it "
                         "finished with the same model and options)")
@@ -440,6 +431,20 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     return _run(p.prog, go, verbose=args.verbose)
 
 
+def _trained_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which trained model predicts, and how (samnnu_predict, samnnu_refine, samnnu_view)."""
+    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
+    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
+    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
+    p.add_argument("-p", "--plans", default=None)
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
+    _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
+    p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
+
+
 def _prompt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner-encoder", default="litemedsam", choices=["litemedsam", "tiny"],
                    help="promptable refiner: pretrained LiteMedSAM (default) or a tiny random one (tests)")
@@ -468,16 +473,7 @@ def refine_main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> i
                                 epilog="commands:\n" + HELP)
     p.add_argument("-i", "--input", nargs="+", required=True, help="the case's image file(s), one per channel")
     p.add_argument("-o", "--output", default=None, help="label map written by 'save'")
-    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
-    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
-    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
-    p.add_argument("-p", "--plans", default=None)
-    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
-    _old_spelling(p, "--no-mirroring", "disable_tta", action="store_true")
-    p.add_argument("--no-postprocessing", action="store_true", help="skip the postprocessing chosen in validation")
+    _trained_model_arguments(p)
     p.add_argument("--reference", default=None, help="reference label map: Dice is shown after every change")
     p.add_argument("--label", default=None, help="label to refine first (name or value; default: the first)")
     p.add_argument("--prompts", default=None, help="prompts file; the case's entries start the session")
@@ -522,12 +518,7 @@ def view_main(argv: Sequence[str] | None = None) -> int:
                                                  "scribbles drawn in napari refine it (needs the napari extra: "
                                                  "pip install -e \".[napari]\").")
     p.add_argument("-i", "--input", required=True, help="the case's image file")
-    p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
-    p.add_argument("-f", "--folds", nargs="+", type=_fold, default=["0"], help="folds to ensemble (default: 0)")
-    p.add_argument("-tr", "--trainer", default=None, help="default: as samnnu_train decides from the plans")
-    p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (faster)")
+    _trained_model_arguments(p)
     _prompt_arguments(p)
     _verbose(p)
     _data_root(p)
@@ -545,8 +536,9 @@ def view_main(argv: Sequence[str] | None = None) -> int:
 
         viewer = napari.Viewer(title="samnnu")
         widget = make_widget(viewer, image=args.input, dataset=args.dataset, folds=tuple(args.folds),
-                             trainer=args.trainer, configuration=args.configuration, device=args.device,
-                             mirroring=not args.disable_tta, refiner=args.refiner_encoder,
+                             trainer=args.trainer, configuration=args.configuration, plans=args.plans,
+                             device=args.device, checkpoint=args.checkpoint, mirroring=not args.disable_tta,
+                             postprocess=not args.no_postprocessing, refiner=args.refiner_encoder,
                              options=_refine_options(args), refiner_weights=args.refiner_weights)
         viewer.window.add_dock_widget(widget, name="samnnu", area="right")
         widget.segment()

@@ -97,15 +97,11 @@ class RefineController:
 
     def _apply_shapes(self, name: str) -> int:
         session, layer = self.session, self.viewer.layers[name]
-        shape = session.image.shape
-        for vertices, kind in zip(layer.data, layer.shape_type):
-            voxels = [_voxel(v, shape) for v in vertices]
-            z = voxels[0][0]
-            if any(v[0] != z for v in voxels):
-                raise SamnnuError(f"{name}: draw each shape on one slice")
-        applied = 0
-        for vertices, kind in zip(layer.data, layer.shape_type):
-            voxels = [_voxel(v, shape) for v in vertices]
+        shapes = [([_voxel(v, session.image.shape) for v in vertices], kind)
+                  for vertices, kind in zip(layer.data, layer.shape_type)]
+        if any(v[0] != voxels[0][0] for voxels, _ in shapes for v in voxels):
+            raise SamnnuError(f"{name}: draw each shape on one slice")
+        for voxels, kind in shapes:
             z = voxels[0][0]
             if name == NEGATIVE_SCRIBBLES or kind in ("path", "line"):
                 session.scribble(self.label, voxels, positive=name == SHAPES)
@@ -114,9 +110,8 @@ class RefineController:
             else:  # a rectangle (or an ellipse: its bounding box)
                 ys, xs = [v[1] for v in voxels], [v[2] for v in voxels]
                 session.box(self.label, (z, min(ys), min(xs)), (z, max(ys), max(xs)))
-            applied += 1
         layer.data = []
-        return applied
+        return len(shapes)
 
     def undo(self) -> bool:
         done = self._require().undo()
