@@ -532,8 +532,9 @@ def view_main(argv: Sequence[str] | None = None) -> int:
             import napari
         except ImportError:
             raise SamnnuError("napari is not installed: pip install -e \".[napari]\"") from None
-        from samnnu.interactive.viewer import make_widget
+        from samnnu.interactive.viewer import load_model_stack, make_widget
 
+        load_model_stack()  # before napari's OpenGL canvas (see its docstring)
         viewer = napari.Viewer(title="samnnu")
         widget = make_widget(viewer, image=args.input, dataset=args.dataset, folds=tuple(args.folds),
                              trainer=args.trainer, configuration=args.configuration, plans=args.plans,

@@ -129,6 +129,18 @@ class RefineController:
         return write_label_map(self._require().segmentation, self.image_file, target)
 
 
+def load_model_stack() -> None:
+    """Import what prediction needs (nnU-Net's trainer module, and with it torch's compiler stack and
+    triton) before napari opens its OpenGL canvas.
+
+    With Mesa's software renderer (llvmpipe: virtual screens, remote desktops, machines without a GPU
+    driver), loading triton's compiler library after Mesa's crashed the process with a segmentation
+    fault at the first Segment; loaded first, both work. From napari's plugin menu the canvas is already
+    open, so there it depends on the machine's OpenGL driver; ``samnnu_view`` calls this first.
+    """
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer  # noqa: F401
+
+
 def make_widget(napari_viewer, **defaults):
     """The Qt dock widget over a :class:`RefineController` (napari's plugin entry point; ``defaults``: the
     ``image`` and ``dataset`` fields and :func:`~samnnu.interactive.refine.open_session` options)."""

@@ -80,3 +80,23 @@ def test_segment_apply_undo_and_save(widget, tmp_path):
 def test_apply_before_segment_says_so(widget):
     widget.apply()
     assert widget.status.text() == "error: open an image first"
+
+
+def test_samnnu_view_loads_the_model_stack_before_the_window(tmp_path, monkeypatch):
+    """On a software-rendered display, loading triton after napari's OpenGL canvas crashed the process, so
+    samnnu_view must load the model stack before it creates the viewer."""
+    from samnnu import cli
+    from samnnu.interactive import viewer as viewer_module
+
+    events = []
+    monkeypatch.setattr(viewer_module, "load_model_stack", lambda: events.append("model stack"))
+
+    def no_window(*args, **kwargs):
+        events.append("window")
+        raise cli.SamnnuError("no window in tests")
+
+    monkeypatch.setattr(napari, "Viewer", no_window)
+    image = tmp_path / "case_0000.nii.gz"
+    image.write_bytes(b"")
+    assert cli.view_main(["-i", str(image), "-d", "4", "--data-root", str(tmp_path)]) == 1
+    assert events == ["model stack", "window"]
