@@ -17,11 +17,12 @@ step and writes the PNG (atomically).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
+
+from samnnu.errors import SamnnuError
+from samnnu.safe_io import write_atomic
 
 
 def main(argv=None) -> int:
@@ -67,26 +68,28 @@ def main(argv=None) -> int:
     shape = seg.shape
     y0, y1 = max(int(ys.min()) - args.margin, 0), min(int(ys.max()) + args.margin, shape[1] - 1)
     x0, x1 = max(int(xs.min()) - args.margin, 0), min(int(xs.max()) + args.margin, shape[2] - 1)
+    box = np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float)
     viewer.dims.set_current_step(0, z)
-    viewer.layers[SHAPES].add_rectangles(np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float))
+    viewer.layers[SHAPES].add_rectangles(box)
     widget.apply()
     print(f"after a box on slice {z} (y {y0}-{y1}, x {x0}-{x1}):", widget.status.text())
     # show the box that was applied (Apply clears the drawing layer) and the refined labels
-    viewer.layers[SHAPES].add_rectangles(np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float))
+    viewer.layers[SHAPES].add_rectangles(box)
     viewer.layers.selection.active = viewer.layers[LABEL_LAYER]
     viewer.reset_view()
     if args.zoom:
         viewer.camera.zoom *= args.zoom
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.png")
     from qtpy.QtWidgets import QApplication
 
     QApplication.processEvents()
-    viewer.screenshot(str(tmp), canvas_only=False)
-    os.replace(tmp, out)
+    try:
+        out = write_atomic(args.output, lambda tmp: viewer.screenshot(str(tmp), canvas_only=False))
+    except SamnnuError as e:
+        print(f"viewer_screenshot: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        viewer.close()
     print(f"wrote {out}")
-    viewer.close()
     return 0
 
 
