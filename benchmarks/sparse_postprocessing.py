@@ -15,7 +15,8 @@ predictions (before postprocessing) and compares two postprocessings:
 Each is applied to the validation predictions and to the held-out test predictions (the test images
 predicted again here without postprocessing and without mirroring, as the benchmark predicts them).
 Both are scored against the sparse validation labels (what the decision sees) and against the
-**dense** labels (validation and held-out) with samnnu's metrics. Nothing in ``BENCH`` is modified;
+**dense** labels (validation and held-out) with samnnu's metrics. A diagnostic of where the strays are:
+the share of predicted foreground voxels on validation slices whose dense reference has no foreground. Nothing in ``BENCH`` is modified;
 everything is written under ``-o OUT`` (``sparse_postprocessing.json``).
 
     python benchmarks/sparse_postprocessing.py --data-root DATA -b BENCH -o OUT
@@ -41,6 +42,22 @@ def _apply(decision: tuple[list, list], src: Path, dst: Path, rw, ending: str) -
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.glob(f"*{ending}")):
         load_postprocess_save(str(f), str(dst / f.name), rw, *decision)
+
+
+def off_structure_share(pred_dir: Path, dense_refs: Path, ending: str) -> float:
+    """The share of predicted foreground voxels on slices (along the first array axis, the one the 2D
+    configuration and the sparse twin slice) where the dense reference has no foreground, pooled over
+    the cases of ``pred_dir``."""
+    import SimpleITK as sitk
+
+    off = total = 0
+    for f in sorted(pred_dir.glob(f"*{ending}")):
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(f))) > 0
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(dense_refs / f.name))) > 0
+        empty = ~ref.reshape(ref.shape[0], -1).any(axis=1)
+        off += int(pred[empty].sum())
+        total += int(pred.sum())
+    return off / max(total, 1)
 
 
 def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
@@ -94,12 +111,19 @@ def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
                                                 dataset_json=dense_json, file_ending=ending))
         t_dice, t_mean = _mean(evaluate_folders(Path(setup["test_labels"]), test_pp, dataset_json=dense_json,
                                                 file_ending=ending))
+        if rule == "chain":
+            row["raw_foreground_share_off_structure"] = off_structure_share(
+                val, paths.preprocessed / setup["dataset"] / "gt_segmentations", ending)
         row[rule] = {"steps": [dict(kw, function=f.__name__) for f, kw in zip(*decision)],
+                     "foreground_share_off_structure": off_structure_share(
+                         val_pp, paths.preprocessed / setup["dataset"] / "gt_segmentations", ending),
                      "sparse_validation_dice": s_dice, "sparse_validation_mean": s_mean,
                      "validation_dice": v_dice, "validation_mean": v_mean, "test_dice": t_dice, "test_mean": t_mean}
         print(f"{run['model']} ({slices} slices), {rule}: {len(decision[0])} step(s); validation Dice on the drawn "
-              f"slices {s_mean:.3f}; against the dense labels: validation {v_mean:.3f}, held-out {t_mean:.3f}",
-              flush=True)
+              f"slices {s_mean:.3f}; against the dense labels: validation {v_mean:.3f}, held-out {t_mean:.3f}; "
+              f"predicted foreground on slices without reference foreground "
+              f"{row[rule]['foreground_share_off_structure']:.1%} (before postprocessing "
+              f"{row['raw_foreground_share_off_structure']:.1%})", flush=True)
     return row
 
 
