@@ -16,8 +16,8 @@ Each is applied to the validation predictions and to the held-out test predictio
 predicted again here without postprocessing and without mirroring, as the benchmark predicts them).
 Both are scored against the sparse validation labels (what the decision sees) and against the
 **dense** labels (validation and held-out) with samnnu's metrics. A diagnostic of where the strays are:
-the share of predicted foreground voxels on validation slices whose dense reference has no foreground. Nothing in ``BENCH`` is modified;
-everything is written under ``-o OUT`` (``sparse_postprocessing.json``).
+the share of predicted foreground voxels on validation slices whose dense reference has no foreground.
+Nothing in ``BENCH`` is modified; everything is written under ``-o OUT`` (``sparse_postprocessing.json``).
 
     python benchmarks/sparse_postprocessing.py --data-root DATA -b BENCH -o OUT
 """
@@ -34,14 +34,6 @@ from pathlib import Path
 def _mean(evaluation: dict) -> tuple[dict, float]:
     dice = {k: v["dice"] for k, v in evaluation["mean"].items()}
     return dice, sum(dice.values()) / len(dice)
-
-
-def _apply(decision: tuple[list, list], src: Path, dst: Path, rw, ending: str) -> None:
-    from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.glob(f"*{ending}")):
-        load_postprocess_save(str(f), str(dst / f.name), rw, *decision)
 
 
 def off_structure_share(pred_dir: Path, dense_refs: Path, ending: str) -> float:
@@ -62,6 +54,7 @@ def off_structure_share(pred_dir: Path, dense_refs: Path, ending: str) -> float:
 
 def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
     from nnunetv2.postprocessing.remove_connected_components import (
+        apply_postprocessing_to_folder,
         determine_postprocessing,
         remove_all_but_largest_component_from_segmentation,
     )
@@ -74,14 +67,16 @@ def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
     size, slices, fold = run["train_size"], run["sparse_slices"], setup["fold"]
     results_root = bench / "runs" / f"train_{size}_sparse{slices}" / "nnUNet_results"
     os.environ["nnUNet_results"] = str(results_root)
-    twin_dirs = [p for p in results_root.glob("Dataset*") if (p / f"{run['trainer']}__{run['plans']}__{run['configuration']}").is_dir()]
+    model_name = f"{run['trainer']}__{run['plans']}__{run['configuration']}"
+    twin_dirs = [p for p in results_root.glob("Dataset*") if (p / model_name).is_dir()]
     if len(twin_dirs) != 1:
         sys.exit(f"{results_root}: no single trained dataset for {run['model']}")
     twin = twin_dirs[0].name
-    model_dir = twin_dirs[0] / f"{run['trainer']}__{run['plans']}__{run['configuration']}"
-    plans, dataset_json = read_json(model_dir / "plans.json", "plans"), read_json(model_dir / "dataset.json", "dataset.json")
+    model_dir = twin_dirs[0] / model_name
+    plans = read_json(model_dir / "plans.json", "plans")
+    dataset_json = read_json(model_dir / "dataset.json", "dataset.json")
     dense_json = read_json(paths.raw / setup["dataset"] / "dataset.json", "dataset.json")
-    rw = PlansManager(plans).image_reader_writer_class()
+    dense_refs = paths.preprocessed / setup["dataset"] / "gt_segmentations"
     ending = dataset_json["file_ending"]
     work = out / f"{run['trainer']}__{run['configuration']}__{size}_sparse{slices}"
     shutil.rmtree(work, ignore_errors=True)
@@ -104,19 +99,16 @@ def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
             decision = ([remove_all_but_largest_component_from_segmentation] * len(labels),
                         [{"labels_or_regions": int(c)} for c in labels])
         val_pp, test_pp = folder / "validation_postprocessed", folder / "test_postprocessed"
-        _apply(decision, val, val_pp, rw, ending)
-        _apply(decision, test_raw, test_pp, rw, ending)
+        for src, dst in ((val, val_pp), (test_raw, test_pp)):
+            apply_postprocessing_to_folder(str(src), str(dst), *decision, plans, dataset_json, num_processes=1)
         s_dice, s_mean = _mean(evaluate_folders(sparse_refs, val_pp, dataset_json=dataset_json, file_ending=ending))
-        v_dice, v_mean = _mean(evaluate_folders(paths.preprocessed / setup["dataset"] / "gt_segmentations", val_pp,
-                                                dataset_json=dense_json, file_ending=ending))
+        v_dice, v_mean = _mean(evaluate_folders(dense_refs, val_pp, dataset_json=dense_json, file_ending=ending))
         t_dice, t_mean = _mean(evaluate_folders(Path(setup["test_labels"]), test_pp, dataset_json=dense_json,
                                                 file_ending=ending))
         if rule == "chain":
-            row["raw_foreground_share_off_structure"] = off_structure_share(
-                val, paths.preprocessed / setup["dataset"] / "gt_segmentations", ending)
+            row["raw_foreground_share_off_structure"] = off_structure_share(val, dense_refs, ending)
         row[rule] = {"steps": [dict(kw, function=f.__name__) for f, kw in zip(*decision)],
-                     "foreground_share_off_structure": off_structure_share(
-                         val_pp, paths.preprocessed / setup["dataset"] / "gt_segmentations", ending),
+                     "foreground_share_off_structure": off_structure_share(val_pp, dense_refs, ending),
                      "sparse_validation_dice": s_dice, "sparse_validation_mean": s_mean,
                      "validation_dice": v_dice, "validation_mean": v_mean, "test_dice": t_dice, "test_mean": t_mean}
         print(f"{run['model']} ({slices} slices), {rule}: {len(decision[0])} step(s); validation Dice on the drawn "
