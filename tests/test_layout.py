@@ -134,7 +134,8 @@ def test_every_trainer_module_is_found_by_the_registry():
 
     trainers = samnnu_trainers()
     expected = {"SAMedLoRATrainer", "SAMMed2DAdapterTrainer", "SAMUNetTrainer", "nnSAMTrainer",
-                "SAM3DAdapterTrainer", "SelfPromptTrainer", "ImplicitDecoderTrainer", "SAMUNetContextTrainer"}
+                "SAM3DAdapterTrainer", "SelfPromptTrainer", "ImplicitDecoderTrainer", "SAMUNetContextTrainer",
+                "SAMUNetDeepSupervisionTrainer", "SAMUNetLoRATrainer", "SAMUNetInput2xTrainer"}
     assert set(trainers) == expected
     from samnnu.trainers.base import SAMTrainerBase
 

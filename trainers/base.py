@@ -5,7 +5,9 @@ What differs from nnU-Net's trainer, each in one small override:
   ``sam`` block (the one method a concrete trainer must write); the SAM encoder's pretrained weights
   are loaded when training starts (:func:`load_sam_pretrained`), never at inference;
 - batch size from the ``sam`` block (planned for the SAM encoder, not for a U-Net);
-- no deep supervision; loss ``loss_weights`` = (cross-entropy, Dice), default 0.2 / 0.8;
+- loss ``loss_weights`` = (cross-entropy, Dice), default 0.2 / 0.8; no deep supervision unless a
+  trainer sets ``deep_supervision`` and its network has one output per level (``deep_supervision_levels``;
+  nnU-Net's target downsampling and loss wrapper then do the rest, see :meth:`_get_deep_supervision_scales`);
 - sparse annotations (nnU-Net's ignore label): the loss and the Dice leave ignored voxels out (nnU-Net's
   loss), patches are centred on annotated voxels (nnU-Net's loader), and voxels that augmentation or
   padding brings in from outside the image are ignored too, not called background
@@ -26,10 +28,12 @@ from __future__ import annotations
 import abc
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+import numpy as np
 import torch
 import torch.distributed as dist
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -109,6 +113,8 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
     #: neighbouring slices on each side given to a 2D network as extra channels (2.5D); the network must
     #: take them (its ``context_slices``)
     context_slices = 0
+    #: train with one loss per decoder level; the network must have the heads (``deep_supervision_levels``)
+    deep_supervision = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -117,7 +123,7 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
             # nnU-Net takes data-parallel training to mean CUDA; with gloo on a CPU the ranks stay there
             self.device = torch.device("cpu")
             self.grad_scaler = None
-        self.enable_deep_supervision = False
+        self.enable_deep_supervision = self.deep_supervision
         self.initial_lr = self.sam_initial_lr
         self.weight_decay = self.sam_weight_decay
         self.load_pretrained_weights = True
@@ -169,14 +175,38 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
         finally:
             nnunet_trainer_module.nnUNetPredictor = original
 
+    def _bare_network(self) -> torch.nn.Module:
+        return self.network.module if isinstance(self.network, DDP) else self.network
+
     def set_deep_supervision_enabled(self, enabled: bool):
-        """The SAM networks have a single output: nothing to switch."""
+        """Switch the extra outputs of a network with deep-supervision heads; the others have one output."""
+        net = self._bare_network()
+        if hasattr(net, "deep_supervision_levels"):
+            net.deep_supervision = enabled
+
+    def _get_deep_supervision_scales(self):
+        """One target scale per network output, halving per level: [[1, 1], [0.5, 0.5], [0.25, 0.25], ...].
+
+        nnU-Net derives its scales from its U-Net's pooling; a SAM network's decoder levels halve from the
+        patch down (the network resizes each output to round(size / 2^i), which is how nnU-Net's
+        ``DownsampleSegForDSTransform`` sizes the targets).
+        """
+        if not self.enable_deep_supervision:
+            return None
+        dims = len(self.configuration_manager.patch_size)
+        return [[0.5 ** i] * dims for i in range(self._bare_network().deep_supervision_levels)]
 
     def _build_loss(self):
         ce, dice = self.loss_weights
-        return DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+        loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
                                "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=ce, weight_dice=dice,
                               ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+        if not self.enable_deep_supervision:
+            return loss
+        # nnU-Net's weights (halving per level, normalised to sum 1), but every level counts: nnU-Net drops
+        # its coarsest output, while the SAM decoders are shallow (three levels at the planned sizes)
+        weights = np.array([0.5 ** i for i in range(len(self._get_deep_supervision_scales()))])
+        return DeepSupervisionWrapper(loss, weights / weights.sum())
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]

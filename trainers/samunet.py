@@ -2,7 +2,8 @@
 
 Recipe of :class:`~samnnu.trainers.base.SAMTrainerBase` (AdamW on the trainable parameters,
 warm-up + poly, no deep supervision, batch size from the ``sam`` block) with an equal CE/Dice loss,
-since most of the network (conv branch, decoder) trains from scratch.
+since most of the network (conv branch, decoder) trains from scratch. The class attributes below are
+what the measured variants of :mod:`samnnu.trainers.samunet_variants` change.
 """
 from __future__ import annotations
 
@@ -20,12 +21,20 @@ class SAMUNetTrainer(SAMTrainerBase):
     max_width = 256
     loss_weights = (1.0, 1.0)  # (cross-entropy, Dice)
     context_slices = 0
+    #: LoRA rank on the SAM encoder's attention (0: the encoder stays wholly frozen)
+    lora_rank = 0
+    #: the encoder's square input is the planned ``sam.input_size`` times this
+    input_size_factor = 1
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = False) -> torch.nn.Module:
         sam = configuration_manager.configuration["sam"]
-        return SAMUNet(encoder=sam["encoder"], input_size=sam["input_size"], in_channels=num_input_channels,
-                       num_classes=num_output_channels, intensity_windows=sam["intensity_windows"],
-                       base_width=cls.base_width, max_width=cls.max_width, context_slices=cls.context_slices)
+        net = SAMUNet(encoder=sam["encoder"], input_size=sam["input_size"] * cls.input_size_factor,
+                      in_channels=num_input_channels, num_classes=num_output_channels,
+                      intensity_windows=sam["intensity_windows"], base_width=cls.base_width, max_width=cls.max_width,
+                      context_slices=cls.context_slices, lora_rank=cls.lora_rank,
+                      deep_supervision_heads=cls.deep_supervision)
+        net.deep_supervision = enable_deep_supervision
+        return net

@@ -77,11 +77,16 @@ class ConvBranch(nn.Module):
 class FusionDecoder(nn.Module):
     """Adds the SAM embedding to the coarsest branch features, then upsamples with skip connections.
 
+    With ``deep_supervision_heads``, every coarser level (the fused grid g and each upsampling step
+    below full resolution) gets its own 1x1 segmentation head, as nnU-Net's decoder has; they are
+    returned while ``deep_supervision`` is on (training), and never computed otherwise.
+
     embedding: (B, D, g, g) frozen encoder output; features: ConvBranch output (coarsest at g)
-    -> logits (B, num_classes, S, S)
+    -> logits (B, num_classes, S, S); with ``deep_supervision`` on, a list of logits from full
+       resolution to the coarsest: [(B, K, S, S), (B, K, S / 2, S / 2), ..., (B, K, g, g)]
     """
 
-    def __init__(self, embed_dim: int, widths: list[int], num_classes: int):
+    def __init__(self, embed_dim: int, widths: list[int], num_classes: int, deep_supervision_heads: bool = False):
         super().__init__()
         self.embed_proj = nn.Sequential(nn.Conv2d(embed_dim, widths[-1], 1, bias=False), _norm(widths[-1]))
         self.fuse = ResidualBlock(widths[-1], widths[-1])
@@ -91,9 +96,18 @@ class FusionDecoder(nn.Module):
             self.ups.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 2, stride=2))
             self.blocks.append(ResidualBlock(2 * widths[i - 1], widths[i - 1]))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
+        # coarsest first: the fused grid, then the output of every upsampling step but the last
+        self.aux_heads = (nn.ModuleList(nn.Conv2d(widths[i], num_classes, 1) for i in range(len(widths) - 1, 0, -1))
+                          if deep_supervision_heads else None)
+        self.deep_supervision = False
 
-    def forward(self, embedding: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, embedding: torch.Tensor,
+                features: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = self.fuse(features[-1] + self.embed_proj(embedding))
+        levels = []
         for up, block, skip in zip(self.ups, self.blocks, reversed(features[:-1])):
+            levels.append(x)
             x = block(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        if not (self.deep_supervision and self.aux_heads is not None):
+            return self.head(x)
+        return [self.head(x)] + [head(level) for head, level in zip(self.aux_heads, levels)][::-1]

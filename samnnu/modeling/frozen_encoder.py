@@ -8,14 +8,18 @@ import torch.nn as nn
 
 from samnnu.modeling.common import IntensityToSAM, fit_square, freeze_batchnorm_stats
 from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
+from samnnu.modeling.samed import apply_lora, is_lora_parameter
 
 
 class FrozenSAMEncoder(nn.Module):
     """Frozen SAM image encoder with its fixed intensity mapping; runs without autograd.
 
     Nothing here trains: the channel mix stays at the channel mean, the encoder at its pretrained
-    weights and BatchNorm statistics. 2D input is fitted into the encoder's square input; 3D input
-    (B, C, D, H, W) is encoded slice by slice along D.
+    weights and BatchNorm statistics. With ``lora_rank`` > 0 the one exception is LoRA of that rank on
+    every attention block's q and v (SAMed's adaptation, :func:`samnnu.modeling.samed.apply_lora`): the
+    encoder then runs with autograd in training, and the LoRA matrices train while the rest stays frozen.
+    2D input is fitted into the encoder's square input; 3D input (B, C, D, H, W) is encoded slice by
+    slice along D.
 
     x: (B, C, H, W) -> (B, D_e, g, g) embedding of the square-fitted input, and the content size
        (h, w) of the image inside the size x size square (see fit_square);
@@ -23,7 +27,7 @@ class FrozenSAMEncoder(nn.Module):
     """
 
     def __init__(self, *, encoder: str, input_size: int, in_channels: int,
-                 intensity_windows: list[tuple[float, float]], rgb_groups: bool = False):
+                 intensity_windows: list[tuple[float, float]], rgb_groups: bool = False, lora_rank: int = 0):
         super().__init__()
         parts = build_sam_parts(encoder, input_size=input_size, num_mask_tokens=1)
         self.encoder_name = encoder
@@ -32,8 +36,11 @@ class FrozenSAMEncoder(nn.Module):
         self.embed_dim = parts.embed_dim
         self.intensity = IntensityToSAM(in_channels, intensity_windows, rgb_groups=rgb_groups)
         self.image_encoder = parts.image_encoder
-        for p in self.parameters():
-            p.requires_grad = False
+        self.lora_rank = lora_rank
+        if lora_rank:
+            apply_lora(self.image_encoder, lora_rank)  # B matrices at zero: the same encoder at first
+        for name, p in self.named_parameters():
+            p.requires_grad = bool(lora_rank) and is_lora_parameter(name)
         self._cache: dict[bytes, torch.Tensor] | None = None
         self._weights_key: bytes | None = None
 
@@ -64,15 +71,19 @@ class FrozenSAMEncoder(nn.Module):
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         """Load the pretrained image encoder (training start only)."""
         parts = SAMParts(self.image_encoder, None, None, self.input_size, self.stride, self.embed_dim)
-        return load_pretrained(self.encoder_name, parts, checkpoint=checkpoint, new_encoder_keys=lambda key: False)
+        return load_pretrained(self.encoder_name, parts, checkpoint=checkpoint,
+                               new_encoder_keys=lambda key: bool(self.lora_rank) and is_lora_parameter(key))
 
     def train(self, mode: bool = True):
         super().train(mode)
         freeze_batchnorm_stats(self.image_encoder)
         return self
 
-    @torch.no_grad()
     def encode_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.lora_rank) and self.training):
+            return self._encode_2d(x)
+
+    def _encode_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self._cache is None or self.training:
             x, content = fit_square(self.intensity(x), self.input_size)
             return self.image_encoder(x), content

@@ -21,12 +21,19 @@ class SAMUNet(nn.Module):
     the input has C * (2k + 1); the conv branch sees all of them, and the encoder's RGB channels start as
     the slices z - 1, z, z + 1 (k = 1). The predictor adds the neighbours (it reads ``context_slices``).
 
-    x: (B, C * (2k + 1), H, W) patch after nnU-Net normalisation -> logits (B, num_classes, H, W)
+    ``lora_rank`` > 0 adds LoRA to the SAM encoder's attention (trainable; the rest stays frozen).
+    ``deep_supervision_heads`` adds a segmentation head at every coarser decoder level; while
+    ``deep_supervision`` is on, the network returns one output per level, each cropped and resized to
+    the patch scaled by 1 / 2^i exactly as nnU-Net downsamples its targets (round(H / 2^i)).
+
+    x: (B, C * (2k + 1), H, W) patch after nnU-Net normalisation -> logits (B, num_classes, H, W), or
+       with ``deep_supervision`` on [(B, num_classes, round(H / 2^i), round(W / 2^i)) for i = 0, 1, ...]
     """
 
     def __init__(self, *, encoder: str, input_size: int, in_channels: int, num_classes: int,
                  intensity_windows: list[tuple[float, float]], base_width: int = 32, max_width: int = 256,
-                 blocks_per_stage: int = 1, context_slices: int = 0):
+                 blocks_per_stage: int = 1, context_slices: int = 0, lora_rank: int = 0,
+                 deep_supervision_heads: bool = False):
         super().__init__()
         if context_slices not in (0, 1):
             raise ValueError(f"context_slices must be 0 or 1 (three slices fill SAM's RGB), not {context_slices}")
@@ -34,19 +41,37 @@ class SAMUNet(nn.Module):
         views = 2 * context_slices + 1
         in_channels, intensity_windows = in_channels * views, list(intensity_windows) * views
         self.sam = FrozenSAMEncoder(encoder=encoder, input_size=input_size, in_channels=in_channels,
-                                    intensity_windows=intensity_windows, rgb_groups=context_slices > 0)
+                                    intensity_windows=intensity_windows, rgb_groups=context_slices > 0,
+                                    lora_rank=lora_rank)
         self.encoder_name = encoder
         self.input_size = input_size
         widths = branch_widths(self.sam.stride, base_width, max_width)
         self.conv_branch = ConvBranch(in_channels, widths, blocks_per_stage)
-        self.decoder = FusionDecoder(self.sam.embed_dim, widths, num_classes)
+        self.decoder = FusionDecoder(self.sam.embed_dim, widths, num_classes, deep_supervision_heads)
+
+    @property
+    def deep_supervision_levels(self) -> int:
+        """Outputs while ``deep_supervision`` is on: full resolution plus one per coarser decoder level."""
+        heads = self.decoder.aux_heads
+        return 1 + (len(heads) if heads is not None else 0)
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, on: bool) -> None:
+        self.decoder.deep_supervision = bool(on) and self.decoder.aux_heads is not None
 
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         return self.sam.load_pretrained(checkpoint)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_size = tuple(x.shape[-2:])
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        h, w = x.shape[-2:]
         embedding, content = self.sam(x)
         square, _ = fit_square(x, self.input_size)
         logits = self.decoder(embedding, self.conv_branch(square))
-        return unfit_square(logits, content, self.input_size, out_size)
+        if not isinstance(logits, list):
+            return unfit_square(logits, content, self.input_size, (h, w))
+        return [unfit_square(out, content, self.input_size, (round(h / 2 ** i), round(w / 2 ** i)))
+                for i, out in enumerate(logits)]
