@@ -3,7 +3,7 @@
     samnnu_convert hippocampus SRC -d ID [--hold-out PATTERN] [--overwrite] [--data-root DIR]
     samnnu_convert folder IMAGES LABELS -d ID -n NAME --labels background=0,liver=1
                    [--channels MRI] [--sparse [VALUE]] [--overwrite] [--data-root DIR]
-    samnnu_convert sparse SOURCE -d ID (--slices N [--random --seed S] | --scribbles) [-n NAME]
+    samnnu_convert sparse SOURCE -d ID (--slices N [--random --seed S] [--end-slices] | --scribbles) [-n NAME]
 
 The command itself is :func:`samnnu.cli.convert_main` (one error handling for every command); here are
 its parser and the call each subcommand makes to one API function
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sparse.add_argument("--slices", type=int, default=None, metavar="N",
                         help="annotated slices per volume, spread evenly through the labelled structures")
     sparse.add_argument("--random", action="store_true", help="random slices of the structures (with --seed)")
+    sparse.add_argument("--end-slices", action="store_true",
+                        help="with --slices: also annotate the empty slice just past each end of the structures "
+                             "(background only; tells a 2D model where the structures stop)")
     sparse.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     sparse.add_argument("--scribbles", action="store_true",
                         help="scribbles instead of drawn slices: each structure's skeleton and a background "
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace):
 
         return make_sparse_dataset(args.source, args.dataset_id, slices=args.slices, scribble=args.scribbles,
                                    random_slices=args.random, seed=args.seed, axis=args.axis, name=args.name,
-                                   overwrite=args.overwrite)
+                                   end_slices_too=args.end_slices, overwrite=args.overwrite)
     from samnnu.dataset_conversion.folder import convert_folder  # local: pulls in SimpleITK (slow to import)
 
     return convert_folder(

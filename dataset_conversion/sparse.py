@@ -9,7 +9,9 @@ patch sampling). Two ways in:
 - ``samnnu_convert sparse SOURCE -d ID --slices N | --scribbles``: for experiments, a new dataset whose
   labels are made sparse from the dense labels of a converted dataset (:func:`make_sparse_dataset`):
   N annotated slices per volume (evenly spaced through the labelled structures, or at random with a
-  seed), or scribbles (each structure's skeleton plus a background stroke around the structures).
+  seed), optionally with the empty slice just past each end of the structures (``--end-slices``: drawn
+  as background, it tells a 2D model where the structures stop), or scribbles (each structure's skeleton
+  plus a background stroke around the structures).
 
 Images are linked (or copied) unchanged; the held-out test set (``imagesTs``/``labelsTs``) keeps its
 dense labels, which are the references of every evaluation. ``dataset.json`` declares the ignore
@@ -114,6 +116,15 @@ def choose_slices(label: np.ndarray, n: int, axis: int, *, random_state: np.rand
     return sorted(set(picks))
 
 
+def end_slices(label: np.ndarray, axis: int) -> list[int]:
+    """The slice just before the structures' first slice and just after their last, along ``axis``: both hold
+    background only. Ends at the volume's border are left out; a volume without structures has none."""
+    extent = structure_extent(label, axis)
+    if extent is None:
+        return []
+    return [i for i in (extent[0] - 1, extent[1] + 1) if 0 <= i < label.shape[axis]]
+
+
 def sparse_slices(label: np.ndarray, slices: list[int], axis: int, ignore: int) -> np.ndarray:
     """A copy of ``label`` in which every voxel outside the given slices along ``axis`` is ``ignore``."""
     out = np.full_like(label, ignore)
@@ -171,7 +182,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | None = None, scribble: bool = False,
                         random_slices: bool = False, seed: int = 0, axis: int | None = None,
-                        name: str | None = None, overwrite: bool = False) -> ConversionResult:
+                        end_slices_too: bool = False, name: str | None = None,
+                        overwrite: bool = False) -> ConversionResult:
     """Write a new raw dataset whose training labels are sparse versions of ``source``'s dense ones.
 
     Args:
@@ -182,7 +194,10 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
         scribble: scribbles (:func:`scribbles`) instead of fully drawn slices.
         random_slices: random slices (seeded) instead of evenly spaced ones.
         axis: the annotation axis in array order; default :func:`annotation_axis` of each volume.
-        name: the new dataset's name; default ``<source name>Sparse<N>`` / ``<source name>Scribble``.
+        end_slices_too: with ``slices``, also annotate the empty slice past each end of the structures
+            (:func:`end_slices`), all background.
+        name: the new dataset's name; default ``<source name>Sparse<N>`` (``...Sparse<N>Ends`` with
+            ``end_slices_too``) / ``<source name>Scribble``.
 
     Returns:
         ConversionResult: the new folder, its cases, and a note with the fraction of training voxels that
@@ -193,6 +208,8 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
         raise SamnnuError("say how to sparsify: --slices N (annotated slices per volume) or --scribbles")
     if slices is not None and slices < 1:
         raise SamnnuError(f"--slices {slices}: must be at least 1")
+    if end_slices_too and (slices is None or scribble):
+        raise SamnnuError("--end-slices adds two background slices to drawn slices: give --slices N, without --scribbles")
     src_name = dataset_name(source)
     raw = current_paths().raw
     src = raw / src_name
@@ -205,7 +222,7 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
     labels = {k: int(v) for k, v in dataset_json["labels"].items()}
     ignore = ignore_value(labels)
     base = src_name.split("_", 1)[1]
-    name = name or (f"{base}Scribble" if scribble else f"{base}Sparse{slices}")
+    name = name or (f"{base}Scribble" if scribble else f"{base}Sparse{slices}{'Ends' if end_slices_too else ''}")
     validate_dataset_id_and_name(dataset_id, name)
     label_files = sorted((src / "labelsTr").glob(f"*{ending}"))
     if not label_files:
@@ -227,6 +244,8 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
                 if not 0 <= ax < dense.ndim:
                     raise SamnnuError(f"--axis {ax}: {f.name} has {dense.ndim} axes")
                 chosen = choose_slices(dense, slices, ax, random_state=rng) if slices is not None else None
+                if end_slices_too:
+                    chosen = sorted(set(chosen) | set(end_slices(dense, ax)))
                 sparse = scribbles(dense, ax, ignore, slices=chosen) if scribble else \
                     sparse_slices(dense, chosen, ax, ignore)
                 annotated += int(np.count_nonzero(sparse != ignore))
@@ -241,7 +260,7 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
                         _link_or_copy(f, staging / sub / f.name)
             record = {"source_dataset": src_name, "mode": "scribbles" if scribble else "slices",
                       "slices_per_volume": slices, "random": bool(random_slices), "seed": seed if random_slices else None,
-                      "axis": "largest spacing" if axis is None else axis,
+                      "axis": "largest spacing" if axis is None else axis, "end_slices": bool(end_slices_too),
                       "annotated_fraction": round(annotated / max(1, total), 5)}
             content = dict(dataset_json, name=name, labels=dict(labels, **{IGNORE: ignore}), **{SPARSE_KEY: record})
             write_json_atomic(staging / "dataset.json", content, indent=4)
@@ -250,7 +269,8 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
     what = (f"scribbles on {'every slice with a structure' if slices is None else f'{slices} slices per volume'}"
-            if scribble else f"{slices} {'random' if random_slices else 'evenly spaced'} slices per volume")
+            if scribble else f"{slices} {'random' if random_slices else 'evenly spaced'} slices per volume"
+            + (" and the empty slice past each end of the structures" if end_slices_too else ""))
     held = sorted(f.name[: -len(ending)] for f in (target / "labelsTs").glob(f"*{ending}"))
     return ConversionResult(dataset_folder=target, converted=[f.name[: -len(ending)] for f in label_files] + held,
                             refused={}, held_out=held,

@@ -646,6 +646,9 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sparse-slices", nargs="+", type=_positive_int, default=None, metavar="N",
                    help="also train samnnu's default and nnU-Net's best on N annotated slices per training volume "
                         "(a sparse-label copy of the dataset, same budget), evaluated against the dense labels")
+    p.add_argument("--sparse-end-slices", action="store_true",
+                   help="with --sparse-slices: the sparse labels also mark the empty slice past each end of the "
+                        "structures as background (runs kept apart from the plain N-slice runs)")
     p.add_argument("--timing-cases", type=_positive_int, default=None,
                    help="validation volumes timed for inference speed (default 5; 1 with --quick)")
     p.add_argument("--test-images", default=None,
@@ -676,6 +679,7 @@ def benchmark_main(argv: Sequence[str] | None = None) -> int:
                               budget_minutes=minutes, squeeze=args.squeeze, clock=args.clock, sizes=sizes, seed=args.seed, timing_cases=timing,
                               test_images=args.test_images, test_labels=args.test_labels, device=args.device,
                               data_root=args.data_root, retime=args.retime, sparse_slices=args.sparse_slices,
+                              sparse_end_slices=args.sparse_end_slices,
                               command=" ".join(["samnnu_benchmark", *(argv or sys.argv[1:])]))
         print(f"results: {args.output}/results.json and results.md ({len(state['ran'])} runs now, "
               f"{len(state['runs']) - len(state['ran'])} from before)")

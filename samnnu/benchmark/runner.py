@@ -375,7 +375,7 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
                   timing_cases: int = 5, test_images: str | None = None, test_labels: str | None = None,
                   device: str = "cpu", data_root: str | None = None, calibration_iterations: int = 10,
                   max_iters_per_epoch: int = 50, command: str | None = None, retime: bool = False,
-                  sparse_slices: list[int] | None = None) -> dict:
+                  sparse_slices: list[int] | None = None, sparse_end_slices: bool = False) -> dict:
     """Run every model on every training-set size; return the results dict also written to ``output``.
 
     Budgets (exactly one of ``iterations`` and ``budget_minutes``):
@@ -395,7 +395,9 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
     training cases. ``sparse_slices``: after the dense runs, train samnnu's default and nnU-Net's best
     configuration (by validation Dice of the dense runs of the same size; every listed nnU-Net model when
     there is none) on N annotated slices per training volume, for each N, with the same budget, and
-    evaluate them against the dense labels (:func:`sparse_targets`).
+    evaluate them against the dense labels (:func:`sparse_targets`). ``sparse_end_slices``: those N slices
+    and the empty slice past each end of the structures (runs kept apart from the plain N-slice runs; the
+    sparse targets are about N slices alone).
     """
     if (iterations is None) == (budget_minutes is None):
         raise SamnnuError("give exactly one budget: iterations or budget minutes")
@@ -404,6 +406,8 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
     clock = clock or ("wall" if device != "cpu" else "cpu")
     if clock not in CLOCKS:
         raise SamnnuError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if sparse_end_slices and not sparse_slices:
+        raise SamnnuError("--sparse-end-slices goes with --sparse-slices N")
     if any(n < 1 for n in sparse_slices or []):
         raise SamnnuError(f"--sparse-slices {' '.join(map(str, sparse_slices))}: every number must be at least 1")
     if (test_images is None) != (test_labels is None):
@@ -486,7 +490,7 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
             log = out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log"
             state["calibration"][m.key] = _run_worker(spec, log)
             save()
-        tag = label if sparse is None else f"{label}_sparse{sparse}"
+        tag = label if sparse is None else f"{label}_sparse{sparse}{'ends' if sparse_end_slices else ''}"
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, train_cases=subsets[label],
                     results_root=str(out / "runs" / f"train_{tag}" / "nnUNet_results"),
                     save_probabilities=sparse is None)
@@ -512,10 +516,12 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
                        "process_wall_seconds": time.time() - start, "samnnu": m.is_samnnu})
         if sparse is not None:
             result["sparse_slices"] = sparse
+            if sparse_end_slices:
+                result["sparse_end_slices"] = True
         state["runs"][key] = result
         save()
         ran.append(key)
-        tqdm.write(f"{m.key} on {label} training cases{'' if sparse is None else f' ({sparse} slices each)'}: "
+        tqdm.write(f"{label_of(result)} on {label} training cases: "
                    f"mean Dice {mean_dice(result):.3f} after {result['iterations']} iterations, "
                    f"{result['seconds_per_iteration']:.2f} s/iter")
 
@@ -528,25 +534,26 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
         train_one(m, label, f"{m.key}@{label}")
     for n in sparse_slices or []:
         for label in subsets:
-            chosen = [m for m in _sparse_models(state, parsed, label) if sparse_key(m.key, label, n) not in state["runs"]]
+            chosen = [m for m in _sparse_models(state, parsed, label)
+                      if sparse_key(m.key, label, n, sparse_end_slices) not in state["runs"]]
             if not chosen:
                 continue
             if n not in twins:
                 needed: dict[str, list[str]] = {}
                 for m in _sparse_models(state, parsed, label):
                     needed.setdefault(m.plans, []).append(m.configuration)
-                twins[n] = sparse_twin(name, n, needed)
+                twins[n] = sparse_twin(name, n, needed, end_slices=sparse_end_slices)
             for m in tqdm(chosen, desc=f"sparse labels, {n} slices per volume", unit="run"):
-                train_one(m, label, sparse_key(m.key, label, n), sparse=n)
+                train_one(m, label, sparse_key(m.key, label, n, sparse_end_slices), sparse=n)
     _ensemble_sizes(state, subsets, parsed, base, out)
     save()
     state["ran"] = ran
     return state
 
 
-def sparse_key(model: str, size: str, slices: int) -> str:
+def sparse_key(model: str, size: str, slices: int, end_slices: bool = False) -> str:
     """The results key of a run on sparse labels (dense runs are ``model@size``)."""
-    return f"{model}@{size}@sparse{slices}"
+    return f"{model}@{size}@sparse{slices}{'ends' if end_slices else ''}"
 
 
 def _sparse_models(state: dict, models: list[Model], size: str) -> list[Model]:
@@ -644,7 +651,12 @@ SPARSE_TARGETS = ((3, 0.90, 5.0),)
 def label_of(run: dict) -> str:
     """The run's model, with its annotation when the labels were sparse."""
     n = run.get("sparse_slices")
-    return run["model"] if not n else f"{run['model']} ({n} slices/volume)"
+    return run["model"] if not n else f"{run['model']} ({_annotation(run)})"
+
+
+def _annotation(run: dict) -> str:
+    """How a sparse run's labels were drawn, e.g. '3 slices/volume' or '3 slices/volume + empty ends'."""
+    return f"{run['sparse_slices']} slices/volume" + (" + empty ends" if run.get("sparse_end_slices") else "")
 
 
 def sparse_targets(state: dict) -> list[tuple[str, str, str]]:
@@ -662,7 +674,7 @@ def sparse_targets(state: dict) -> list[tuple[str, str, str]]:
             measured = True
             dense = _find(state, default, size)
             theirs = [r for r in _sparse_runs(state) if r["train_size"] == size and r["sparse_slices"] == n
-                      and not r["samnnu"]]
+                      and not r["samnnu"] and not r.get("sparse_end_slices")]
             b = max(theirs, key=mean_dice) if theirs else None
             for where, pick in (("validation", lambda r: r), ("held-out test", lambda r: r.get("test"))):
                 goal = f"{size} training cases, {n} slices/volume, {where}: {default} keeps >= {keep:.0%} of its dense Dice"
@@ -795,11 +807,13 @@ def to_markdown(state: dict) -> str:
                   "evaluated against the dense labels.", "",
                   "| model | cases | slices/volume | iters | validation mean Dice | share of its dense Dice | "
                   "held-out mean Dice |", "|---|---|---|---|---|---|---|"]
-        for r in sorted(sparse, key=lambda r: (r["sparse_slices"], r["n_training_cases"], not r["samnnu"])):
+        for r in sorted(sparse, key=lambda r: (r["sparse_slices"], bool(r.get("sparse_end_slices")),
+                                               r["n_training_cases"], not r["samnnu"])):
             dense = _find(state, r["model"], r["train_size"])
             share = f"{mean_dice(r) / mean_dice(dense):.1%}" if dense and mean_dice(dense) > 0 else "-"
             test = f"{mean_dice(r['test']):.3f}" if r.get("test") else "-"
-            lines.append(f"| {r['model']} | {r['n_training_cases']} | {r['sparse_slices']} | {r['iterations']} | "
+            slices = f"{r['sparse_slices']}" + (" + empty ends" if r.get("sparse_end_slices") else "")
+            lines.append(f"| {r['model']} | {r['n_training_cases']} | {slices} | {r['iterations']} | "
                          f"{mean_dice(r):.3f} | {share} | {test} |")
     tested = [r for r in state["runs"].values() if "test" in r]
     if tested:

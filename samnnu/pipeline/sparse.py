@@ -21,9 +21,9 @@ from samnnu.safe_io import read_json, write_json_atomic
 DONE = ".samnnu_preprocessed_{plans}_{configuration}"
 
 
-def twin_name(dense: str, slices: int) -> str:
-    """The twin's dataset name (without ``DatasetNNN_``): ``<dense name>Sparse<N>``."""
-    return f"{dense.split('_', 1)[1]}Sparse{slices}"
+def twin_name(dense: str, slices: int, end_slices: bool = False) -> str:
+    """The twin's dataset name (without ``DatasetNNN_``): ``<dense name>Sparse<N>``, ``...Sparse<N>Ends``."""
+    return f"{dense.split('_', 1)[1]}Sparse{slices}{'Ends' if end_slices else ''}"
 
 
 def _find_or_pick_id(name: str) -> int:
@@ -40,9 +40,10 @@ def _find_or_pick_id(name: str) -> int:
     raise SamnnuError("no free dataset ID for the sparse-label dataset")
 
 
-def sparse_twin(dense: str, slices: int, configurations: dict[str, list[str]]) -> str:
+def sparse_twin(dense: str, slices: int, configurations: dict[str, list[str]], end_slices: bool = False) -> str:
     """Make (or reuse) the twin of ``dense`` with ``slices`` evenly spaced annotated slices per training
-    volume, preprocessed for ``configurations`` (plans name -> configurations); return its name.
+    volume (and, with ``end_slices``, the empty slice past each end of the structures), preprocessed for
+    ``configurations`` (plans name -> configurations); return its name.
 
     Raises:
         SamnnuError: ``dense`` is not planned with every plans name asked for, or has sparse labels itself.
@@ -51,12 +52,12 @@ def sparse_twin(dense: str, slices: int, configurations: dict[str, list[str]]) -
     pre_dense = paths.preprocessed / dense
     if sparse_info(read_json(paths.raw / dense / "dataset.json", "dataset.json")) is not None:
         raise SamnnuError(f"{paths.raw / dense}: has sparse labels already; the benchmark's dense runs need dense labels")
-    name = twin_name(dense, slices)
+    name = twin_name(dense, slices, end_slices)
     ident = _find_or_pick_id(name)
     full = dataset_folder_name(ident, name)
     raw_json = paths.raw / full / "dataset.json"
     if not raw_json.is_file() or read_json(raw_json, "dataset.json").get(SPARSE_KEY, {}).get("source_dataset") != dense:
-        make_sparse_dataset(dense, ident, slices=slices, name=name, overwrite=True)
+        make_sparse_dataset(dense, ident, slices=slices, end_slices_too=end_slices, name=name, overwrite=True)
     pre = paths.preprocessed / full
     pre.mkdir(parents=True, exist_ok=True)
     dataset_json = read_json(raw_json, "dataset.json")

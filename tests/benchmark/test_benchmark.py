@@ -91,6 +91,22 @@ def test_sparse_label_verdicts_follow_the_numbers():
     assert "(92.5%)" in rows[0][1] and "nnUNetTrainer:3d_fullres 0.680 (+6.0)" in rows[1][1]
     ours["dice"] = {"a": 0.70, "b": 0.70}
     assert [v for _, _, v in sparse_targets(state)][:2] == ["missed", "missed"]  # 87.5 %, +2.0
+    # runs with the empty end slices drawn too are another annotation: no 3-slice verdict rests on them
+    ends = [dict(_run(d, "10", (0.95, 0.95), True), sparse_slices=3, sparse_end_slices=True),
+            dict(_run("nnUNetTrainer:2d", "10", (0.99, 0.99), False), sparse_slices=3, sparse_end_slices=True)]
+    ends[0]["test"] = {"dice": {"a": 0.95, "b": 0.95}}
+    state["runs"].update({sparse_key(r["model"], "10", 3, True): r for r in ends})
+    assert len(state["runs"]) == 7 and [v for _, _, v in sparse_targets(state)][:2] == ["missed", "missed"]
+    assert "nnUNetTrainer:3d_fullres 0.680" in sparse_targets(state)[1][1]
+    state["setup"].update(dataset="D", fold=0, seed=0, n_validation_cases=1, device="cpu", command="",
+                          updated="", machine={"cpu": "c", "cores": 2}, budget={"iterations": 2, "mode": "iterations"})
+    for r in state["runs"].values():  # what a finished run records besides its Dice
+        r.update(hd95_mm={"a": 1.0, "b": 1.0}, iterations=2, batch_size=2, training_seconds=1.0,
+                 seconds_per_iteration=0.5, peak_rss_gb=1.0, n_training_cases=10)
+        if "test" in r:
+            r["test"]["n_cases"] = 1
+    text = to_markdown(state)
+    assert f"| {d} (3 slices/volume + empty ends) |" in text and "| 3 + empty ends |" in text
 
 
 @pytest.fixture(scope="module")

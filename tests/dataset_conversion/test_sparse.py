@@ -14,6 +14,7 @@ from samnnu.dataset_conversion.hippocampus import convert_hippocampus
 from samnnu.dataset_conversion.sparse import (
     annotation_axis,
     choose_slices,
+    end_slices,
     make_sparse_dataset,
     scribbles,
     sparse_info,
@@ -157,6 +158,29 @@ def test_make_sparse_dataset_writes_a_new_dataset_and_leaves_the_source_alone(tm
     scribbled = make_sparse_dataset(4, 41, scribble=True)
     assert scribbled.dataset_folder.name == "Dataset041_HippocampusScribble"
     assert json.loads((scribbled.dataset_folder / "dataset.json").read_text())["samnnu_sparse"]["mode"] == "scribbles"
+
+
+def test_end_slices_are_the_background_slices_just_past_the_structures():
+    label = dense_label()  # structures on slices 5..14 of 20 along axis 0
+    assert end_slices(label, 0) == [4, 15] and end_slices(label, 1) == [3, 12]
+    assert end_slices(label[5:], 0) == [10]  # the structures start at the border: one end only
+    assert end_slices(np.zeros((4, 4, 4), np.uint8), 0) == []
+
+
+def test_make_sparse_dataset_with_end_slices_draws_them_as_background(tmp_path, nnunet_env, capsys):
+    src = make_source(tmp_path / "src", n=2)
+    convert_hippocampus(src, 4, raw_root=nnunet_env)
+    result = make_sparse_dataset(4, 42, slices=2, end_slices_too=True)
+    assert result.dataset_folder.name == "Dataset042_HippocampusSparse2Ends"
+    record = json.loads((result.dataset_folder / "dataset.json").read_text())["samnnu_sparse"]
+    assert record["end_slices"] is True and record["annotated_fraction"] == pytest.approx(4 / 20)
+    for f in (result.dataset_folder / "labelsTr").iterdir():
+        sparse = read(f)
+        assert np.flatnonzero((sparse != 3).any(axis=(1, 2))).tolist() == [4, 8, 11, 15]
+        assert not sparse[[4, 15]].any() and np.array_equal(sparse[[8, 11]], dense_label()[[8, 11]])
+    assert convert_main(["sparse", "4", "-d", "43", "--scribbles", "--end-slices",
+                         "--data-root", str(tmp_path / "data")]) == 1
+    assert "--end-slices" in capsys.readouterr().err
 
 
 def test_make_sparse_dataset_refuses_bad_requests_in_one_line(tmp_path, nnunet_env, capsys):
