@@ -191,7 +191,8 @@ def _worker(spec: dict) -> dict:
         out["learning_curve"] = _learning_curve(spec, name, fold_dir, budget)
         out["pseudo_dice_curve"] = [
             {"iterations": p["iterations"], "spent_minutes": p["spent_seconds"] / 60,
-             "ema_pseudo_dice": p["ema_pseudo_dice"]} for p in budget["curve"]]
+             "pseudo_dice": p.get("pseudo_dice"), "ema_pseudo_dice": p["ema_pseudo_dice"]}
+            for p in budget["curve"]]
     out.update(_time_inference(spec, name, fold_dir))
     if spec.get("test_images"):
         out["test"] = _external_test(spec, name)
@@ -698,10 +699,21 @@ def sparse_targets(state: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def epoch_pseudo_dice(point: dict) -> float | None:
+    """nnU-Net's pseudo-Dice of one epoch (mean over the foreground classes); runs recorded before it was
+    kept have only the exponential moving average, which is used for them instead.
+
+    The moving average (0.9 old + 0.1 new, starting at 0) lags the epoch's figure by several epochs, far
+    too long for a run of a few dozen epochs to say when the structure was learned.
+    """
+    value = point.get("pseudo_dice")
+    return point.get("ema_pseudo_dice") if value is None else value
+
+
 def minutes_to_learn(run: dict, threshold: float = LEARNED) -> float | None:
-    """Budget minutes after which the run's EMA pseudo-Dice first exceeded ``threshold`` (None: never)."""
+    """Budget minutes after which an epoch's pseudo-Dice first exceeded ``threshold`` (None: never)."""
     return next((p["spent_minutes"] for p in run.get("pseudo_dice_curve", [])
-                 if p["ema_pseudo_dice"] is not None and p["ema_pseudo_dice"] > threshold), None)
+                 if epoch_pseudo_dice(p) is not None and epoch_pseudo_dice(p) > threshold), None)
 
 
 def targets(state: dict) -> list[tuple[str, str, str]]:
@@ -724,7 +736,7 @@ def targets(state: dict) -> list[tuple[str, str, str]]:
         if b is not None and "pseudo_dice_curve" in b:
             learned = minutes_to_learn(b)
             rows.append((f"{size} training cases: nnU-Net's best learns the structure within the budget "
-                         f"(EMA pseudo-Dice > {LEARNED})",
+                         f"(an epoch's pseudo-Dice > {LEARNED})",
                          f"{b['model']}: " + ("never" if learned is None else f"after {learned:.1f} min"),
                          "met" if learned is not None else "missed"))
     best = best_nnunet(state, "all") or next((best_nnunet(state, s) for s in state["setup"]["training_subsets"]
@@ -781,7 +793,8 @@ def to_markdown(state: dict) -> str:
         lines += ["", "## Learning curves", "",
                   "Validation mean Dice of the checkpoint kept at each point of the budget (no mirroring, no "
                   "postprocessing), with the budget minutes and iterations done by then; the last column is when "
-                  f"nnU-Net's EMA pseudo-Dice (computed during training) first exceeded {LEARNED}. Plot: "
+                  f"nnU-Net's pseudo-Dice of an epoch (computed during training; its moving average for runs "
+                  f"recorded before the epoch's figure was kept) first exceeded {LEARNED}. Plot: "
                   f"`{CURVES_PNG}`.", "",
                   "| model | cases | " + " | ".join(f"{p:.0%} of budget" for p in (0.25, 0.5, 1.0))
                   + f" | pseudo-Dice > {LEARNED} after |", "|---|---|---|---|---|---|"]
@@ -867,8 +880,8 @@ def plot_learning_curves(state: dict, path: Path) -> bool:
     for ax, size in zip(axes[0], sizes):
         for i, r in enumerate(r for r in _runs(state, size) if r.get("learning_curve")):
             colour = f"C{i}"
-            pseudo = [(p["spent_minutes"], p["ema_pseudo_dice"]) for p in r.get("pseudo_dice_curve", [])
-                      if p["ema_pseudo_dice"] is not None]
+            pseudo = [(p["spent_minutes"], epoch_pseudo_dice(p)) for p in r.get("pseudo_dice_curve", [])
+                      if epoch_pseudo_dice(p) is not None]
             if pseudo:
                 ax.plot(*zip(*pseudo), color=colour, alpha=0.5, lw=1)
             points = [(p["spent_minutes"], mean_dice(p)) for p in r["learning_curve"]]
@@ -877,7 +890,7 @@ def plot_learning_curves(state: dict, path: Path) -> bool:
                ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("validation Dice (markers) and EMA pseudo-Dice during training (thin lines)", fontsize=10)
+    fig.suptitle("validation Dice (markers) and each epoch's pseudo-Dice during training (thin lines)", fontsize=10)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)

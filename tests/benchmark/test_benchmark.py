@@ -53,8 +53,11 @@ def test_target_verdicts_follow_the_numbers():
             _run("SAMUNetTrainer:2d", "all", (0.95, 0.95), True)]  # not the default: no verdict rests on it
     runs[0]["test"] = {"dice": {"a": 0.72, "b": 0.72}}
     runs[2]["test"] = {"dice": {"a": 0.65, "b": 0.65}}
-    runs[2]["pseudo_dice_curve"] = [{"spent_minutes": 5.0, "ema_pseudo_dice": 0.5},
-                                    {"spent_minutes": 10.0, "ema_pseudo_dice": 0.8}]
+    # the epoch's pseudo-Dice decides where it was kept (the lagging moving average passes 0.75 later);
+    # a run recorded with the moving average alone falls back to it (checked below)
+    runs[2]["pseudo_dice_curve"] = [{"spent_minutes": 5.0, "pseudo_dice": 0.5, "ema_pseudo_dice": 0.2},
+                                    {"spent_minutes": 10.0, "pseudo_dice": 0.8, "ema_pseudo_dice": 0.4},
+                                    {"spent_minutes": 15.0, "pseudo_dice": 0.85, "ema_pseudo_dice": 0.8}]
     state = {"setup": {"device": "cpu", "samnnu_default": d, "training_subsets": {"10": [], "all": None}},
              "runs": {f"{r['model']}@{r['train_size']}": r for r in runs}}
     rows = targets(state)
@@ -63,6 +66,11 @@ def test_target_verdicts_follow_the_numbers():
     # inference: 2.0 s against the best "all" configuration's 1.0 s -> missed; no sparse-label runs
     assert [v for _, _, v in rows] == ["missed", "not measured", "met", "met", "met", "missed", "not measured"]
     assert "nnUNetTrainer:3d_fullres 0.650 (+6.0)" in rows[2][1] and "after 10.0 min" in rows[4][1]
+    for p in runs[2]["pseudo_dice_curve"]:
+        del p["pseudo_dice"]
+    assert "after 15.0 min" in targets(state)[4][1]
+    runs[2]["pseudo_dice_curve"] = [{"spent_minutes": 5.0, "pseudo_dice": 0.7, "ema_pseudo_dice": 0.1}]
+    assert targets(state)[4][1:] == ("nnUNetTrainer:3d_fullres: never", "missed")
     runs[0]["dice"] = {"a": 0.69, "b": 0.70}
     assert [v for _, _, v in targets(state)][2] == "missed"
     assert mean_dice(runs[0]) == pytest.approx(0.695)
