@@ -180,6 +180,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def sparse_dataset_name(source: str, slices: int | None, *, scribble: bool = False,
+                        end_slices: bool = False) -> str:
+    """The default name (without ``DatasetNNN_``) of a sparse copy of the dataset folder ``source``:
+    ``<name>Sparse<N>``, ``<name>Sparse<N>Ends`` or ``<name>Scribble``."""
+    base = source.split("_", 1)[1]
+    return f"{base}Scribble" if scribble else f"{base}Sparse{slices}{'Ends' if end_slices else ''}"
+
+
 def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | None = None, scribble: bool = False,
                         random_slices: bool = False, seed: int = 0, axis: int | None = None,
                         end_slices_too: bool = False, name: str | None = None,
@@ -221,8 +229,7 @@ def make_sparse_dataset(source: str | int, dataset_id: int, *, slices: int | Non
     ending = dataset_json["file_ending"]
     labels = {k: int(v) for k, v in dataset_json["labels"].items()}
     ignore = ignore_value(labels)
-    base = src_name.split("_", 1)[1]
-    name = name or (f"{base}Scribble" if scribble else f"{base}Sparse{slices}{'Ends' if end_slices_too else ''}")
+    name = name or sparse_dataset_name(src_name, slices, scribble=scribble, end_slices=end_slices_too)
     validate_dataset_id_and_name(dataset_id, name)
     label_files = sorted((src / "labelsTr").glob(f"*{ending}"))
     if not label_files:

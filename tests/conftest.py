@@ -67,6 +67,16 @@ def predict_held_out_case(tmp_path: Path, trainer: str) -> None:
     assert [p.name for p in written] == [case.name]
 
 
+def train_validate_and_predict(tmp_path: Path, trainer: str) -> None:
+    """Train fold 0 of ``trainer`` for two iterations through the whole chain (validation included),
+    check that the fold was evaluated on both hippocampus classes, then predict a held-out case."""
+    from samnnu.pipeline.training import train
+
+    result = train(4, 0, trainer=trainer, epochs=1, iters_per_epoch=2, device="cpu", mirroring=False)
+    assert Path(result["evaluation"]).is_file() and set(result["dice"]) == {"Anterior", "Posterior"}
+    predict_held_out_case(tmp_path, trainer)
+
+
 def copy_demo_cases(dst: Path, cases: list[str]) -> Path:
     """Copy demo cases into ``dst/images`` + ``dst/labels`` (the layout convert_hippocampus reads)."""
     from samnnu.demo_data import demo_dataset_path

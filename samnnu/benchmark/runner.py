@@ -655,9 +655,9 @@ def label_of(run: dict) -> str:
     return run["model"] if not n else f"{run['model']} ({_annotation(run)})"
 
 
-def _annotation(run: dict) -> str:
+def _annotation(run: dict, unit: str = " slices/volume") -> str:
     """How a sparse run's labels were drawn, e.g. '3 slices/volume' or '3 slices/volume + empty ends'."""
-    return f"{run['sparse_slices']} slices/volume" + (" + empty ends" if run.get("sparse_end_slices") else "")
+    return f"{run['sparse_slices']}{unit}" + (" + empty ends" if run.get("sparse_end_slices") else "")
 
 
 def sparse_targets(state: dict) -> list[tuple[str, str, str]]:
@@ -713,7 +713,7 @@ def epoch_pseudo_dice(point: dict) -> float | None:
 def minutes_to_learn(run: dict, threshold: float = LEARNED) -> float | None:
     """Budget minutes after which an epoch's pseudo-Dice first exceeded ``threshold`` (None: never)."""
     return next((p["spent_minutes"] for p in run.get("pseudo_dice_curve", [])
-                 if epoch_pseudo_dice(p) is not None and epoch_pseudo_dice(p) > threshold), None)
+                 if (value := epoch_pseudo_dice(p)) is not None and value > threshold), None)
 
 
 def targets(state: dict) -> list[tuple[str, str, str]]:
@@ -825,8 +825,7 @@ def to_markdown(state: dict) -> str:
             dense = _find(state, r["model"], r["train_size"])
             share = f"{mean_dice(r) / mean_dice(dense):.1%}" if dense and mean_dice(dense) > 0 else "-"
             test = f"{mean_dice(r['test']):.3f}" if r.get("test") else "-"
-            slices = f"{r['sparse_slices']}" + (" + empty ends" if r.get("sparse_end_slices") else "")
-            lines.append(f"| {r['model']} | {r['n_training_cases']} | {slices} | {r['iterations']} | "
+            lines.append(f"| {r['model']} | {r['n_training_cases']} | {_annotation(r, unit='')} | {r['iterations']} | "
                          f"{mean_dice(r):.3f} | {share} | {test} |")
     tested = [r for r in state["runs"].values() if "test" in r]
     if tested:
@@ -880,8 +879,8 @@ def plot_learning_curves(state: dict, path: Path) -> bool:
     for ax, size in zip(axes[0], sizes):
         for i, r in enumerate(r for r in _runs(state, size) if r.get("learning_curve")):
             colour = f"C{i}"
-            pseudo = [(p["spent_minutes"], epoch_pseudo_dice(p)) for p in r.get("pseudo_dice_curve", [])
-                      if epoch_pseudo_dice(p) is not None]
+            pseudo = [(p["spent_minutes"], value) for p in r.get("pseudo_dice_curve", [])
+                      if (value := epoch_pseudo_dice(p)) is not None]
             if pseudo:
                 ax.plot(*zip(*pseudo), color=colour, alpha=0.5, lw=1)
             points = [(p["spent_minutes"], mean_dice(p)) for p in r["learning_curve"]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 
 from samnnu.config import current_paths, num_processes
-from samnnu.dataset_conversion.sparse import SPARSE_KEY, make_sparse_dataset, sparse_info
+from samnnu.dataset_conversion.sparse import SPARSE_KEY, make_sparse_dataset, sparse_dataset_name, sparse_info
 from samnnu.datasets import dataset_folder_name, dataset_id, datasets_with_id
 from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
@@ -19,11 +19,6 @@ from samnnu.safe_io import read_json, write_json_atomic
 
 #: marks a preprocessed configuration of the twin as complete (preprocessing is redone when missing)
 DONE = ".samnnu_preprocessed_{plans}_{configuration}"
-
-
-def twin_name(dense: str, slices: int, end_slices: bool = False) -> str:
-    """The twin's dataset name (without ``DatasetNNN_``): ``<dense name>Sparse<N>``, ``...Sparse<N>Ends``."""
-    return f"{dense.split('_', 1)[1]}Sparse{slices}{'Ends' if end_slices else ''}"
 
 
 def _find_or_pick_id(name: str) -> int:
@@ -52,7 +47,7 @@ def sparse_twin(dense: str, slices: int, configurations: dict[str, list[str]], e
     pre_dense = paths.preprocessed / dense
     if sparse_info(read_json(paths.raw / dense / "dataset.json", "dataset.json")) is not None:
         raise SamnnuError(f"{paths.raw / dense}: has sparse labels already; the benchmark's dense runs need dense labels")
-    name = twin_name(dense, slices, end_slices)
+    name = sparse_dataset_name(dense, slices, end_slices=end_slices)
     ident = _find_or_pick_id(name)
     full = dataset_folder_name(ident, name)
     raw_json = paths.raw / full / "dataset.json"

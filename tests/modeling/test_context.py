@@ -3,14 +3,13 @@ and inference, the encoder's RGB channels, and a fold trained, validated and pre
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
-from conftest import predict_held_out_case
+from conftest import train_validate_and_predict
 from samnnu.modeling.common import IntensityToSAM
 from samnnu.modeling.context import ContextDataset, ContextVolume, with_context
 
@@ -74,10 +73,5 @@ def test_context_network_takes_three_slices_per_channel():
 
 @pytest.mark.slow
 def test_context_trainer_trains_validates_and_predicts(data_root, tmp_path):
-    from samnnu.pipeline.training import train
-
-    name = "SAMUNetContextTrainer"
-    result = train(4, 0, trainer=name, epochs=1, iters_per_epoch=2, device="cpu", mirroring=False)
-    # the chain validated the fold: without the neighbours added there, the network would refuse its input
-    assert Path(result["evaluation"]).is_file() and set(result["dice"]) == {"Anterior", "Posterior"}
-    predict_held_out_case(tmp_path, name)
+    # the chain validates the fold: without the neighbours added there, the network would refuse its input
+    train_validate_and_predict(tmp_path, "SAMUNetContextTrainer")

@@ -2,7 +2,6 @@
 decoder, LoRA in the frozen encoder, a larger encoder input."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from test_trainers_adapters import build, numel
 
-from conftest import predict_held_out_case
+from conftest import train_validate_and_predict
 from samnnu.modeling.frozen_encoder import FrozenSAMEncoder
 from samnnu.modeling.samed import is_lora_parameter
 from samnnu.pipeline.training import get_trainer_class
@@ -83,9 +82,4 @@ def test_input2x_doubles_the_encoder_input_and_keeps_the_patch():
 
 @pytest.mark.slow
 def test_deep_supervision_trainer_trains_validates_and_predicts(data_root, tmp_path):
-    from samnnu.pipeline.training import train
-
-    name = "SAMUNetDeepSupervisionTrainer"
-    result = train(4, 0, trainer=name, epochs=1, iters_per_epoch=2, device="cpu", mirroring=False)
-    assert Path(result["evaluation"]).is_file() and set(result["dice"]) == {"Anterior", "Posterior"}
-    predict_held_out_case(tmp_path, name)
+    train_validate_and_predict(tmp_path, "SAMUNetDeepSupervisionTrainer")
