@@ -28,11 +28,16 @@ foreground label separately and for each starting point
   - "auto": the automatic first prompts of that label (samnnu.interactive.auto_prompts) applied by the refiner;
   - "box": one box around the reference on the label's largest slice, propagated, no prompt-free prediction;
   - "box+prediction": the same box applied on top of the prompt-free prediction;
-a simulated user adds up to ``--clicks`` clicks, one at a time: the largest connected error region of
+a simulated user adds up to ``--clicks`` interactions, one at a time: the largest connected error region of
 the current mask (false negative or false positive, face connectivity) gets a click at its voxel deepest
-inside it, positive on a false negative, negative on a false positive (samnnu.interactive.simulated_user). The
-reference is used only to choose the click and to score; the mask is computed from the image, the
-prompt-free prediction and the clicks. Dice after 0, 1, 3 and 5 clicks is averaged over cases and labels.
+inside it, or (``--users scribbles``) a scribble along the middle of the region on the slice where it is
+largest; positive on a false negative, negative on a false positive (samnnu.interactive.simulated_user). The
+reference is used only to choose the interaction and to score; the mask is computed from the image, the
+prompt-free prediction and the interactions. Dice after 0, 1, 3 and 5 interactions is averaged over cases and
+labels. Clicks against scribbles on the same cases:
+
+    OMP_NUM_THREADS=1 python benchmarks/interactive_benchmark.py --data-root /work/bench_data -d 4 -f 0 \
+        -tr SAMUNetTrainer --max-cases 12 --starts prompt-free --users clicks scribbles -o OUT
 """
 from __future__ import annotations
 
@@ -53,12 +58,14 @@ def parse_variant(text: str):
     return name, RefineOptions.parse([o for o in opts.split(",") if o])
 
 
-def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, start, clicks):
-    """One label of one case from one starting point: Dice after 0..clicks clicks and the clicks made."""
+def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, start, clicks, user="clicks"):
+    """One label of one case from one starting point: Dice after 0..clicks interactions of the simulated
+    ``user`` ("clicks" or "scribbles"), the interactions made (a click: z, y, x, sign; a scribble: its first
+    voxel, sign and length) and each one's (seconds, decoder runs)."""
     from samnnu.evaluation.metrics import dice
     from samnnu.interactive.auto_prompts import auto_prompts
     from samnnu.interactive.refiner import InteractiveSession
-    from samnnu.interactive.simulated_user import next_click
+    from samnnu.interactive.simulated_user import next_click, next_scribble
 
     target = ref == label
     if start == "box":  # one box on the label's largest slice, nothing from the prompt-free model
@@ -77,12 +84,19 @@ def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, 
     dices = [dice(session.label_mask(label), target)]
     made, steps = [], []
     for _ in range(clicks):
-        click = next_click(session.label_mask(label), target, spacing)
-        if click is not None:  # a perfect mask gets no more clicks; its Dice stays
+        if user == "scribbles":
+            act = next_scribble(session.label_mask(label), target)
+        else:
+            act = next_click(session.label_mask(label), target, spacing)
+        if act is not None:  # a perfect mask gets no more interactions; its Dice stays
             decodes, began = refiner.stats["decodes"], time.perf_counter()
-            session.click(label, click.index, click.positive)
+            if user == "scribbles":
+                session.scribble(label, act.voxels, act.positive)
+                made.append([*act.voxels[0], "+" if act.positive else "-", len(act.voxels)])
+            else:
+                session.click(label, act.index, act.positive)
+                made.append([*act.index, "+" if act.positive else "-"])
             steps.append([time.perf_counter() - began, refiner.stats["decodes"] - decodes])
-            made.append([*click.index, "+" if click.positive else "-"])
         dices.append(dice(session.label_mask(label), target))
     return dices, made, steps
 
@@ -164,17 +178,18 @@ def click_step_timing(records) -> dict:
 
 
 def summarize(records, clicks_at=(0, 1, 3, 5)):
-    """Mean Dice over cases and labels per (variant, start) at each number of clicks, plus per label."""
+    """Mean Dice over cases and labels per (variant, start, user) at each number of interactions, plus per
+    label."""
     out = {}
     for r in records:
-        key = f"{r['variant']}|{r['start']}"
+        key = f"{r['variant']}|{r['start']}|{r.get('user', 'clicks')}"
         out.setdefault(key, {"all": [], "by_label": {}})
         out[key]["all"].append(r["dice"])
         out[key]["by_label"].setdefault(r["label"], []).append(r["dice"])
     table = {}
     for key, v in out.items():
-        variant, start = key.split("|")
-        row = {"variant": variant, "start": start, "n": len(v["all"])}
+        variant, start, user = key.split("|")
+        row = {"variant": variant, "start": start, "user": user, "n": len(v["all"])}
         arr = np.asarray(v["all"])
         for k in clicks_at:
             if k < arr.shape[1]:
@@ -192,22 +207,22 @@ def markdown(result) -> str:
              f"Model: {result['settings']['model']}, fold {result['settings']['fold']}; "
              f"{result['settings']['refiner_description']}; {len(result['cases'])} validation cases: "
              f"{', '.join(result['cases'])}.", "",
-             "Mean Dice over cases and labels after k clicks (one label at a time; clicks at the largest error "
-             "region). Start \"prompt-free\" = the trained model's prediction; \"auto\" = its automatic first "
+             "Mean Dice over cases and labels after k interactions (one label at a time; a click at the deepest "
+             "voxel of the largest error region, or a scribble along its middle on its largest slice). Start \"prompt-free\" = the trained model's prediction; \"auto\" = its automatic first "
              "prompts applied by the refiner; \"box\" = one reference box per label on its largest slice, "
              "propagated through the volume, without the prompt-free prediction; \"box+prediction\" = the same box "
              "applied on top of the prompt-free prediction (propagation stops where the prediction has no voxel "
              "of the label; the other slices keep the prediction).", "",
-             "| variant | start | n | " + " | ".join(f"{k} clicks" for k in ks) + " |",
-             "|---|---|---|" + "---|" * len(ks)]
+             "| variant | start | user | n | " + " | ".join(f"{k}" for k in ks) + " |",
+             "|---|---|---|---|" + "---|" * len(ks)]
     for row in result["summary"]:
-        lines.append(f"| {row['variant']} | {row['start']} | {row['n']} | "
+        lines.append(f"| {row['variant']} | {row['start']} | {row['user']} | {row['n']} | "
                      + " | ".join(f"{row[f'dice_{k}']:.4f}" for k in ks) + " |")
-    lines += ["", "Per label:", "", "| variant | start | label | " + " | ".join(f"{k}" for k in ks) + " |",
-              "|---|---|---|" + "---|" * len(ks)]
+    lines += ["", "Per label:", "", "| variant | start | user | label | " + " | ".join(f"{k}" for k in ks) + " |",
+              "|---|---|---|---|" + "---|" * len(ks)]
     for row in result["summary"]:
         for name, d in row["by_label"].items():
-            lines.append(f"| {row['variant']} | {row['start']} | {name} | "
+            lines.append(f"| {row['variant']} | {row['start']} | {row['user']} | {name} | "
                          + " | ".join(f"{d[f'dice_{k}']:.4f}" for k in ks) + " |")
     lines += ["", "Variants (samnnu.interactive.refiner.RefineOptions):", ""]
     for name, opts in result["settings"]["variants"].items():
@@ -226,7 +241,7 @@ def markdown(result) -> str:
                   f"embeddings computed, {t['embedding_seconds_per_slice']:.2f} s each ({t['embeddings_from_cache']} "
                   f"loaded from the cache); {t['decodes']} decoder runs, "
                   f"{t['decode_seconds_per_run']:.3f} s each. "
-                  + (f"A click was answered in {t['click_step_seconds_median']:.2f} s (median; at most "
+                  + (f"An interaction was answered in {t['click_step_seconds_median']:.2f} s (median; at most "
                      f"{t['click_step_seconds_max']:.2f} s; at most {t['click_step_seconds_per_decoded_slice_max']:.2f} s "
                      f"per slice it decoded, embeddings included when not yet computed). " if t["click_steps"] else "")
                   + "Prompt-free prediction: "
@@ -245,7 +260,10 @@ def main(argv=None) -> int:
     p.add_argument("-p", "--plans", default=None)
     p.add_argument("--cases", nargs="+", default=None, help="validation cases to use (default: all of the fold)")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N validation cases")
-    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--clicks", type=int, default=5, help="interactions per label and start (clicks or scribbles)")
+    p.add_argument("--users", nargs="+", default=["clicks"], choices=["clicks", "scribbles"],
+                   help="simulated users to compare on the same cases: a click at the deepest voxel of the largest "
+                        "error region, or a scribble along its middle on its largest slice")
     p.add_argument("--starts", nargs="+", default=["prompt-free", "auto"], choices=["prompt-free", "auto", "box", "box+prediction"],
                    help="prompt-free: the model's prediction; auto: its automatic first prompts; box: one reference "
                         "box per label on its largest slice, propagated, without the prompt-free prediction; "
@@ -342,13 +360,14 @@ def main(argv=None) -> int:
             from_cache += len(saved)
         for vname, options in variants.items():
             for start_name in args.starts:
-                for label in sorted(names):
-                    dices, made, steps = run_label(refiner, image, seg, probs, ref, label, labels, spacing, options,
-                                                   start_name, args.clicks)
-                    records.append({"case": case, "label": names[label], "variant": vname, "start": start_name,
-                                    "dice": dices, "clicks": made, "click_steps": steps})
-                    print(f"{case} {names[label]:>10} {vname:>12} {start_name:>11}: "
-                          + " ".join(f"{d:.3f}" for d in dices), flush=True)
+                for user in args.users:
+                    for label in sorted(names):
+                        dices, made, steps = run_label(refiner, image, seg, probs, ref, label, labels, spacing,
+                                                       options, start_name, args.clicks, user)
+                        records.append({"case": case, "label": names[label], "variant": vname, "start": start_name,
+                                        "user": user, "dice": dices, "clicks": made, "click_steps": steps})
+                        print(f"{case} {names[label]:>10} {vname:>12} {start_name:>11} {user:>9}: "
+                              + " ".join(f"{d:.3f}" for d in dices), flush=True)
         if args.prompt_probe:
             probes.append(prompt_probe(refiner, ref, labels, probs))
         if cache_file is not None:
@@ -359,7 +378,8 @@ def main(argv=None) -> int:
     result = {
         "command": " ".join(["python benchmarks/interactive_benchmark.py", *(argv or sys.argv[1:])]),
         "settings": {"model": model_folder_name(args.trainer, plans, args.configuration),
-                     "dataset": name, "fold": args.fold, "clicks": args.clicks, "refiner": args.refiner,
+                     "dataset": name, "fold": args.fold, "clicks": args.clicks, "users": args.users,
+                     "refiner": args.refiner,
                      "refiner_description": refiner.description, "prompt_path": refiner.trained,
                      "tta": not args.disable_tta,
                      "variants": {k: dataclasses.asdict(v) for k, v in variants.items()}},

@@ -1,9 +1,12 @@
-"""A simulated user for interactive segmentation benchmarks: where the next click goes.
+"""A simulated user for interactive segmentation benchmarks: where the next click or scribble goes.
 
 The user looks at the current mask and the reference (and only uses the reference to choose where to
-click): the largest connected error region, false negative or false positive (face connectivity), gets
-a click on its voxel deepest inside it (largest distance to the region's surface; the image border counts
-as surface); positive for a missed region, negative for a spurious one.
+act): the largest connected error region, false negative or false positive (face connectivity), gets
+- a click on its voxel deepest inside it (largest distance to the region's surface; the image border counts
+  as surface), or
+- a scribble: a stroke along the middle of the region on the slice where the region is largest (the longest
+  path through the 2D skeleton of its largest piece there, every voxel inside the region);
+positive for a missed region, negative for a spurious one.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from samnnu.interactive.auto_prompts import deepest_voxel
-from samnnu.interactive.prompts import Point
+from samnnu.interactive.prompts import Point, Stroke
 
 
 def error_regions(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,3 +55,65 @@ def largest_error(pred: np.ndarray, ref: np.ndarray) -> tuple[bool, np.ndarray] 
         if best is None or sizes[i] > best[0]:
             best = (int(sizes[i]), positive, components == i + 1)
     return None if best is None else best[1:]
+
+
+def next_scribble(pred: np.ndarray, ref: np.ndarray) -> Stroke | None:
+    """The simulated user's next scribble on a (Z, Y, X) mask, or None when the mask equals the reference.
+
+    On the slice where the largest connected error component (as for :func:`next_click`) has most voxels,
+    the stroke runs along the longest path through the skeleton of that slice's largest piece of the
+    component (8-connected, in drawing order, from one end to the other; a single voxel for a piece too thin
+    to have a longer skeleton). Positive on a false negative, negative on a false positive. Every voxel of the
+    stroke lies in the error region, so the scribble never says anything the reference contradicts.
+    """
+    from skimage.morphology import skeletonize
+
+    found = largest_error(pred, ref)
+    if found is None:
+        return None
+    positive, region = found
+    z = int(np.argmax(region.sum(axis=(1, 2))))
+    pieces, n = ndimage.label(region[z])  # face connectivity on the slice, as for the 3D regions
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+    piece = pieces == int(np.argmax(sizes)) + 1
+    skeleton = skeletonize(piece) & piece
+    if not skeleton.any():
+        skeleton = np.zeros_like(piece)
+        skeleton[tuple(deepest_voxel(piece))] = True
+    path = longest_path(skeleton)
+    return Stroke(tuple((z, y, x) for y, x in path), positive)
+
+
+def longest_path(skeleton: np.ndarray) -> list[tuple[int, int]]:
+    """The (y, x) voxels of a path between the two ends of a 2D skeleton that lie farthest apart along it
+    (8-connectivity; two breadth-first searches, exact on a tree, a good approximation on a skeleton with
+    loops), in order from one end to the other. The skeleton must be non-empty; on several pieces the path
+    stays in the piece of its first voxel (C order)."""
+    voxels = [tuple(int(i) for i in v) for v in np.argwhere(skeleton)]
+    if not voxels:
+        raise ValueError("empty skeleton has no path")
+    members = set(voxels)
+
+    def farthest(start: tuple[int, int]) -> tuple[tuple[int, int], dict]:
+        parent = {start: None}
+        frontier, last = [start], start
+        while frontier:
+            nxt = []
+            for y, x in frontier:
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        v = (y + dy, x + dx)
+                        if v in members and v not in parent:
+                            parent[v] = (y, x)
+                            nxt.append(v)
+            if nxt:
+                last = nxt[-1]
+            frontier = nxt
+        return last, parent
+
+    a, _ = farthest(voxels[0])
+    b, parent = farthest(a)
+    path = [b]
+    while parent[path[-1]] is not None:
+        path.append(parent[path[-1]])
+    return path[::-1]

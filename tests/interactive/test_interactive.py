@@ -41,7 +41,7 @@ from samnnu.interactive.refiner import (
     merge_label,
     refine_object,
 )
-from samnnu.interactive.simulated_user import next_click
+from samnnu.interactive.simulated_user import longest_path, next_click, next_scribble
 
 LABELS = {"Anterior": 1, "Posterior": 2}
 
@@ -289,6 +289,41 @@ def test_next_click_goes_to_the_largest_error_region():
     assert next_click(ref, ref) is None
     with pytest.raises(ValueError):
         next_click(ref[:5], ref)
+
+
+def test_next_scribble_runs_along_the_largest_error_region_on_its_largest_slice():
+    ref = np.zeros((10, 30, 30), bool)
+    ref[2:8, 2:26, 2:26] = True
+    pred = ref.copy()
+    pred[3:6, 10:15, 4:24] = False  # a missed bar, 20 voxels long, 5 wide, on slices 3-5
+    pred[4, 12, 4:24] = True  # on slice 4 a thin line is found: slices 3 and 5 hold the most missed voxels
+    pred[1, 27:29, 27:29] = True  # a small spurious patch
+    stroke = next_scribble(pred, ref)
+    assert stroke.positive and stroke.z == 3
+    ys, xs = np.array([v[1] for v in stroke.voxels]), np.array([v[2] for v in stroke.voxels])
+    missed = ref & ~pred
+    assert all(missed[v] for v in stroke.voxels)  # never outside the error it corrects
+    assert xs.max() - xs.min() >= 14 and set(ys) <= {11, 12, 13}  # along the bar's length, in its middle
+    steps = np.abs(np.diff(np.stack([ys, xs]), axis=1))
+    assert steps.max() <= 1 and (steps.sum(axis=0) > 0).all()  # each voxel a neighbour of the last, no repeats
+    spurious = ref.copy()
+    spurious[0:2, 0:8, 0:30] = True  # now a spurious slab outweighs everything: a negative stroke on slice 0
+    stroke = next_scribble(spurious, ref)
+    assert not stroke.positive and stroke.z == 0 and all(not ref[v] for v in stroke.voxels)
+    single = ref.copy()
+    single[4, 12, 12] = False  # one missed voxel: a one-voxel scribble
+    assert next_scribble(single, ref) == Stroke(((4, 12, 12),), True)
+    assert next_scribble(ref, ref) is None
+
+
+def test_longest_path_goes_end_to_end_through_a_branched_skeleton():
+    skeleton = np.zeros((9, 12), bool)
+    skeleton[4, 1:11] = True  # a horizontal line with a short side branch
+    skeleton[1:4, 6] = True
+    path = longest_path(skeleton)
+    assert {path[0], path[-1]} == {(4, 1), (4, 10)} and len(path) == 10
+    with pytest.raises(ValueError):
+        longest_path(np.zeros((3, 3), bool))
 
 
 # --------------------------------------------------------------------------------------------
@@ -934,3 +969,36 @@ def test_prediction_and_refine_use_the_trained_prompt_path_and_say_so(trained_fo
     finally:  # the session's other tests use the pretrained refiner, and a report without it
         trained.unlink(missing_ok=True)
         render_fold_report(trained.parent)
+
+
+def test_interactive_benchmark_scribbling_user_improves_the_mask():
+    """The benchmark's per-label loop with the scribbling user, on the stand-in refiner: each scribble lies
+    in the error it corrects and the Dice never falls."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "interactive_benchmark", Path(__file__).resolve().parents[2] / "benchmarks" / "interactive_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class CountingRefiner(ThresholdRefiner):
+        @property
+        def stats(self):
+            return {"decodes": len(self.calls)}
+
+    image = cone_volume()
+    reference = (image > 0.5).astype(np.int64)
+    reference[:, :3, :] = 0  # the speck is not part of the object
+    seg = np.zeros(image.shape, np.uint8)
+    seg[6:9] = reference[6:9]
+    options = RefineOptions(margin=1, stop_at_base=False)
+    for user in ("scribbles", "clicks"):
+        dices, made, steps = bench.run_label(CountingRefiner(image), image, seg, None, reference, 1, {"Thing": 1},
+                                             (1.0, 1.0, 1.0), options, "prompt-free", 3, user)
+        assert len(dices) == 4 and dices[-1] > dices[0] and np.all(np.diff(dices) >= -1e-9), (user, dices)
+        assert len(made) == len(steps) == 3 and all(m[3] == "+" for m in made)
+        if user == "scribbles":
+            assert all(m[4] > 1 for m in made)  # strokes, not single voxels
+    summary = bench.summarize([{"variant": "default", "start": "prompt-free", "user": u, "label": "Thing",
+                                "dice": [0.5, 0.6, 0.7, 0.8]} for u in ("clicks", "scribbles")])
+    assert sorted(r["user"] for r in summary) == ["clicks", "scribbles"]
