@@ -60,12 +60,15 @@ def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
     )
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from samnnu.benchmark.runner import run_folder
     from samnnu.evaluation.folders import evaluate_folders
     from samnnu.pipeline.prediction import predict
     from samnnu.safe_io import read_json
 
     size, slices, fold = run["train_size"], run["sparse_slices"], setup["fold"]
-    results_root = bench / "runs" / f"train_{size}_sparse{slices}" / "nnUNet_results"
+    ends = bool(run.get("sparse_end_slices"))
+    folder_name = run_folder(size, slices, ends)
+    results_root = bench / "runs" / folder_name / "nnUNet_results"
     os.environ["nnUNet_results"] = str(results_root)
     model_name = f"{run['trainer']}__{run['plans']}__{run['configuration']}"
     twin_dirs = [p for p in results_root.glob("Dataset*") if (p / model_name).is_dir()]
@@ -78,13 +81,13 @@ def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
     dense_json = read_json(paths.raw / setup["dataset"] / "dataset.json", "dataset.json")
     dense_refs = paths.preprocessed / setup["dataset"] / "gt_segmentations"
     ending = dataset_json["file_ending"]
-    work = out / f"{run['trainer']}__{run['configuration']}__{size}_sparse{slices}"
+    work = out / f"{run['trainer']}__{run['configuration']}__{folder_name}"
     shutil.rmtree(work, ignore_errors=True)
 
     test_raw = work / "test_raw"
     predict(setup["test_images"], test_raw, twin, folds=(fold,), trainer=run["trainer"],
             configuration=run["configuration"], plans=run["plans"], device="cpu", mirroring=False, postprocess=False)
-    row = {"model": run["model"], "sparse_slices": slices, "train_size": size}
+    row = {"model": run["model"], "sparse_slices": slices, "sparse_end_slices": ends, "train_size": size}
     sparse_refs = paths.preprocessed / twin / "gt_segmentations"
     labels = PlansManager(plans).get_label_manager(dataset_json).foreground_labels
     for rule in ("chain", "largest per label"):

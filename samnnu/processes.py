@@ -44,10 +44,18 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
 def _before_fork() -> None:
     _fork_state.parent = os.getpid()
     _fork_state.main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM waits until the child has its own disposition: one arriving before that would be caught by the
+    # parent's handler, then dropped when the child resets it, and the child would outlive a Pool's terminate.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _after_fork_in_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _after_fork_in_child() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler raises; a worker just ends
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a SIGTERM that came meanwhile ends it now
     # The kernel ties the death signal to the thread that forked: only safe when that is the main thread.
     if getattr(_fork_state, "main_thread", False) and die_with_parent():
         if os.getppid() != getattr(_fork_state, "parent", os.getppid()):
@@ -80,7 +88,8 @@ def install_command_hooks() -> None:
     """
     global _hooks_installed
     if not _hooks_installed:
-        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
         _hooks_installed = True
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)

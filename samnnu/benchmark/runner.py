@@ -491,9 +491,10 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
             log = out / "logs" / f"calibrate_{m.trainer}_{m.configuration}.log"
             state["calibration"][m.key] = _run_worker(spec, log)
             save()
-        tag = label if sparse is None else f"{label}_sparse{sparse}{'ends' if sparse_end_slices else ''}"
+        folder = run_folder(label, sparse, sparse_end_slices)
+        tag = folder.removeprefix("train_")
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, train_cases=subsets[label],
-                    results_root=str(out / "runs" / f"train_{tag}" / "nnUNet_results"),
+                    results_root=str(out / "runs" / folder / "nnUNet_results"),
                     save_probabilities=sparse is None)
         if sparse is not None:  # the twin's labels for training, the dense labels for every evaluation
             spec.update(dataset=twins[sparse], reference_dataset=name)
@@ -552,6 +553,14 @@ def run_benchmark(dataset: str | int, models: list[str] | None, output: str | os
     return state
 
 
+def run_folder(size: str, sparse: int | None = None, end_slices: bool = False) -> str:
+    """The folder under ``BENCH/runs`` of the runs on ``size`` training cases: dense labels, or ``sparse``
+    annotated slices per volume (with the empty slices past the ends when ``end_slices``)."""
+    if sparse is None:
+        return f"train_{size}"
+    return f"train_{size}_sparse{sparse}{'ends' if end_slices else ''}"
+
+
 def sparse_key(model: str, size: str, slices: int, end_slices: bool = False) -> str:
     """The results key of a run on sparse labels (dense runs are ``model@size``)."""
     return f"{model}@{size}@sparse{slices}{'ends' if end_slices else ''}"
@@ -578,7 +587,7 @@ def _ensemble_sizes(state: dict, subsets: dict, models: list[Model], base: dict,
         if len(runs) < 2 or state["ensembles"].get(label, {}).get("models") == members:
             continue  # fewer than two models to ensemble, or done for exactly these models
         spec = dict(base, ensembles_only=True, out_dir=str(out / "ensembles" / f"train_{label}"),
-                    results_root=str(out / "runs" / f"train_{label}" / "nnUNet_results"))
+                    results_root=str(out / "runs" / run_folder(label) / "nnUNet_results"))
         state["ensembles"][label] = dict(_run_worker(spec, out / "logs" / f"ensembles_{label}.log"), models=members)
 
 
@@ -590,7 +599,7 @@ def _retime(state: dict, models: list[Model], base: dict, out: Path, save) -> di
         if not runs:
             raise SamnnuError(f"{m.key}: no finished run in {out / RESULTS} to time")
         run = max(runs, key=lambda r: r["n_training_cases"])
-        results_root = out / "runs" / f"train_{run['train_size']}" / "nnUNet_results"
+        results_root = out / "runs" / run_folder(run["train_size"]) / "nnUNet_results"
         fold_dir = model_folder(state["setup"]["dataset"], m.trainer, m.plans, m.configuration,
                                 fold=state["setup"]["fold"], results=results_root)
         spec = dict(base, trainer=m.trainer, configuration=m.configuration, plans=m.plans, timing_only=True,

@@ -432,6 +432,33 @@ def _many_cases(folder: Path, n: int) -> Path:
     return folder
 
 
+FORK_RACE = """
+import multiprocessing, os, signal, sys, time
+# registered before samnnu's hooks, so in the child it runs first: a SIGTERM that arrives between the
+# fork and the moment the child sets its own disposition (as multiprocessing.Pool.terminate can send one
+# to a worker that is still starting on a loaded machine)
+os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+from samnnu.processes import install_command_hooks
+install_command_hooks()
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+child.start()
+child.join(30)
+alive = child.is_alive()
+if alive:
+    child.kill()
+    child.join()
+print(child.exitcode, alive)
+"""
+
+
+def test_sigterm_during_a_workers_start_still_ends_it():
+    """A forked worker that gets SIGTERM before it has reset the command's handler still ends (it used to
+    swallow the signal and run on, so nnU-Net's Pool waited for it forever)."""
+    done = subprocess.run([sys.executable, "-c", FORK_RACE], capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(-signal.SIGTERM), "False"], done.stdout + done.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "predict"])
 def test_workers_die_with_a_killed_command(own_root, tmp_path, command):
