@@ -47,14 +47,21 @@ def largest_error(pred: np.ndarray, ref: np.ndarray) -> tuple[bool, np.ndarray] 
     negative; None when the mask equals the reference."""
     best = None
     for positive, errors in zip((True, False), error_regions(pred, ref)):
-        components, n = ndimage.label(errors)
-        if n == 0:
-            continue
-        sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
-        i = int(np.argmax(sizes))
-        if best is None or sizes[i] > best[0]:
-            best = (int(sizes[i]), positive, components == i + 1)
+        found = largest_component(errors)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = (found[0], positive, found[1])
     return None if best is None else best[1:]
+
+
+def largest_component(mask: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(size, component): the largest connected component of a bool mask (any dimension, face connectivity;
+    the first in label order on equal size), or None when the mask is empty."""
+    components, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    i = int(np.argmax(sizes))
+    return int(sizes[i]), components == i + 1
 
 
 def next_scribble(pred: np.ndarray, ref: np.ndarray) -> Stroke | None:
@@ -73,9 +80,7 @@ def next_scribble(pred: np.ndarray, ref: np.ndarray) -> Stroke | None:
         return None
     positive, region = found
     z = int(np.argmax(region.sum(axis=(1, 2))))
-    pieces, n = ndimage.label(region[z])  # face connectivity on the slice, as for the 3D regions
-    sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
-    piece = pieces == int(np.argmax(sizes)) + 1
+    _, piece = largest_component(region[z])  # face connectivity on the slice, as for the 3D regions
     skeleton = skeletonize(piece) & piece
     if not skeleton.any():
         skeleton = np.zeros_like(piece)
