@@ -2,6 +2,7 @@
 
     python benchmarks/encoder_flops.py [--size N]                 # counted GFLOP of every encoder
     python benchmarks/encoder_flops.py --peak litemedsam --size 64 --batches 1 8 32 [-o OUT.json]
+    python benchmarks/encoder_flops.py --peak litemedsam --size 56 64 --batches 1    # sizes against one peak
 
 ``--peak``: in one run, the median of 5 timings of a 2048 x 2048 fp32 matmul (the machine's peak,
 2 x 2048^3 FLOP each) and of the encoder's forward pass at the given input size and batches (under
@@ -65,7 +66,8 @@ def achieved(name: str, size: int, batches: list[int]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=None, help="input size (default: each encoder's native size)")
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="input size(s) (default: each encoder's native size)")
     p.add_argument("--peak", default=None, metavar="ENCODER", help="time ENCODER against the matmul peak")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batches timed with --peak")
     p.add_argument("-o", "--output", default=None, help="with --peak: write the figures to this JSON file")
@@ -75,21 +77,23 @@ def main() -> None:
         from samnnu.safe_io import write_json_atomic
 
         threads = configure_threads()
-        size = args.size or ENCODERS[args.peak].native_size
+        sizes = args.size or [ENCODERS[args.peak].native_size]
         peak = matmul_peak_gflops()
-        result = {"encoder": args.peak, "input_size": size, "threads": threads, "matmul_peak_gflops": peak,
-                  "batches": achieved(args.peak, size, args.batches)}
         print(f"matmul peak ({threads} threads): {peak:.1f} GFLOP/s")
-        for batch, r in result["batches"].items():
-            r["share_of_peak"] = r["gflops"] / peak
-            print(f"{args.peak} input {size} batch {batch:3d}: {r['seconds_per_image'] * 1e3:7.2f} ms/image, "
-                  f"{r['gflops']:6.1f} GFLOP/s = {100 * r['share_of_peak']:5.1f} % of peak")
+        result = {"encoder": args.peak, "threads": threads, "matmul_peak_gflops": peak, "sizes": {}}
+        for size in sizes:
+            rows = result["sizes"][size] = achieved(args.peak, size, args.batches)
+            for batch, r in rows.items():
+                r["share_of_peak"] = r["gflops"] / peak
+                print(f"{args.peak} input {size} batch {batch:3d}: {r['gflop_per_image']:5.2f} GFLOP, "
+                      f"{r['seconds_per_image'] * 1e3:7.2f} ms/image, "
+                      f"{r['gflops']:6.1f} GFLOP/s = {100 * r['share_of_peak']:5.1f} % of peak")
         if args.output:
             write_json_atomic(args.output, result)
         return
     for name, spec in ENCODERS.items():
-        size = args.size or spec.native_size
-        print(f"{name:11s} input {size:5d}: {encoder_gflop(name, size):9.1f} GFLOP")
+        for size in args.size or [spec.native_size]:
+            print(f"{name:11s} input {size:5d}: {encoder_gflop(name, size):9.1f} GFLOP")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ after an untimed warm-up; the median is reported:
 - ``nnunet_3d_fullres``: nnU-Net's own predictor on nnU-Net's 3d_fullres model (what nnU-Net users get);
 - ``samnnu_2d_per_tile``: nnU-Net's predictor on samnnu's default 2D model (samnnu before batching);
 - ``samnnu_2d_batched``: :class:`samnnu.pipeline.inference.BatchedPredictor` on the same model, with
-  ``--views-per-pass`` network inputs per forward pass (default 16; ``samnnu_predict`` uses 1 on a CPU).
+  ``--views-per-pass`` network inputs per forward pass (default 16; ``samnnu_predict`` uses 1 on a CPU;
+  0 leaves this predictor out);
+- ``samnnu_2d_input{N}`` with ``--also-input-size N``: the same model and weights with the encoder's square
+  input set to N instead of the planned size (a copy of the model folder whose plans say N), to time
+  the planner's choice of input size against another one.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
     python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
@@ -108,7 +112,25 @@ def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
             "five_over_one_mirroring": med["five_folds_mirroring"] / med["one_fold_mirroring"]}
 
 
-def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int) -> dict:
+def copy_with_input_size(folder: Path, size: int, dst: Path) -> Path:
+    """A copy of the model folder ``folder`` whose plans give the SAM encoder an input of ``size``."""
+    import json
+
+    from samnnu.modeling.encoders import get_encoder_spec
+    from samnnu.safe_io import write_json_atomic
+
+    shutil.copytree(folder, dst)
+    plans = json.loads((dst / "plans.json").read_text())
+    for configuration in plans["configurations"].values():
+        sam = configuration.get("sam")
+        if sam:
+            sam["input_size"], sam["embedding_grid"] = size, size // get_encoder_spec(sam["encoder"]).stride
+    write_json_atomic(dst / "plans.json", plans)
+    return dst
+
+
+def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int,
+                    other_input_size: int | None = None) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -125,8 +147,13 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     setups = {
         "nnunet_3d_fullres": (nnUNetPredictor, model_folder(name, "nnUNetTrainer", "nnUNetPlans", "3d_fullres")),
         "samnnu_2d_per_tile": (nnUNetPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")),
-        "samnnu_2d_batched": (BatchedPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")),
     }
+    if views:
+        setups["samnnu_2d_batched"] = (BatchedPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d"))
+    if other_input_size:
+        folder = model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")
+        setups[f"samnnu_2d_input{other_input_size}"] = (nnUNetPredictor, copy_with_input_size(
+            folder, other_input_size, folder.parent / f"{folder.name}_input{other_input_size}"))
     predictors = {}
     for key, (cls, folder) in setups.items():
         extra = {"views_per_pass": views} if cls is BatchedPredictor else {}
@@ -154,7 +181,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
                     seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(p, mirroring, f"{key}{r}"))
     return {"seconds_per_volume_median": {k: statistics.median(v) for k, v in seconds.items()},
             "seconds_per_volume_all": seconds, "timing_cases": timed,
-            "views_per_pass": predictors["samnnu_2d_batched"]._views_per_pass()}
+            "views_per_pass": predictors["samnnu_2d_batched"]._views_per_pass() if views else None,
+            "planned_input_size": predictors["samnnu_2d_per_tile"].configuration_manager.configuration["sam"]["input_size"]}
 
 
 def main() -> int:
@@ -166,7 +194,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timings per predictor and mirroring (default 3)")
     parser.add_argument("--ensemble", action="store_true", help="also time SAMUNetTrainer's 5-fold ensemble")
     parser.add_argument("--ensemble-only", action="store_true", help="time only the 5-fold ensemble")
-    parser.add_argument("--views-per-pass", type=int, default=16, help="network inputs per pass, batched (default 16)")
+    parser.add_argument("--views-per-pass", type=int, default=16,
+                        help="network inputs per pass, batched (default 16; 0: do not time the batched predictor)")
+    parser.add_argument("--also-input-size", type=int, default=None,
+                        help="also time samnnu's model with the encoder input set to this size")
     args = parser.parse_args()
 
     from samnnu.config import configure_threads
@@ -181,20 +212,18 @@ def main() -> int:
         cases = prepare(Path(args.src), args.cases, Path(tmp))
         prepared = time.perf_counter() - t0
         result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
-                                                                args.views_per_pass)
+                                                                args.views_per_pass, args.also_input_size)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
     result.update({"torch_threads": threads, "prepare_seconds": prepared,
                    "machine": platform.processor() or platform.machine()})
     if "seconds_per_volume_median" in result:
         med = result["seconds_per_volume_median"]
-        result["ratios"] = {
-            "samnnu_batched_over_nnunet_3d": med["samnnu_2d_batched"] / med["nnunet_3d_fullres"],
-            "samnnu_batched_over_nnunet_3d_mirroring":
-                med["samnnu_2d_batched_mirroring"] / med["nnunet_3d_fullres_mirroring"],
-            "per_tile_over_batched": med["samnnu_2d_per_tile"] / med["samnnu_2d_batched"],
-            "per_tile_over_batched_mirroring": med["samnnu_2d_per_tile_mirroring"] / med["samnnu_2d_batched_mirroring"],
-        }
+        ratios = {}
+        for key in [k for k in med if k.startswith("samnnu_") and not k.endswith("_mirroring")]:
+            ratios[f"{key}_over_nnunet_3d"] = med[key] / med["nnunet_3d_fullres"]
+            ratios[f"{key}_over_nnunet_3d_mirroring"] = med[f"{key}_mirroring"] / med["nnunet_3d_fullres_mirroring"]
+        result["ratios"] = ratios
         for k, v in list(med.items()) + list(result["ratios"].items()):
             print(f"{k:36s} {v:6.2f}")
     if "ensemble" in result:

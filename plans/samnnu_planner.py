@@ -9,7 +9,8 @@ function below, documented with worked examples in docs/plans.md):
   patch is scaled so its longer side fills it. It is the longer side rounded up to the encoder's
   size divisor, at least ``MIN_INPUT_SIZE`` and at most the encoder's native size: small
   structures are not upsampled beyond that (upsampling costs the square of the factor and has not
-  been shown to help), large patches are downsampled to the native size.
+  been shown to help), large patches are downsampled to the native size. An encoder with windowed
+  attention takes the size in that range whose windows pad least.
 - on a CPU, when even a batch of ``MIN_BATCH_SIZE`` would exceed ``CPU_GFLOP_PER_ITERATION``, the
   input is reduced step by step (:func:`fit_input_to_cpu`) so that training stays feasible.
 - ``intensity_windows``: per channel, the 0.5th-99.5th percentile of intensities *after* nnU-Net's
@@ -39,9 +40,16 @@ from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization impo
 from samnnu.dataset_conversion.sparse import sparse_info
 from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
-from samnnu.modeling.encoders import ENCODERS, EncoderSpec, checkpoint_variant, get_encoder_spec, read_checkpoint
+from samnnu.modeling.encoders import (
+    ENCODERS,
+    EncoderSpec,
+    checkpoint_variant,
+    get_encoder_spec,
+    padded_attention_tokens,
+    read_checkpoint,
+)
 
-MIN_INPUT_SIZE = 64
+MIN_INPUT_SIZE = 56
 WINDOW_CASES = 16
 WINDOW_PERCENTILES = (0.5, 99.5)
 CPU_GFLOP_PER_ITERATION = 150.0
@@ -59,11 +67,21 @@ MIN_CASES_FOR_3D = 20
 
 
 def plan_input_size(patch_size: Sequence[int], spec: EncoderSpec) -> int:
-    """Square encoder input for a 2D patch (in-plane axes): longer side rounded up to the divisor, within bounds."""
-    side = max(patch_size)
-    size = int(math.ceil(side / spec.size_divisor) * spec.size_divisor)
-    lowest = int(math.ceil(MIN_INPUT_SIZE / spec.size_divisor) * spec.size_divisor)
-    return int(min(max(size, lowest), spec.native_size))
+    """Square encoder input for a 2D patch (in-plane axes).
+
+    The longer side, at least ``MIN_INPUT_SIZE``, rounded up to the encoder's size divisor and capped at its
+    native size. An encoder with windowed attention (``spec.attention_windows``) may instead take any size
+    in between that is a multiple of its stride: the one whose attention grids pad least
+    (:func:`~samnnu.modeling.encoders.padded_attention_tokens`), the smaller on a tie. LiteMedSAM on the
+    hippocampus patch 56 x 40: 56 (every window tiled exactly), not 64 (2.6x the attention tokens).
+    """
+    base = min(max(max(patch_size), MIN_INPUT_SIZE), spec.native_size)
+    top = min(int(math.ceil(base / spec.size_divisor) * spec.size_divisor), spec.native_size)
+    if not spec.attention_windows:
+        return int(top)
+    first = int(math.ceil(base / spec.stride) * spec.stride)
+    candidates = range(first, top + 1, spec.stride)
+    return int(min(candidates, key=lambda s: (padded_attention_tokens(s, spec.attention_windows), s)))
 
 
 def estimate_training_memory_gb(spec: EncoderSpec, input_size: int, batch_size: int, slices: int = 1) -> float:

@@ -184,6 +184,7 @@ def test_register_encoder_refuses_specs_the_planner_cannot_use():
         "needs a signature": dict(pretrained="user"),
         "pixel_mean and pixel_std": dict(pixel_mean=(0.5, 0.5, 0.5)),
         "non-empty word": dict(name="my encoder"),
+        "attention_windows must be": dict(attention_windows=((4, 14),)),  # blocks missing
     }
     for message, change in bad.items():
         with pytest.raises(SamnnuError, match=message) as info:

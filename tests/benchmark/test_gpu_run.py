@@ -23,7 +23,7 @@ def test_gpu_run_script_runs_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_") and k != "SAMNNU_DATA_ROOT"}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu" / "run.py"), "--device", "cpu", "--minutes", "0.1",
-           "--max-cases", "12", "--encoder", "tiny", "--timing-cases", "1", "--data", str(demo_dataset_path()),
+           "--max-cases", "8", "--encoder", "tiny", "--timing-cases", "1", "--data", str(demo_dataset_path()),
            "--work", str(tmp_path / "work"), "-o", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -36,14 +36,44 @@ def assert_within_5_percent(batch: int, patch, n_voxels: float) -> None:
 # sizing rules
 # --------------------------------------------------------------------------------------------
 def test_input_size_follows_patch_and_is_capped_at_native():
-    assert plan_input_size(HIPPO_PATCH, LITE) == 64  # 56 rounded up to a multiple of 16
+    assert plan_input_size(HIPPO_PATCH, LITE) == 56  # the patch side itself: every attention window tiled
     assert plan_input_size((300, 200), LITE) == LITE.native_size == 256  # 304 would exceed native
-    assert plan_input_size((70, 20), LITE) == 80
-    assert plan_input_size((12, 10), LITE) == 64  # never below the minimum
+    assert plan_input_size((70, 20), LITE) == 72  # 72, 76, 80 pad to the same windows: the smallest
+    assert plan_input_size((12, 10), LITE) == 56  # never below the minimum
     for patch in [(56, 40), (70, 20), (100, 100), (129, 3), (300, 200)]:
         size = plan_input_size(patch, LITE)
-        assert size % LITE.size_divisor == 0 and size <= LITE.native_size
+        assert size % LITE.stride == 0 and size <= LITE.native_size
         assert size >= min(max(patch), LITE.native_size)  # the patch fits unless capped
+        assert size <= -(-max(patch) // LITE.size_divisor) * LITE.size_divisor  # never above the old rounding
+
+
+def test_input_size_avoids_padded_attention_windows():
+    """LiteMedSAM's attention runs in windows of 7 / 14 / 7 tokens on grids of input / 2, / 4, / 4: at 64 the
+    grids 32 / 16 / 16 are zero-padded to 35 / 28 / 21, so the encoder at 64 does 2.6x the attention work
+    it does at 56, where every grid is a whole number of windows."""
+    from samnnu.modeling.encoders import padded_attention_tokens
+
+    windows = LITE.attention_windows
+    assert windows == ((2, 7, 2), (4, 14, 6), (4, 7, 2))
+    assert padded_attention_tokens(56, windows) == 2 * 28 ** 2 + 6 * 14 ** 2 + 2 * 14 ** 2 == 3136
+    assert padded_attention_tokens(64, windows) == 2 * 35 ** 2 + 6 * 28 ** 2 + 2 * 21 ** 2 == 8036
+    assert padded_attention_tokens(112, windows) == 4 * padded_attention_tokens(56, windows)
+    # the choice only moves inside the old range [side, side rounded up to 16], to the least padded size
+    for side in range(40, 257, 4):
+        size = plan_input_size((side, side), LITE)
+        top = min(-(-max(side, 56) // 16) * 16, 256)
+        assert max(side, 56) <= size <= top
+        assert all(padded_attention_tokens(size, windows) <= padded_attention_tokens(s, windows)
+                   for s in range(size, top + 1, 4))
+    # the planned size builds and encodes: grid 56 / 4 = 14, windows tiled, no padding needed
+    from samnnu.modeling.encoders import build_sam_parts
+
+    encoder = build_sam_parts("litemedsam", input_size=56, num_mask_tokens=1).image_encoder.eval()
+    with torch.inference_mode():
+        assert encoder(torch.rand(1, 3, 56, 56)).shape == (1, 256, 14, 14)
+    # an encoder without windows keeps the plain rule
+    vit = ENCODERS["vit_b"]
+    assert vit.attention_windows == () and plan_input_size(HIPPO_PATCH, vit) == 64
 
 
 def test_memory_estimate_is_linear_in_batch_and_grows_with_input():
@@ -132,7 +162,8 @@ def test_plans_on_demo_data(data_root, demo_subset):
     assert len(patch) == 2 and max(patch) <= 64
 
     assert sam["encoder"] == "tiny"
-    assert sam["input_size"] == 64 and sam["embedding_grid"] == 16
+    assert sam["input_size"] == plan_input_size(patch, ENCODERS["tiny"]) >= max(patch)
+    assert sam["embedding_grid"] == sam["input_size"] // 4
     assert sam["device_type"] == "cpu" and sam["device_memory_gb"] == 8.0
 
     # intensity window after z-scoring (MRI): around zero, and what the data say
