@@ -140,8 +140,9 @@ def test_2d_png_dataset_plans_only_2d(root):
     assert set(plans["configurations"]) == {"2d"}
     assert plans["samnnu"] == {"recommended_configuration": "2d", "reason": "the data are 2D",
                                "encoder": "litemedsam"}
-    # 120, not 128 (rounded up to 16): 120 pads LiteMedSAM's attention windows less (20972 tokens against 23094)
-    assert plans["configurations"]["2d"]["sam"]["input_size"] == 120
+    # nnU-Net's patch for the 120 x 90 images is 128 x 96; 128 is a multiple of 16, so there is nothing to choose
+    assert tuple(plans["configurations"]["2d"]["patch_size"]) == (128, 96)
+    assert plans["configurations"]["2d"]["sam"]["input_size"] == 128
 
 
 def test_four_channel_mri_gets_a_window_per_channel(root):
