@@ -49,7 +49,7 @@ def test_input_size_follows_patch_and_is_capped_at_native():
 
 def test_input_size_avoids_padded_attention_windows():
     """LiteMedSAM's attention runs in windows of 7 / 14 / 7 tokens on grids of input / 2, / 4, / 4: at 64 the
-    grids 32 / 16 / 16 are zero-padded to 35 / 28 / 21, so the encoder at 64 does 2.6x the attention work
+    grids 32 / 16 / 16 are zero-padded to 35 / 28 / 21, so the encoder at 64 processes 2.6x the attention tokens
     it does at 56, where every grid is a whole number of windows."""
     from samnnu.modeling.encoders import padded_attention_tokens
 
