@@ -90,10 +90,12 @@ def test_unknown_encoder_and_bad_size_raise():
         build_sam_parts("vit_nope", input_size=64, num_mask_tokens=4)
     with pytest.raises(SamnnuError, match="unknown encoder"):
         get_encoder_spec("vit_nope")
-    for name in SIZES:
-        for size in (40, 65, 0):
-            with pytest.raises(SamnnuError, match="multiple of 16"):
+    for name in SIZES:  # TinyViTs take any multiple of their stride, 4
+        for size in (42, 65, 0):
+            with pytest.raises(SamnnuError, match="not a positive multiple of 4"):
                 build_sam_parts(name, input_size=size, num_mask_tokens=4)
+    with pytest.raises(SamnnuError, match="not a positive multiple of 16"):
+        build_sam_parts("vit_b", input_size=40, num_mask_tokens=4)
 
 
 # --------------------------------------------------------------------------------------------

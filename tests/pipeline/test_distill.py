@@ -119,9 +119,11 @@ def test_an_interrupted_distillation_resumes_and_the_teacher_cache_is_exact(data
     source = d.SliceSource(["4"])
     inputs, embeddings = np.load(tmp_path / "s.teacher_inputs.npy"), np.load(tmp_path / "s.teacher.npy")
     assert len(inputs) == len(embeddings) == len(source.all_slices())
-    teacher = d.build_parts("tiny", 64).image_encoder.eval()
+    size = inputs.shape[-1]  # the planned input size (distill's default)
+    assert size == record["input_size"]
+    teacher = d.build_parts("tiny", size).image_encoder.eval()
     row = len(inputs) // 2
-    x = source.encoder_input(row, 64)
+    x = source.encoder_input(row, size)
     assert np.allclose(inputs[row, 0], x[0, 0].numpy(), atol=1e-3)
     with torch.no_grad():
         assert np.allclose(embeddings[row], teacher(x)[0].numpy(), atol=2e-2, rtol=1e-2)
