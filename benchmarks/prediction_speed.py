@@ -144,16 +144,16 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     images = current_paths().raw / name / "imagesTr"
     timed = cases[-timing_cases:]
     lists = [[str(images / f"{c}_0000.nii.gz")] for c in timed]
+    samnnu_model = model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")
     setups = {
         "nnunet_3d_fullres": (nnUNetPredictor, model_folder(name, "nnUNetTrainer", "nnUNetPlans", "3d_fullres")),
-        "samnnu_2d_per_tile": (nnUNetPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")),
+        "samnnu_2d_per_tile": (nnUNetPredictor, samnnu_model),
     }
     if views:
-        setups["samnnu_2d_batched"] = (BatchedPredictor, model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d"))
+        setups["samnnu_2d_batched"] = (BatchedPredictor, samnnu_model)
     if other_input_size:
-        folder = model_folder(name, DEFAULT_TRAINER, PLANS_NAME, "2d")
         setups[f"samnnu_2d_input{other_input_size}"] = (nnUNetPredictor, copy_with_input_size(
-            folder, other_input_size, folder.parent / f"{folder.name}_input{other_input_size}"))
+            samnnu_model, other_input_size, samnnu_model.parent / f"{samnnu_model.name}_input{other_input_size}"))
     predictors = {}
     for key, (cls, folder) in setups.items():
         extra = {"views_per_pass": views} if cls is BatchedPredictor else {}

@@ -190,7 +190,14 @@ def _tinyvit_windows(depths, window_sizes) -> tuple[tuple[int, int, int], ...]:
     return tuple((factor, int(w), int(d)) for factor, w, d in zip((2, 4, 4), window_sizes[1:], depths[1:]))
 
 
-LITEMEDSAM_WINDOWS = _tinyvit_windows((2, 2, 6, 2), (7, 7, 14, 7))
+#: LiteMedSAM's TinyViT: blocks per stage, and the attention window side per stage (stage 0 is convolutional);
+#: the builders below and the planner's ``attention_windows`` read them from here
+LITEMEDSAM_DEPTHS = (2, 2, 6, 2)
+TINYVIT_WINDOW_SIZES = (7, 7, 14, 7)
+#: the tests' tiny TinyViT
+TINY_DEPTHS = (1, 1, 1, 1)
+TINY_WINDOW_SIZES = (7, 7, 7, 7)
+LITEMEDSAM_WINDOWS = _tinyvit_windows(LITEMEDSAM_DEPTHS, TINYVIT_WINDOW_SIZES)
 
 
 def _check_size(name: str, input_size: int, divisor: int) -> None:
@@ -202,8 +209,8 @@ def build_litemedsam(*, input_size: int = 256, num_mask_tokens: int = 4) -> SAMP
     """LiteMedSAM's TinyViT + SAM prompt encoder and mask decoder, at any input size divisible by 4 (its stride)."""
     _check_size("litemedsam", input_size, 4)
     encoder = FlexTinyViT(
-        img_size=input_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        img_size=input_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=list(LITEMEDSAM_DEPTHS),
+        num_heads=[2, 4, 5, 10], window_sizes=list(TINYVIT_WINDOW_SIZES), mlp_ratio=4.0, drop_rate=0.0,
         drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
         layer_lr_decay=0.8,
     )
@@ -219,8 +226,8 @@ def build_tiny(*, input_size: int = 64, num_mask_tokens: int = 4) -> SAMParts:
     # the last stage must be 320 wide: the TinyViT code keeps the last stage at the previous resolution
     # only for that width
     encoder = FlexTinyViT(
-        img_size=input_size, in_chans=3, embed_dims=[8, 16, 32, 320], depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 5], window_sizes=[7, 7, 7, 7], mlp_ratio=1.0, drop_rate=0.0,
+        img_size=input_size, in_chans=3, embed_dims=[8, 16, 32, 320], depths=list(TINY_DEPTHS),
+        num_heads=[1, 1, 2, 5], window_sizes=list(TINY_WINDOW_SIZES), mlp_ratio=1.0, drop_rate=0.0,
         drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=1.0, local_conv_size=3,
     )
     grid = input_size // 4
@@ -241,7 +248,7 @@ def build_tinyvit_student(*, input_size: int, num_mask_tokens: int = 4, name: st
     _check_size(name, input_size, 4)
     encoder = FlexTinyViT(
         img_size=input_size, in_chans=3, embed_dims=list(embed_dims), depths=list(depths), num_heads=list(num_heads),
-        window_sizes=[7, 7, 14, 7], mlp_ratio=mlp_ratio, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+        window_sizes=list(TINYVIT_WINDOW_SIZES), mlp_ratio=mlp_ratio, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
         mbconv_expand_ratio=mlp_ratio, local_conv_size=3,
     )
     grid = input_size // 4
@@ -293,8 +300,8 @@ def build_mobilesam(*, input_size: int = 1024, num_mask_tokens: int = 4) -> SAMP
     _check_size("mobilesam", input_size, 16)
     # the layers are laid out for the patch grid (input / 4); the strided embedding produces it
     encoder = FlexTinyViT(
-        img_size=input_size // 4, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        img_size=input_size // 4, in_chans=3, embed_dims=[64, 128, 160, 320], depths=list(LITEMEDSAM_DEPTHS),
+        num_heads=[2, 4, 5, 10], window_sizes=list(TINYVIT_WINDOW_SIZES), mlp_ratio=4.0, drop_rate=0.0,
         drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
         layer_lr_decay=0.8,
     )
@@ -371,7 +378,7 @@ register_encoder(EncoderSpec(
     name="tiny", build=build_tiny, native_size=64, stride=4, size_divisor=16,
     gflop_at_native=0.9, memory_fixed_gb=0.1, memory_per_sample_gb_at_native=0.02,
     pretrained=None, description="tiny random TinyViT for tests",
-    attention_windows=_tinyvit_windows((1, 1, 1, 1), (7, 7, 7, 7)), extra={"heads": "tiny"},
+    attention_windows=_tinyvit_windows(TINY_DEPTHS, TINY_WINDOW_SIZES), extra={"heads": "tiny"},
 ))
 # samnnu_distill's students: user checkpoints (the file samnnu_distill writes), recognised by their widths.
 # Their GFLOP and per-sample memory are LiteMedSAM's scaled by the ratio of forward FLOPs counted with
@@ -386,7 +393,7 @@ for _name, _native, _gflop, _mem, _what in (("tinyvit_s", 256, 27.7, 0.79, "smal
         memory_per_sample_gb_constant=0.07, pretrained="user",
         description=f"{_what} TinyViT student distilled by samnnu_distill, user checkpoint",
         signature={"embed_dims": STUDENTS[_name]["embed_dims"]},
-        attention_windows=_tinyvit_windows(STUDENTS[_name]["depths"], (7, 7, 14, 7)),
+        attention_windows=_tinyvit_windows(STUDENTS[_name]["depths"], TINYVIT_WINDOW_SIZES),
         extra={"heads": STUDENTS[_name]["heads"], "student": True},
     ))
 register_encoder(EncoderSpec(
