@@ -13,7 +13,10 @@ after an untimed warm-up; the median is reported:
   0 leaves this predictor out);
 - ``samnnu_2d_input{N}`` with ``--also-input-size N``: the same model and weights with the encoder's square
   input set to N instead of the planned size (a copy of the model folder whose plans say N), to time
-  the planner's choice of input size against another one.
+  the planner's choice of input size against another one;
+- ``samnnu_2d_unfolded_encoder`` with ``--also-unfolded-encoder``: the same model, its frozen encoder run as
+  the module itself instead of its inference copy (BatchNorm folded, channels-last; see
+  :func:`samnnu.modeling.encoders.inference_encoder`), i.e. samnnu before that copy.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
     python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
@@ -129,8 +132,17 @@ def copy_with_input_size(folder: Path, size: int, dst: Path) -> Path:
     return dst
 
 
+def unfold_encoders(network) -> None:
+    """Make every frozen encoder of ``network`` run its module itself, not the folded inference copy."""
+    from samnnu.modeling.frozen_encoder import FrozenSAMEncoder
+
+    for m in network.modules():
+        if isinstance(m, FrozenSAMEncoder):
+            object.__setattr__(m, "_run_encoder", m.image_encoder)  # shadows the method
+
+
 def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int,
-                    other_input_size: int | None = None) -> dict:
+                    other_input_size: int | None = None, unfolded: bool = False) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -154,6 +166,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     if other_input_size:
         setups[f"samnnu_2d_input{other_input_size}"] = (nnUNetPredictor, copy_with_input_size(
             samnnu_model, other_input_size, samnnu_model.parent / f"{samnnu_model.name}_input{other_input_size}"))
+    if unfolded:
+        setups["samnnu_2d_unfolded_encoder"] = (nnUNetPredictor, samnnu_model)
     predictors = {}
     for key, (cls, folder) in setups.items():
         extra = {"views_per_pass": views} if cls is BatchedPredictor else {}
@@ -162,6 +176,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         with weights_only_loading():
             p.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name=FINAL_CHECKPOINT)
         p.allowed_mirroring_axes = tuple(range(len(p.configuration_manager.patch_size)))
+        if key == "samnnu_2d_unfolded_encoder":
+            unfold_encoders(p.network)
         predictors[key] = p
     seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +214,8 @@ def main() -> int:
                         help="network inputs per pass, batched (default 16; 0: do not time the batched predictor)")
     parser.add_argument("--also-input-size", type=int, default=None,
                         help="also time samnnu's model with the encoder input set to this size")
+    parser.add_argument("--also-unfolded-encoder", action="store_true",
+                        help="also time samnnu's model with its frozen encoder unfolded (no inference copy)")
     args = parser.parse_args()
 
     from samnnu.config import configure_threads
@@ -212,7 +230,8 @@ def main() -> int:
         cases = prepare(Path(args.src), args.cases, Path(tmp))
         prepared = time.perf_counter() - t0
         result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
-                                                                args.views_per_pass, args.also_input_size)
+                                                                args.views_per_pass, args.also_input_size,
+                                                                args.also_unfolded_encoder)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
     result.update({"torch_threads": threads, "prepare_seconds": prepared,

@@ -22,6 +22,7 @@ position embeddings resized bicubically, relative ones linearly).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -101,6 +102,31 @@ class SamViT(InputNormalization, ImageEncoderViT):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.normalize_input(x))
+
+
+def _fold_conv_bn(module: nn.Module) -> None:
+    """Replace every TinyViT ``Conv2d_BN`` under ``module`` by the one Conv2d it computes in eval mode."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, Conv2d_BN):  # fuse() builds a float32 CPU Conv2d: keep the weights' device and dtype
+            setattr(module, name, child.fuse().to(device=child.c.weight.device, dtype=child.c.weight.dtype))
+        else:
+            _fold_conv_bn(child)
+
+
+def inference_encoder(encoder: nn.Module) -> nn.Module:
+    """A copy of ``encoder`` for inference with frozen weights: eval mode, BatchNorm folded into the
+    convolution before it, weights in channels-last memory order (oneDNN's fast layout for the depthwise
+    and 1x1 convolutions of TinyViT's conv stage).
+
+    The copy computes the eval-mode encoder up to float rounding (about 1e-5 on LiteMedSAM's embedding);
+    it does not follow later changes to ``encoder``'s weights. Feed it channels-last input:
+    (B, 3, S, S) -> the encoder's output, channels-last. ``encoder`` is left as it is.
+    """
+    fast = copy.deepcopy(encoder).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    _fold_conv_bn(fast)
+    return fast.to(memory_format=torch.channels_last)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from samnnu.modeling.common import IntensityToSAM, fit_square, freeze_batchnorm_stats
-from samnnu.modeling.encoders import SAMParts, build_sam_parts, load_pretrained
+from samnnu.modeling.encoders import SAMParts, build_sam_parts, inference_encoder, load_pretrained
 from samnnu.modeling.samed import apply_lora, is_lora_parameter
 
 
@@ -68,6 +68,37 @@ class FrozenSAMEncoder(nn.Module):
             self._weights_key = h.digest()
         return self._weights_key
 
+    def _weights_version(self) -> tuple:
+        """Changes whenever a tensor of the image encoder's state dict is replaced or modified in place
+        (loading a state dict, an optimiser step on LoRA, moving the module): the storage address, dtype and
+        version counter of each parameter and persistent buffer. Non-persistent buffers are derived or
+        constant (TinyViT's ``eval()`` rebuilds its attention-bias table from the parameters every time)."""
+        key = []
+        for m in self.image_encoder.modules():
+            tensors = list(m._parameters.values()) + [b for name, b in m._buffers.items()
+                                                      if name not in m._non_persistent_buffers_set]
+            for t in tensors:
+                if t is not None:
+                    key += (t.data_ptr(), t.dtype, t._version)
+        return tuple(key)
+
+    def _no_grad_encoder(self) -> nn.Module:
+        """The folded channels-last copy of the image encoder, made anew whenever its weights changed (kept out
+        of the state dict)."""
+        version = self._weights_version()
+        fast, made_from = self.__dict__.get("_inference_encoder", (None, None))
+        if fast is None or made_from != version:
+            with torch.inference_mode(False), torch.no_grad():
+                fast = inference_encoder(self.image_encoder)
+            self.__dict__["_inference_encoder"] = (fast, version)
+        return fast
+
+    def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) in [0, 1] -> (N, D_e, g, g), contiguous."""
+        if torch.is_grad_enabled():
+            return self.image_encoder(x)
+        return self._no_grad_encoder()(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
     def load_pretrained(self, checkpoint: str | None = None) -> dict[str, list[str]]:
         """Load the pretrained image encoder (training start only)."""
         parts = SAMParts(self.image_encoder, None, None, self.input_size, self.stride, self.embed_dim)
@@ -86,14 +117,14 @@ class FrozenSAMEncoder(nn.Module):
     def _encode_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self._cache is None or self.training:
             x, content = fit_square(self.intensity(x), self.input_size)
-            return self.image_encoder(x), content
+            return self._run_encoder(x), content
         weights = self._weights_digest()
         keys = [weights + hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
                 for image in x]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         fitted, content = fit_square(self.intensity(x[missing] if missing else x[:1]), self.input_size)
         if missing:
-            for i, emb in zip(missing, self.image_encoder(fitted)):
+            for i, emb in zip(missing, self._run_encoder(fitted)):
                 self._cache[keys[i]] = emb
         return torch.stack([self._cache[k] for k in keys]), content
 

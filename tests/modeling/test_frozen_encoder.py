@@ -50,3 +50,78 @@ def test_folds_with_other_frozen_weights_never_share_an_embedding():
     enc.weights_loaded()
     enc(x)
     assert calls == [2, 2]
+
+
+def _litemedsam_unet():
+    from samnnu.modeling.samunet import SAMUNet
+    net = SAMUNet(encoder="litemedsam", input_size=56, in_channels=1, num_classes=3, intensity_windows=[(-2.0, 2.0)])
+    net.load_pretrained()  # real BatchNorm statistics, so that folding them changes the arithmetic
+    return net
+
+
+def _plain_probabilities(net, x: torch.Tensor) -> torch.Tensor:
+    """The network's softmax with the encoder module itself, not its folded channels-last copy."""
+    enc = net.sam
+    object.__setattr__(enc, "_run_encoder", enc.image_encoder)  # shadows the method: the unfolded path
+    try:
+        return torch.softmax(net(x), 1)
+    finally:
+        del enc._run_encoder
+
+
+def test_the_folded_channels_last_encoder_gives_the_same_probabilities_within_1e_4():
+    torch.manual_seed(0)
+    net = _litemedsam_unet().eval()
+    state_keys = set(net.state_dict())
+    x = torch.randn(3, 1, 56, 40)
+    with torch.inference_mode():
+        plain = _plain_probabilities(net, x)
+        fast = torch.softmax(net(x), 1)
+    copy_ = net.sam.__dict__["_inference_encoder"][0]
+    assert copy_ is not net.sam.image_encoder
+    assert not any(type(m).__name__ == "Conv2d_BN" for m in copy_.modules())  # BatchNorm folded
+    assert any(type(m).__name__ == "Conv2d_BN" for m in net.sam.image_encoder.modules())  # the module untouched
+    assert set(net.state_dict()) == state_keys  # the copy is not part of the checkpoint
+    assert not torch.equal(fast, plain)  # really another computation ...
+    assert (fast - plain).abs().max().item() < 1e-4  # ... with the same probabilities
+
+
+def test_the_folded_copy_follows_every_change_of_the_weights():
+    torch.manual_seed(0)
+    net = _litemedsam_unet().eval()
+    x = torch.randn(2, 1, 56, 40)
+
+    def copy_():
+        return net.sam.__dict__["_inference_encoder"][0]
+
+    with torch.no_grad():
+        net(x)
+        first = copy_()
+        net.train()
+        net.eval()  # what nnU-Net's predictor does for every volume: the weights stay, so does the copy
+        net(x)
+        assert copy_() is first
+        other = _litemedsam_unet()
+        for p in other.sam.image_encoder.parameters():
+            p.mul_(0.9)
+        other.eval()  # after the change: TinyViT's eval() caches its attention biases
+        expected = _plain_probabilities(other, x)
+        net.load_state_dict(other.state_dict())  # a fold's weights loaded into the same network
+        assert (torch.softmax(net(x), 1) - expected).abs().max().item() < 1e-4
+        assert copy_() is not first
+        loaded = copy_()
+        next(net.sam.image_encoder.parameters()).add_(1.0)  # an in-place change (an optimiser step)
+        net(x)
+        assert copy_() is not loaded
+        net.double()
+        assert net(x.double()).dtype == torch.float64 and next(copy_().parameters()).dtype == torch.float64
+
+
+def test_training_without_lora_runs_the_frozen_encoder_through_the_copy_and_still_trains_the_rest():
+    torch.manual_seed(0)
+    net = _litemedsam_unet().train()
+    x = torch.randn(2, 1, 56, 40)
+    net(x).mean().backward()
+    assert "_inference_encoder" in net.sam.__dict__
+    assert all(p.grad is None for p in net.sam.parameters())
+    assert all(p.grad is not None for p in net.decoder.parameters())
