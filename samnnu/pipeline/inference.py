@@ -25,11 +25,12 @@ from samnnu.modeling.encoders import get_encoder_spec
 
 #: most network inputs (tiles times mirrored copies) in one forward pass on a GPU
 MAX_VIEWS_PER_PASS = 256
-#: network inputs per forward pass on a CPU. Measured (docs/benchmarks.md, "Prediction speed"): on the
-#: 2-core development CPU, SAMedNet with LiteMedSAM at input 64 takes 74.7 / 90.1 / 102.5 ms per slice at
-#: batch 1 / 4 / 16, and the encoder alone slows down the same way (its activations leave the caches), so a
-#: CPU predicts one input at a time, as nnU-Net does; batching pays on a GPU.
-CPU_VIEWS_PER_PASS = 1
+#: network inputs per forward pass on a CPU. Measured (docs/benchmarks.md, "Prediction speed"): on the 2-core
+#: development CPU, SAMUNetTrainer's default model at input 56, whose frozen encoder runs folded and
+#: channels-last, predicts a hippocampus volume in 2.96 s (6.90 with mirroring) with 4 inputs per pass,
+#: against 3.34 (8.18) one at a time; the encoder alone takes 30 ms per slice at batch 4, 39 at batch 1 and
+#: 44 at batch 13 (larger batches leave the caches). A GPU takes as many as fit (views_in_budget).
+CPU_VIEWS_PER_PASS = 4
 
 
 def views_in_budget(sam: dict, budget_gb: float) -> int:
