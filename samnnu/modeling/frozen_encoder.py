@@ -94,8 +94,10 @@ class FrozenSAMEncoder(nn.Module):
         return fast
 
     def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) in [0, 1] -> (N, D_e, g, g), contiguous."""
-        if torch.is_grad_enabled():
+        """(N, 3, S, S) in [0, 1] -> (N, D_e, g, g), contiguous. Under ``torch.compile`` (nnU-Net compiles
+        on CUDA) the module itself is traced: the compiler does its own fusion, and the copy's bookkeeping is
+        Python it should not trace."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.image_encoder(x)
         return self._no_grad_encoder()(x.contiguous(memory_format=torch.channels_last)).contiguous()
 

@@ -125,3 +125,17 @@ def test_training_without_lora_runs_the_frozen_encoder_through_the_copy_and_stil
     assert "_inference_encoder" in net.sam.__dict__
     assert all(p.grad is None for p in net.sam.parameters())
     assert all(p.grad is not None for p in net.decoder.parameters())
+
+
+def test_under_torch_compile_the_module_itself_is_traced(monkeypatch):
+    enc = _encoder()
+    x = torch.randn(2, 1, 56, 40)
+    with torch.no_grad():
+        expected, _ = enc(x)
+        assert "_inference_encoder" in enc.__dict__
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        fresh = _encoder()
+        fresh.load_state_dict(enc.state_dict())
+        got, _ = fresh(x)
+    assert "_inference_encoder" not in fresh.__dict__  # no copy, no Python bookkeeping for the compiler
+    assert (got - expected).abs().max().item() < 1e-4
