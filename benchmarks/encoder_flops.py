@@ -5,10 +5,10 @@
     python benchmarks/encoder_flops.py --peak litemedsam --size 56 64 --batches 1    # sizes against one peak
 
 ``--peak``: in one run, the median of 5 timings of a 2048 x 2048 fp32 matmul (the machine's peak,
-2 x 2048^3 FLOP each) and of the encoder's forward pass at the given input size and batches, both as the
-module is built and as the inference copy that frozen encoders run (see ``achieved``) (under
-``torch.inference_mode``, after a warm-up); achieved GFLOP/s = counted GFLOP / seconds, and its share of
-the peak. torch's threads are set to the available cores (``samnnu.config.configure_threads``).
+2 x 2048^3 FLOP each), and the median of ``--repeats`` timings of the encoder's forward pass at the given
+input size and batches, both as the module is built and as the inference copy that frozen encoders run,
+timed alternately (see ``achieved``; under ``torch.inference_mode``, after a warm-up); achieved GFLOP/s =
+counted GFLOP / seconds, and its share of the peak. torch's threads are set to the available cores (``samnnu.config.configure_threads``).
 
 torch.utils.flop_counter counts matmul/conv FLOPs (2 per multiply-add) without running real math,
 so even vit_h at 1024 costs nothing to count (TinyViTs are built on the CPU). Elementwise ops, softmax and norms are not counted.
