@@ -23,8 +23,6 @@ Nothing in ``BENCH`` is modified; everything is written under ``-o OUT`` (``spar
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -123,23 +121,14 @@ def one_run(run: dict, bench: Path, paths, out: Path, setup: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", required=True)
-    p.add_argument("-b", "--bench", required=True, help="the samnnu_benchmark output folder")
-    p.add_argument("-o", "--output", required=True)
-    args = p.parse_args(argv)
+    from bench_folder import open_benchmark  # beside this script
 
-    from samnnu.config import setup_environment
+    from samnnu.safe_io import write_json_atomic
 
-    paths = setup_environment(args.data_root, quiet=True)
-    bench, out = Path(args.bench).resolve(), Path(args.output).resolve()
-    state = json.loads((bench / "results.json").read_text())
+    paths, bench, out, state = open_benchmark(__doc__.splitlines()[0], argv)
     runs = [r for r in state["runs"].values() if r.get("sparse_slices")]
     if not runs:
         sys.exit(f"{bench / 'results.json'}: no run on sparse labels")
-    out.mkdir(parents=True, exist_ok=True)
-    from samnnu.safe_io import write_json_atomic
-
     rows = [one_run(r, bench, paths, out, state["setup"]) for r in runs]
     write_json_atomic(out / "sparse_postprocessing.json", {"benchmark": str(bench), "runs": rows}, indent=2)
     return 0

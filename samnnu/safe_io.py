@@ -308,7 +308,8 @@ def weights_only_loading() -> Iterator[None]:
     """
     import torch  # local: torch takes seconds to import
 
-    original = getattr(torch.load, "samnnu_original", torch.load)
+    previous = torch.load  # restored on exit: the guard stays on when blocks are nested
+    original = getattr(previous, "samnnu_original", previous)
 
     def guarded(f, map_location=None, **_ignored):
         return load_torch_safely(f, map_location=map_location if map_location is not None else "cpu")
@@ -318,7 +319,7 @@ def weights_only_loading() -> Iterator[None]:
     try:
         yield
     finally:
-        torch.load = original
+        torch.load = previous
 
 
 # --------------------------------------------------------------------------- postprocessing

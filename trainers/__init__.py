@@ -10,7 +10,7 @@ import importlib
 import inspect
 import pkgutil
 
-_NOT_TRAINERS = {"base", "schedules"}
+_NOT_TRAINERS = {"averaging", "base", "schedules"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,7 @@ does samnnu (:func:`samnnu.trainers.samnnu_trainers`): a new trainer is a new mo
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import numpy as np
@@ -44,6 +45,8 @@ from samnnu.modeling.common import count_parameters
 from samnnu.modeling.context import ContextDataset
 from samnnu.modeling.encoders import get_encoder_spec
 from samnnu.pipeline.inference import BatchedPredictor
+from samnnu.safe_io import load_torch_safely, weights_only_loading
+from samnnu.trainers.averaging import CHECKPOINT_KEY, PowerAverage
 from samnnu.trainers.schedules import WarmupPolyLR
 
 
@@ -76,6 +79,24 @@ def ignore_outside_image(transforms, ignore_label: int | None):
         if isinstance(t, RemoveLabelTransform) and t.label_value == -1:
             transforms.transforms[i] = RemoveLabelTransform(-1, ignore_label, t.segmentation_channels)
     return transforms
+
+
+@contextlib.contextmanager
+def _saved_with(entries: dict):
+    """Within the block, the checkpoint dict nnU-Net's ``save_checkpoint`` hands to ``torch.save`` gets
+    ``entries`` added: one write of the file, nothing forked from nnU-Net."""
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "network_weights" in obj:
+            obj = dict(obj, **entries)
+        return original(obj, f, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = original
 
 
 class IgnoreOutsideImage:
@@ -115,6 +136,9 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
     context_slices = 0
     #: train with one loss per decoder level; the network must have the heads (``deep_supervision_levels``)
     deep_supervision = False
+    #: average the trainable weights over the last share of the run (:class:`~samnnu.trainers.averaging.PowerAverage`,
+    #: this exponent); validation and checkpoints use the average. None: the last weights, as nnU-Net does
+    weight_average_gamma: float | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -128,6 +152,7 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
         self.weight_decay = self.sam_weight_decay
         self.load_pretrained_weights = True
         self._progress = None
+        self.weight_average: PowerAverage | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -150,6 +175,8 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
         else:
             super().initialize()
         load_sam_pretrained(self)  # the same file on every rank: the ranks stay equal
+        if self.weight_average_gamma:
+            self.weight_average = PowerAverage(self._plain_network(), self.weight_average_gamma)
 
     def _set_batch_size_and_oversample(self):
         """The ``sam`` block's batch; under data-parallel training an equal share per rank (rounded, at
@@ -167,16 +194,62 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
         return tr, val
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's validation, predicting with :class:`~samnnu.pipeline.inference.BatchedPredictor`."""
+        """nnU-Net's validation, predicting with :class:`~samnnu.pipeline.inference.BatchedPredictor` (with the
+        averaged weights when the trainer averages)."""
         original = nnunet_trainer_module.nnUNetPredictor
         nnunet_trainer_module.nnUNetPredictor = BatchedPredictor
         try:
-            return super().perform_actual_validation(save_probabilities)
+            with self.averaged_weights():
+                return super().perform_actual_validation(save_probabilities)
         finally:
             nnunet_trainer_module.nnUNetPredictor = original
 
+    def averaged_weights(self):
+        """Context in which the network holds the weights it predicts with: the average, for a trainer that
+        averages (:attr:`weight_average_gamma`); nothing changes otherwise."""
+        return self.weight_average.applied() if self.weight_average is not None else contextlib.nullcontext()
+
+    def on_validation_epoch_start(self):
+        """The epoch's pseudo-Dice (and so ``checkpoint_best``) is measured on the averaged weights."""
+        super().on_validation_epoch_start()
+        if self.weight_average is not None:
+            self.weight_average.swap()
+
+    def on_validation_epoch_end(self, val_outputs):
+        if self.weight_average is not None and self.weight_average.swapped:
+            self.weight_average.swap()
+        super().on_validation_epoch_end(val_outputs)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint; with averaging its ``network_weights`` are the average (what prediction loads)
+        and the training weights go beside them under ``samnnu_weight_average``, for resuming."""
+        if self.weight_average is None:
+            return super().save_checkpoint(filename)
+        with self.weight_average.applied(), _saved_with({CHECKPOINT_KEY: self.weight_average.training_state()}):
+            super().save_checkpoint(filename)
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        """nnU-Net's loading; a checkpoint with an average (``samnnu_weight_average``) puts its training weights
+        back into the network, and a trainer that averages keeps the checkpoint's weights as its average
+        (a checkpoint without one restarts the average)."""
+        with weights_only_loading():  # nnU-Net's torch.load could otherwise run code from the file
+            super().load_checkpoint(filename_or_checkpoint)
+        stored = load_torch_safely(filename_or_checkpoint).get(CHECKPOINT_KEY)
+        if self.weight_average is not None:
+            if stored is not None:
+                self.weight_average.load_training_state(stored)
+            else:
+                self.weight_average.restart()
+        elif stored is not None:  # trained with averaging, continued without: on from the training weights
+            self._plain_network().load_state_dict(stored["weights"], strict=False)
+
     def _bare_network(self) -> torch.nn.Module:
         return self.network.module if isinstance(self.network, DDP) else self.network
+
+    def _plain_network(self) -> torch.nn.Module:
+        """The network without DDP and torch.compile wrappers (the same parameter tensors)."""
+        net = self._bare_network()
+        return getattr(net, "_orig_mod", net)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """Switch the extra outputs of a network with deep-supervision heads; the others have one output."""
@@ -232,6 +305,8 @@ class SAMTrainerBase(IgnoreOutsideImage, nnUNetTrainer, abc.ABC):
     def train_step(self, batch: dict) -> dict:
         out = super().train_step(batch)
         self.lr_scheduler.step_iteration()
+        if self.weight_average is not None:
+            self.weight_average.update()
         if self._progress is not None:
             self._progress.update(1)
             self._progress.set_postfix(loss=f"{float(out['loss']):.3f}")

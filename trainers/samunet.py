@@ -2,7 +2,9 @@
 
 Recipe of :class:`~samnnu.trainers.base.SAMTrainerBase` (AdamW on the trainable parameters,
 warm-up + poly, no deep supervision, batch size from the ``sam`` block) with an equal CE/Dice loss,
-since most of the network (conv branch, decoder) trains from scratch. The class attributes below are
+since most of the network (conv branch, decoder) trains from scratch, and the trainable weights averaged
+over roughly the last tenth to fifth of the run (:class:`~samnnu.trainers.averaging.PowerAverage`, gamma 7): validation,
+checkpoints and prediction use the average. The class attributes below are
 what the measured variants of :mod:`samnnu.trainers.samunet_variants` change.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ class SAMUNetTrainer(SAMTrainerBase):
     lora_rank = 0
     #: the encoder's square input is the planned ``sam.input_size`` times this
     input_size_factor = 1
+    weight_average_gamma = 7.0
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -50,10 +50,13 @@ def _rank_main(rank: int, world: int, backend: str, dataset, fold, kwargs: dict,
         result = train(dataset, fold, run_chain=False, return_trainer=True, **kwargs)
         trainer = result.pop("trainer_object")
         net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
+        training = parameters_digest(net)
+        with trainer.averaged_weights():  # what the checkpoint holds for prediction (the average, if kept)
+            predicting = parameters_digest(net)
         write_json_atomic(Path(report_dir) / f"rank{rank}.json",
                           {"rank": rank, "world_size": world, "device": str(trainer.device),
                            "batch_size": trainer.batch_size, "epochs": trainer.current_epoch,
-                           "parameters_sha256": parameters_digest(net)})
+                           "parameters_sha256": predicting, "training_parameters_sha256": training})
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -92,7 +95,7 @@ def train_distributed(dataset, fold, num_processes: int, *, device: str | None =
         mp.spawn(_rank_main, args=(num_processes, backend, dataset, fold, dict(kwargs, device=device), report_dir),
                  nprocs=num_processes, join=True)
         ranks = [read_json(Path(report_dir) / f"rank{r}.json", f"report of rank {r}") for r in range(num_processes)]
-    if len({r["parameters_sha256"] for r in ranks}) != 1:
+    if any(len({r[k] for r in ranks}) != 1 for k in ("parameters_sha256", "training_parameters_sha256")):
         raise SamnnuError("the ranks ended with different parameters: data-parallel training went out of sync")
     # the chain once, on the final checkpoint (continue_training finds the finished run)
     chain_kwargs = {k: v for k, v in kwargs.items() if k not in ("epochs", "iters_per_epoch", "continue_training")}

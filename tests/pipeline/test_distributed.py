@@ -28,10 +28,11 @@ def test_two_gloo_ranks_finish_in_sync_and_write_one_checkpoint(prepared_root, t
     plans = json.loads((root / "nnUNet_preprocessed" / "Dataset004_Hippocampus" / "samnnuPlans.json").read_text())
     batch = plans["configurations"]["2d"]["sam"]["batch_size"]
     assert ranks[0]["batch_size"] == ranks[1]["batch_size"] == max(1, round(batch / 2))  # an equal share each
-    assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]  # in sync
+    for key in ("parameters_sha256", "training_parameters_sha256"):  # in sync: weights and their averages
+        assert ranks[0][key] == ranks[1][key]
     fold = Path(result["fold_dir"])
     assert sorted(p.name for p in fold.glob("*.pth")) == ["checkpoint_best.pth", "checkpoint_final.pth"]
-    # the one final checkpoint holds exactly the ranks' common parameters
+    # the one final checkpoint holds exactly the ranks' common parameters (those prediction uses)
     import torch
 
     from samnnu.pipeline.training import get_trainer_class  # noqa: F401  (registers the trainers)

@@ -606,3 +606,19 @@ def test_small_dataset_gets_fewer_folds(tmp_path, monkeypatch, capsys):
     assert Path(result["fold_dir"], "checkpoint_final.pth").is_file()
     assert run_cli(train_main, ["4", "3", "--device", "cpu"]) == 1
     assert "folds 0-2" in one_line_error(capsys, "samnnu_train")
+
+
+def test_nested_weights_only_blocks_keep_the_guard_until_the_outer_one_ends():
+    """A trainer's load_checkpoint guards nnU-Net's torch.load itself, inside samnnu's guarded resume."""
+    import torch
+
+    from samnnu.safe_io import weights_only_loading
+
+    real = torch.load
+    with weights_only_loading():
+        guarded = torch.load
+        assert guarded is not real
+        with weights_only_loading():
+            assert torch.load is not real
+        assert torch.load is guarded
+    assert torch.load is real
