@@ -672,39 +672,54 @@ def _annotation(run: dict, unit: str = " slices/volume") -> str:
 def sparse_targets(state: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for training on sparse labels: samnnu's default on N slices per volume
     against its own dense-label runs of the same size, and against nnU-Net's best run on the same sparse
-    labels; on the validation cases and the external test set (dense references for both)."""
+    labels; on the validation cases and the external test set (dense references for both). Runs whose labels
+    also mark the empty slice past each end are another annotation: they get rows of their own, compared
+    only with nnU-Net runs on those same labels."""
     default = state["setup"].get("samnnu_default", "")
     rows = []
     for n, keep, margin in SPARSE_TARGETS:
         measured = False
-        for size in state["setup"]["training_subsets"]:
-            d = state["runs"].get(sparse_key(default, size, n))
-            if d is None:
-                continue
-            measured = True
-            dense = _find(state, default, size)
-            theirs = [r for r in _sparse_runs(state) if r["train_size"] == size and r["sparse_slices"] == n
-                      and not r["samnnu"] and not r.get("sparse_end_slices")]
-            b = max(theirs, key=mean_dice) if theirs else None
-            for where, pick in (("validation", lambda r: r), ("held-out test", lambda r: r.get("test"))):
-                goal = f"{size} training cases, {n} slices/volume, {where}: {default} keeps >= {keep:.0%} of its dense Dice"
-                if dense is None or pick(d) is None or pick(dense) is None or not mean_dice(pick(dense)) > 0:
-                    rows.append((goal, "-", "not measured"))
-                else:
-                    share = mean_dice(pick(d)) / mean_dice(pick(dense))
-                    rows.append((goal, f"{mean_dice(pick(d)):.3f} vs dense {mean_dice(pick(dense)):.3f} ({share:.1%})",
-                                 "met" if share >= keep else "missed"))
-                goal = (f"{size} training cases, {n} slices/volume, {where}: {default} >= nnU-Net's best on the same "
-                        f"sparse labels + {margin:g} points")
-                if b is None or pick(d) is None or pick(b) is None:
-                    rows.append((goal, "-", "not measured"))
-                else:
-                    gap = 100 * (mean_dice(pick(d)) - mean_dice(pick(b)))
-                    rows.append((goal, f"{mean_dice(pick(d)):.3f} vs {b['model']} {mean_dice(pick(b)):.3f} "
-                                       f"({gap:+.1f})", "met" if gap >= margin else "missed"))
+        for ends in (False, True):
+            what = f"{n} slices/volume" + (" + empty ends" if ends else "")
+            for size in state["setup"]["training_subsets"]:
+                d = state["runs"].get(sparse_key(default, size, n, ends))
+                if d is None:
+                    continue
+                measured = True
+                rows += _sparse_rows(state, d, size, what, keep, margin,
+                                     [r for r in _sparse_runs(state) if r["train_size"] == size and not r["samnnu"]
+                                      and r["sparse_slices"] == n and bool(r.get("sparse_end_slices")) == ends])
         if not measured:
             rows.append((f"{n} annotated slices per volume: samnnu's default against its dense Dice and nnU-Net's best",
                          "-", "not measured"))
+    return rows
+
+
+def _sparse_rows(state: dict, d: dict, size: str, what: str, keep: float, margin: float,
+                 theirs: list[dict]) -> list[tuple[str, str, str]]:
+    """The two sparse-label verdicts of samnnu's default run ``d`` (on ``size`` cases), on the validation
+    cases and the external test set: its share of its own dense Dice, and its margin over the best of
+    ``theirs`` (nnU-Net runs on the same sparse labels)."""
+    default = d["model"]
+    dense = _find(state, default, size)
+    b = max(theirs, key=mean_dice) if theirs else None
+    rows = []
+    for where, pick in (("validation", lambda r: r), ("held-out test", lambda r: r.get("test"))):
+        goal = f"{size} training cases, {what}, {where}: {default} keeps >= {keep:.0%} of its dense Dice"
+        if dense is None or pick(d) is None or pick(dense) is None or not mean_dice(pick(dense)) > 0:
+            rows.append((goal, "-", "not measured"))
+        else:
+            share = mean_dice(pick(d)) / mean_dice(pick(dense))
+            rows.append((goal, f"{mean_dice(pick(d)):.3f} vs dense {mean_dice(pick(dense)):.3f} ({share:.1%})",
+                         "met" if share >= keep else "missed"))
+        goal = (f"{size} training cases, {what}, {where}: {default} >= nnU-Net's best on the same "
+                f"sparse labels + {margin:g} points")
+        if b is None or pick(d) is None or pick(b) is None:
+            rows.append((goal, "-", "not measured"))
+        else:
+            gap = 100 * (mean_dice(pick(d)) - mean_dice(pick(b)))
+            rows.append((goal, f"{mean_dice(pick(d)):.3f} vs {b['model']} {mean_dice(pick(b)):.3f} "
+                               f"({gap:+.1f})", "met" if gap >= margin else "missed"))
     return rows
 
 

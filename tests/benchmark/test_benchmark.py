@@ -106,6 +106,11 @@ def test_sparse_label_verdicts_follow_the_numbers():
     state["runs"].update({sparse_key(r["model"], "10", 3, True): r for r in ends})
     assert len(state["runs"]) == 7 and [v for _, _, v in sparse_targets(state)][:2] == ["missed", "missed"]
     assert "nnUNetTrainer:3d_fullres 0.680" in sparse_targets(state)[1][1]
+    # ... they get verdicts of their own, against nnU-Net on the same end-slice labels only
+    rows = sparse_targets(state)
+    assert len(rows) == 8 and all("+ empty ends" in goal for goal, _, _ in rows[4:])
+    assert [v for _, _, v in rows[4:]] == ["met", "missed", "met", "not measured"]  # 118.8 %, -4.0; no test run
+    assert "nnUNetTrainer:2d 0.990 (-4.0)" in rows[5][1] and "empty ends" not in rows[1][0]
     state["setup"].update(dataset="D", fold=0, seed=0, n_validation_cases=1, device="cpu", command="",
                           updated="", machine={"cpu": "c", "cores": 2}, budget={"iterations": 2, "mode": "iterations"})
     for r in state["runs"].values():  # what a finished run records besides its Dice
