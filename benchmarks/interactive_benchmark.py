@@ -242,8 +242,12 @@ def markdown(result) -> str:
                   f"loaded from the cache); {t['decodes']} decoder runs, "
                   f"{t['decode_seconds_per_run']:.3f} s each. "
                   + (f"An interaction was answered in {t['click_step_seconds_median']:.2f} s (median; at most "
-                     f"{t['click_step_seconds_max']:.2f} s; at most {t['click_step_seconds_per_decoded_slice_max']:.2f} s "
-                     f"per slice it decoded, embeddings included when not yet computed). " if t["click_steps"] else "")
+                     f"{t['click_step_seconds_max']:.2f} s" + (
+                         f"; at most {t['click_step_seconds_per_decoded_slice_max']:.2f} s per slice it decoded, "
+                         f"embeddings included when not yet computed" if t.get("click_step_seconds_per_decoded_slice_max")
+                         is not None else "; no slice decoded") + "). " if t["click_steps"] else "")
+                  + (f"The 3D click corrector ran {t['corrector_runs']} times, {t['corrector_seconds_per_run']:.3f} s "
+                     f"each. " if "corrector_runs" in t else "")
                   + "Prompt-free prediction: "
                   f"{t['prompt_free_seconds']:.1f} s for all cases. Total {t['total_seconds']:.0f} s.", ""]
     return "\n".join(lines)
@@ -271,8 +275,8 @@ def main(argv=None) -> int:
                         "--prompts applies it")
     p.add_argument("--refiner", default="litemedsam", help="refiner encoder (litemedsam; tiny for smoke tests)")
     p.add_argument("--refiner-weights", default="auto",
-                   help="auto (the model's trained prompt path, fold_F/refiner.pth, when there is one), pretrained, "
-                        "or a refiner.pth file")
+                   help="auto (the model's trained prompt path, fold_F/refiner.pth, and its 3D click corrector, "
+                        "fold_F/click_corrector.pth, when it has them), pretrained (neither), or a refiner.pth file")
     p.add_argument("--variant", action="append", default=None,
                    help="NAME:OPT=VAL,OPT=VAL (RefineOptions); repeatable (default: default:)")
     p.add_argument("--prompt-probe", action="store_true",
@@ -292,7 +296,7 @@ def main(argv=None) -> int:
     from samnnu.defaults import PLANS_NAME
     from samnnu.interactive.prompts import label_values
     from samnnu.interactive.refiner import SliceRefiner
-    from samnnu.pipeline.prediction import choose_prompt_path, prompt_free_predictions, read_image
+    from samnnu.pipeline.prediction import choose_corrector, choose_prompt_path, prompt_free_predictions, read_image
     from samnnu.safe_io import (
         check_torch_archive,
         load_torch_safely,
@@ -342,7 +346,8 @@ def main(argv=None) -> int:
 
     folder = model_folder(name, args.trainer, plans, args.configuration)
     refiner = SliceRefiner.create(args.refiner, device=args.device,
-                                  trained=choose_prompt_path(folder, (args.fold,), args.refiner_weights))
+                                  trained=choose_prompt_path(folder, (args.fold,), args.refiner_weights),
+                                  corrector=choose_corrector(folder, (args.fold,), args.refiner_weights))
     print(f"refiner: {refiner.description}", flush=True)
     records, probes = [], []
     from_cache = 0
@@ -391,6 +396,9 @@ def main(argv=None) -> int:
                    "embedding_seconds_per_slice": st["embedding_seconds"] / max(1, st["embeddings"]),
                    "decodes": st["decodes"], "decode_seconds_per_run": st["decode_seconds"] / max(1, st["decodes"]),
                    **click_step_timing(records),
+                   **({"corrector_runs": refiner.corrector.stats["runs"],
+                       "corrector_seconds_per_run": refiner.corrector.stats["seconds"]
+                       / max(1, refiner.corrector.stats["runs"])} if refiner.corrector is not None else {}),
                    "prompt_free_seconds": prompt_free_seconds,
                    "total_seconds": time.perf_counter() - total_start, "torch_threads": torch.get_num_threads()},
     }

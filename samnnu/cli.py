@@ -282,10 +282,16 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-tr", "--trainer", default=None, help="the model folder's trainer (default: as samnnu_predict)")
     p.add_argument("-c", "--configuration", default=None, help="default: the plans' recommended configuration")
     p.add_argument("-p", "--plans", default=None)
+    p.add_argument("--corrector", action="store_true",
+                   help="train the 3D click corrector instead (fold_F/click_corrector.pth): a small 3D U-Net that "
+                        "makes each click correct the whole 3D error region it lands in; the fold's model predicts "
+                        "its training cases first, for starting masks with real errors")
     p.add_argument("--steps", type=_positive_int, default=600, help="optimisation steps (default 600)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="slices per step (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="slices per step (default 8), or volumes with --corrector (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="corrective clicks after the first prompt (default 3)")
-    p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate, cosine decay (default 1e-4)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="AdamW learning rate, cosine decay (default 1e-4; 1e-3 with --corrector)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
                    help="labelled slices taken from each training case (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -302,9 +308,22 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
         from samnnu.interactive.prompt_training import train_prompts
 
         configure_threads()
+        if args.corrector:
+            from samnnu.interactive.corrector_training import train_click_corrector
+
+            record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
+                                           configuration=args.configuration, plans=args.plans, steps=args.steps,
+                                           batch_size=args.batch_size or 4, rounds=args.rounds, lr=args.lr or 1e-3,
+                                           seed=args.seed, output=args.output)
+            last = record["history"][-1]
+            print(f"wrote {record['file']}: 3D click corrector trained {record['steps']} steps on {record['samples']} "
+                  f"labels of {record['cases']} cases ({record['predicted_cases']} predicted by the model); training "
+                  f"Dice of the last steps {last['dice_before']:.3f} before, {last['dice_after']:.3f} after "
+                  f"{record['rounds']} clicks")
+            return
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                                plans=args.plans, encoder=args.refiner_encoder, steps=args.steps,
-                               batch_size=args.batch_size, rounds=args.rounds, lr=args.lr,
+                               batch_size=args.batch_size or 8, rounds=args.rounds, lr=args.lr or 1e-4,
                                slices_per_case=args.slices_per_case, seed=args.seed, output=args.output)
         last = record["history"][-1]
         print(f"wrote {record['file']}: prompt path trained {record['steps']} steps on {record['samples']} labelled "

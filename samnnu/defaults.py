@@ -18,3 +18,7 @@ PROMPT_PATH_FILE = "refiner.pth"
 PROMPT_PATH_RECORD = "samnnu_prompt_path"
 #: the checkpoint a finished training leaves, the one prediction uses unless told otherwise
 FINAL_CHECKPOINT = CHECKPOINTS_NEWEST_FIRST[0]
+#: a 3D click corrector trained on a fold's cases (samnnu_train_prompts --corrector): its file in the fold
+#: folder, and the key of its record inside that file
+CLICK_CORRECTOR_FILE = "click_corrector.pth"
+CLICK_CORRECTOR_RECORD = "samnnu_click_corrector"

@@ -246,7 +246,7 @@ def simulate_interaction(parts, embedding: torch.Tensor, target: np.ndarray, rng
 
 # ---------------------------------------------------------------------------------------- training
 
-def _fold_cases(name: str, fold: str) -> list[str]:
+def fold_cases(name: str, fold: str) -> list[str]:
     splits = read_json(current_paths().preprocessed / name / "splits_final.json",
                        "splits_final.json (train a fold first, or plan)")
     if fold == "all":
@@ -285,7 +285,7 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
         raise SamnnuError(f"{output}: the prompt path file must end in .pth")
     raw = current_paths().raw / name
     ending = read_json(raw / "dataset.json", "dataset.json")["file_ending"]
-    cases = _fold_cases(name, fold)
+    cases = fold_cases(name, fold)
     labels = {}
     for case in cases:
         file = raw / "labelsTr" / f"{case}{ending}"

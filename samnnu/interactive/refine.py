@@ -34,7 +34,13 @@ from samnnu.errors import SamnnuError
 from samnnu.interactive.auto_prompts import auto_prompts as make_auto_prompts
 from samnnu.interactive.prompts import ImageGeometry, label_values, read_prompts_file, resolve_prompt, voxel_index
 from samnnu.interactive.refiner import InteractiveSession, RefineOptions, SliceRefiner
-from samnnu.pipeline.prediction import choose_prompt_path, prompt_free_predictions, read_image, trained_model_folder
+from samnnu.pipeline.prediction import (
+    choose_corrector,
+    choose_prompt_path,
+    prompt_free_predictions,
+    read_image,
+    trained_model_folder,
+)
 from samnnu.safe_io import write_image_atomic
 
 HELP = __doc__.split("::\n\n", 1)[1].split("\n\n")[0]
@@ -244,7 +250,9 @@ def open_session(images: Sequence[str | os.PathLike], dataset: str | int, *, fol
     labels = label_values(dataset_json["labels"])
     folder = trained_model_folder(dataset, trainer or DEFAULT_TRAINER, configuration or DEFAULT_CONFIGURATION, plans)
     prompt_path = choose_prompt_path(folder, folds, refiner_weights)
-    session = InteractiveSession(SliceRefiner.create(refiner, device=device, trained=prompt_path), image, seg, probs,
+    refiner_model = SliceRefiner.create(refiner, device=device, trained=prompt_path,
+                                        corrector=choose_corrector(folder, folds, refiner_weights))
+    session = InteractiveSession(refiner_model, image, seg, probs,
                                  labels,
                                  spacing=tuple(reversed(geometry.spacing)), reference=ref,
                                  options=options or RefineOptions())

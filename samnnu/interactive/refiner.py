@@ -48,6 +48,7 @@ from samnnu.defaults import PROMPT_PATH_FILE, PROMPT_PATH_RECORD
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import dice
 from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
+from samnnu.interactive.click_corrector import normalize_image
 from samnnu.interactive.prompts import Box, Lasso, ObjectPrompt, Point, Stroke, key_slice, line_voxels
 from samnnu.safe_io import load_torch_safely
 
@@ -79,6 +80,9 @@ class RefineOptions:
     stop_confidence: propagation also stops at a slice whose mask has a mean probability (sigmoid of the
         decoder's logits over the mask's voxels) under this; 0 turns the rule off. Meant for boxes without a
         prompt-free prediction, where nothing else tells the refiner that the structure has ended.
+    corrector: in edit mode, clicks go to the refiner's 3D click corrector when it has one
+        (:mod:`samnnu.interactive.click_corrector`), which edits the whole 3D error region a click lands in;
+        false: the 2D edit above even then.
     """
 
     margin: int = 1
@@ -91,6 +95,7 @@ class RefineOptions:
     clicks: str = "edit"
     click_prompts: str = "points"
     stop_confidence: float = 0.0
+    corrector: bool = True
 
     def __post_init__(self):
         if self.mask_prompt not in _MASK_PROMPTS:
@@ -144,11 +149,14 @@ class SliceRefiner:
     are computed on first use and cached until the next :meth:`set_volume`.
     """
 
-    def __init__(self, parts, *, device: str | torch.device = "cpu", encoder: str = "", trained: dict | None = None):
+    def __init__(self, parts, *, device: str | torch.device = "cpu", encoder: str = "", trained: dict | None = None,
+                 corrector=None):
         self.parts = parts
         self.encoder = encoder
         # the record of a prompt path trained on the dataset (samnnu.interactive.prompt_training), else None
         self.trained = trained
+        # a 3D click corrector trained on the dataset (samnnu.interactive.click_corrector.ClickCorrector) or None
+        self.corrector = corrector
         self.device = torch.device(device)
         for module in (parts.image_encoder, parts.prompt_encoder, parts.mask_decoder):
             module.to(self.device).eval()
@@ -164,19 +172,23 @@ class SliceRefiner:
     def description(self) -> str:
         """Which refiner this is, in words (for reports and command output)."""
         if self.trained is None:
-            return f"pretrained {self.encoder} refiner (prompt path not trained on this dataset)"
-        t = self.trained
-        return (f"{self.encoder} refiner with its prompt path trained on this dataset ({t['file']}: "
-                f"{t['steps']} steps on {t['slices']} slices of fold {t['fold']}'s training cases)")
+            text = f"pretrained {self.encoder} refiner (prompt path not trained on this dataset)"
+        else:
+            t = self.trained
+            text = (f"{self.encoder} refiner with its prompt path trained on this dataset ({t['file']}: "
+                    f"{t['steps']} steps on {t['slices']} slices of fold {t['fold']}'s training cases)")
+        return text if self.corrector is None else f"{text}; clicks by the {self.corrector.description}"
 
     @classmethod
     def create(cls, encoder: str = "litemedsam", *, device: str | None = None,
-               trained: str | Path | None = None) -> "SliceRefiner":
+               trained: str | Path | None = None, corrector: str | Path | None = None) -> "SliceRefiner":
         """``litemedsam``: the bundled pretrained LiteMedSAM at 256. ``tiny``: random weights at 64 (tests).
 
         trained: a prompt path trained on a dataset (``refiner.pth`` of
         :func:`samnnu.interactive.prompt_training.train_prompts`), loaded over the pretrained prompt encoder
         and mask decoder (weights only; a file for another refiner encoder is refused).
+        corrector: a 3D click corrector trained on a dataset (``click_corrector.pth`` of
+        :func:`samnnu.interactive.click_corrector.train_corrector`; weights only), which then answers clicks.
         """
         # local: pulls in segment_anything, timm and LiteMedSAM (slow to import)
         from samnnu.modeling.encoders import build_sam_parts, load_pretrained
@@ -193,7 +205,11 @@ class SliceRefiner:
                 torch.manual_seed(0)
                 parts = build_sam_parts("tiny", input_size=64, num_mask_tokens=4)
         record = load_prompt_path(trained, parts, encoder) if trained is not None else None
-        return cls(parts, device=device or "cpu", encoder=encoder, trained=record)
+        if corrector is not None:
+            from samnnu.interactive.click_corrector import load_corrector  # local: pulls in nnU-Net's U-Net
+
+            corrector = load_corrector(corrector, device or "cpu")
+        return cls(parts, device=device or "cpu", encoder=encoder, trained=record, corrector=corrector)
 
     # ------------------------------------------------------------------ image side
     def set_volume(self, image: np.ndarray) -> None:
@@ -206,14 +222,18 @@ class SliceRefiner:
             raise ValueError(f"expected a (Z, Y, X) volume, got shape {image.shape}")
         if self._image is not None and self._image.shape == image.shape and np.array_equal(self._image, image):
             return  # the same volume again: keep its embeddings
-        lo, hi = np.percentile(image, (0.5, 99.5))
         self._image = image
-        self._volume = np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+        self._volume = normalize_image(image)
         self.embeddings = {}
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self._volume.shape
+
+    @property
+    def normalized_volume(self) -> np.ndarray:
+        """(Z, Y, X) the current volume mapped to [0, 1] (what the encoder and the click corrector see)."""
+        return self._volume
 
     def _fit(self, x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
         from samnnu.modeling.common import fit_square  # local: pulls in segment_anything (slow to import)
@@ -548,7 +568,10 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
                 covered.add(z)
                 z += step
     box_pass = (box, mask.copy(), sorted(covered), dict(logits)) if edit and box is not None else None
-    if edit and clicks:
+    if edit and clicks and options.corrector and getattr(refiner, "corrector", None) is not None:
+        ordered = prompt.points + tuple(p for st in prompt.strokes for p in st.sample())
+        mask, covered = _correct_in_3d(refiner, ordered, base_mask, mask, covered)
+    elif edit and clicks:
         mask, covered = _edit_with_clicks(refiner, clicks, base_mask, mask, covered, options, mask_prompt, logits)
     for st in prompt.strokes:  # scribbled voxels are what the person said they are
         if st.z not in covered:
@@ -617,6 +640,21 @@ def _edit_with_clicks(refiner: SliceRefiner, clicks: Mapping[int, list[Point]], 
     out = np.zeros_like(mask)
     idx = sorted(covered)
     out[idx] = current[idx]
+    return out, covered
+
+
+def _correct_in_3d(refiner: SliceRefiner, clicks: Sequence[Point], base_mask: np.ndarray, mask: np.ndarray,
+                   covered: set[int]) -> tuple[np.ndarray, set[int]]:
+    """Edit mode with a 3D click corrector: the clicks, in the order given, each correct the current mask
+    (the object's mask on the slices it covers, the prompt-free mask elsewhere) around themselves in 3D.
+    The object then covers every slice the corrections changed."""
+    nz = base_mask.shape[0]
+    current = np.where(np.isin(np.arange(nz), sorted(covered))[:, None, None], mask, base_mask)
+    corrected = refiner.corrector.apply(refiner.normalized_volume, current, clicks)
+    covered = set(covered) | {int(z) for z in np.flatnonzero((corrected != current).any(axis=(1, 2)))}
+    out = np.zeros_like(mask)
+    idx = sorted(covered)
+    out[idx] = corrected[idx]
     return out, covered
 
 

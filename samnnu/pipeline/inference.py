@@ -70,9 +70,32 @@ def mirror_combinations(mirror_axes, ndim: int) -> list[tuple[int, ...]]:
 class BatchedPredictor(nnUNetPredictor):
     """nnU-Net's predictor with tiles and their mirrored copies batched (everything else is nnU-Net's)."""
 
-    def __init__(self, *args, views_per_pass: int | None = None, **kwargs):
+    def __init__(self, *args, views_per_pass: int | None = None, case_progress: bool = False, **kwargs):
+        """``case_progress``: one progress bar over the cases of :meth:`predict_from_files` (with time left),
+        for commands that set nnU-Net's ``allow_tqdm`` off (its per-volume tile and export bars)."""
         super().__init__(*args, **kwargs)
         self.views_per_pass = views_per_pass
+        self.case_progress = case_progress
+        self._n_cases: int | None = None
+
+    def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, *args, **kwargs):
+        """nnU-Net's; the number of cases it will yield is the total of the case progress bar."""
+        self._n_cases = len(input_list_of_lists)
+        return super()._internal_get_data_iterator_from_lists_of_filenames(input_list_of_lists, *args, **kwargs)
+
+    def predict_from_data_iterator(self, data_iterator, *args, **kwargs):
+        """nnU-Net's, with the case progress bar (``case_progress``) advancing as each case is predicted."""
+        if not self.case_progress:
+            return super().predict_from_data_iterator(data_iterator, *args, **kwargs)
+        with tqdm(total=self._n_cases, unit="case", desc="predicting") as bar:
+            def counted():
+                for item in data_iterator:
+                    yield item  # the predictor asks for the next case once this one is predicted
+                    bar.update()
+            try:
+                return super().predict_from_data_iterator(counted(), *args, **kwargs)
+            finally:
+                self._n_cases = None
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's ensemble over the loaded folds; a frozen encoder the folds share (SAM-UNet, nnSAM) encodes

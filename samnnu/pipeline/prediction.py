@@ -204,7 +204,8 @@ class _Model:
             dev = self.device
             self._predictor = BatchedPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.mirroring,
                                                perform_everything_on_device=dev.type == "cuda", device=dev,
-                                               verbose=False, verbose_preprocessing=False, allow_tqdm=True)
+                                               verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+                                               case_progress=True)
             with weights_only_loading():  # nnU-Net would unpickle the checkpoints with weights_only=False
                 self._predictor.initialize_from_trained_model_folder(str(self.folder), use_folds=self.folds,
                                                                      checkpoint_name=self.checkpoint)
@@ -483,8 +484,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     a bad prompt is a one-line SamnnuError and no file is written. auto_prompts: every case also gets
     automatic first prompts from its prompt-free prediction (:mod:`samnnu.interactive.auto_prompts`).
     refiner_weights: ``"auto"`` (the prompt path trained on the dataset, ``fold_F/refiner.pth`` of
-    ``samnnu_train_prompts``, when the model has one; else the pretrained refiner), ``"pretrained"``, or the
-    path of a trained prompt path file. Which one was used is printed.
+    ``samnnu_train_prompts``, when the model has one, else the pretrained refiner; and the 3D click corrector,
+    ``fold_F/click_corrector.pth`` of ``samnnu_train_prompts --corrector``, when it has one),
+    ``"pretrained"`` (neither), or the path of a trained prompt path file. Which ones were used is printed.
     write_prompts: write every prompt used (automatic and given, voxel coordinates) to this JSON file.
 
     Interrupted runs resume: cases an earlier, interrupted run of the same model and options finished (its
@@ -533,7 +535,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
 
         refine_options = refine_options or RefineOptions()
         prompt_path = choose_prompt_path(model.folder, model.folds, refiner_weights)
-        refiner_model = SliceRefiner.create(refiner, device=device, trained=prompt_path)
+        refiner_model = SliceRefiner.create(refiner, device=device, trained=prompt_path,
+                                            corrector=choose_corrector(model.folder, model.folds, refiner_weights))
         print(f"samnnu: prompts are applied by the {refiner_model.description}", file=sys.stderr)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -616,6 +619,14 @@ def choose_prompt_path(folder: Path, folds: Sequence, refiner_weights: str = "au
         raise SamnnuError(f"{path}: prompt path file not found (--refiner-weights takes auto, pretrained or a "
                           f"refiner.pth written by samnnu_train_prompts)")
     return path
+
+
+def choose_corrector(folder: Path, folds: Sequence, refiner_weights: str = "auto") -> Path | None:
+    """The 3D click corrector the refiner loads: for ``"auto"`` the model's own (``fold_F/click_corrector.pth``
+    of the first fold that has one, written by ``samnnu_train_prompts --corrector``), else none."""
+    from samnnu.interactive.click_corrector import find_corrector  # local: pulls in torch and scipy
+
+    return find_corrector(folder, folds) if refiner_weights == "auto" else None
 
 
 def _intact_output(path: Path) -> bool:

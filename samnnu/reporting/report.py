@@ -34,6 +34,8 @@ from samnnu.config import current_paths
 from samnnu.datasets import split_model_folder_name
 from samnnu.defaults import (
     CHECKPOINTS_NEWEST_FIRST,
+    CLICK_CORRECTOR_FILE,
+    CLICK_CORRECTOR_RECORD,
     FINAL_CHECKPOINT,
     PROMPT_PATH_FILE,
     PROMPT_PATH_RECORD,
@@ -606,19 +608,34 @@ def _plans_summary_from_disk(fold_dir: Path, settings: Mapping[str, Any]) -> dic
 
 
 REFINER_KEY = "interactive refiner"
+CORRECTOR_KEY = "3D click corrector"
+
+
+def _describe_trained(path: Path, record_key: str, line) -> str:
+    """``line(record, last history entry)`` for a file written by a samnnu training (its record under
+    ``record_key``), read without running code; or one line saying why it cannot be read."""
+    try:
+        record = json.loads(load_torch_safely(path)[record_key])
+        return line(record, record["history"][-1])
+    except (SamnnuError, KeyError, IndexError, TypeError, ValueError) as e:
+        return f"{path.name}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def describe_corrector(path: Path) -> str:
+    """One line on a fold's 3D click corrector (``click_corrector.pth``)."""
+    return _describe_trained(path, CLICK_CORRECTOR_RECORD, lambda record, last: (
+        f"trained on this fold's training cases ({path.name}: {record['steps']} steps; training Dice "
+        f"{last['dice_before']:.3f} before and {last['dice_after']:.3f} after {record['rounds']} clicks); "
+        f"answers the clicks of samnnu_predict --prompts and samnnu_refine"))
 
 
 def describe_prompt_path(path: Path) -> str:
-    """One line on a fold's trained prompt path (``refiner.pth``), read without running code."""
-    try:
-        record = json.loads(load_torch_safely(path)[PROMPT_PATH_RECORD])
-        last = record["history"][-1]
-    except (SamnnuError, KeyError, IndexError, TypeError, ValueError) as e:
-        return f"{path.name}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    return (f"{record['encoder']} with its prompt path trained on this fold's training cases ({path.name}: "
-            f"{record['steps']} steps; training Dice {last['dice_first']:.3f} after the first prompt, "
-            f"{last['dice_last']:.3f} after {record['rounds']} corrective clicks); used by samnnu_predict "
-            f"--prompts and samnnu_refine")
+    """One line on a fold's trained prompt path (``refiner.pth``)."""
+    return _describe_trained(path, PROMPT_PATH_RECORD, lambda record, last: (
+        f"{record['encoder']} with its prompt path trained on this fold's training cases ({path.name}: "
+        f"{record['steps']} steps; training Dice {last['dice_first']:.3f} after the first prompt, "
+        f"{last['dice_last']:.3f} after {record['rounds']} corrective clicks); used by samnnu_predict "
+        f"--prompts and samnnu_refine"))
 
 
 def render_fold_report(fold_dir: str | os.PathLike) -> Path:
@@ -660,6 +677,9 @@ def render_fold_report(fold_dir: str | os.PathLike) -> Path:
     refiner = fold_dir / PROMPT_PATH_FILE
     if refiner.is_file():
         extra[REFINER_KEY] = describe_prompt_path(refiner)
+    corrector = fold_dir / CLICK_CORRECTOR_FILE
+    if corrector.is_file():
+        extra[CORRECTOR_KEY] = describe_corrector(corrector)
     if checkpoint is None:
         extra["training log"] = "no checkpoint in the fold folder"
     elif checkpoint != FINAL_CHECKPOINT:

@@ -971,6 +971,50 @@ def test_prediction_and_refine_use_the_trained_prompt_path_and_say_so(trained_fo
         render_fold_report(trained.parent)
 
 
+@pytest.mark.slow
+def test_prediction_and_refine_use_the_trained_click_corrector_and_say_so(trained_folds, data_root, held_out,
+                                                                          request, tmp_path, capsys):
+    """samnnu_train_prompts --corrector predicts the fold's training cases with its model, trains the 3D
+    click corrector and writes fold_F/click_corrector.pth; the fold report names it; samnnu_predict
+    --prompts then sends clicks to it (and says so), and --refiner-weights pretrained does not."""
+    from samnnu.cli import predict_main, refine_main, train_prompts_main
+    from samnnu.defaults import CLICK_CORRECTOR_FILE
+    from samnnu.reporting.report import render_fold_report
+
+    images, labels, case = held_out
+    corrector = trained_folds / "fold_0" / CLICK_CORRECTOR_FILE
+    try:
+        assert train_prompts_main(["4", "0", "--corrector", "--steps", "2", "--batch-size", "2", "--rounds", "1"]) == 0
+        out = capsys.readouterr().out
+        # the prompted case's prediction stands in for a real one from here on (the training predicted its own)
+        base = request.getfixturevalue("reference_as_prediction")
+        z, y, x = (int(v) for v in np.argwhere(base == 2)[0])
+        prompts = tmp_path / "prompts.json"
+        prompts.write_text(json.dumps({"cases": {case: [
+            {"label": "Posterior", "coordinates": "voxel", "negative": [[z, y, x]]}]}}))
+        args = ["-i", str(images), "--prompts", str(prompts), *PREDICT]
+        assert f"wrote {corrector}" in out and "3D click corrector trained 2 steps" in out
+        assert "predicted by the model" in out
+        assert not corrector.with_name("click_corrector.predictions.npz").exists()  # removed once written
+        report = json.loads((corrector.parent / "report.json").read_text())["extra"]
+        assert report["3D click corrector"].startswith("trained on this fold's training cases (click_corrector.pth")
+        assert predict_main(["-o", str(tmp_path / "corrected"), *args]) == 0
+        err = capsys.readouterr().err
+        assert "clicks by the 3D click corrector trained on this dataset" in err and str(corrector) in err
+        assert predict_main(["-o", str(tmp_path / "plain"), "--refiner-weights", "pretrained", *args]) == 0
+        err = capsys.readouterr().err
+        assert "3D click corrector" not in err
+        other = [p.name for p in images.iterdir() if p.name != f"{case}.nii.gz"][0]
+        np.testing.assert_array_equal(_read(tmp_path / "corrected" / other), _read(tmp_path / "plain" / other))
+        text = io.StringIO()
+        assert refine_main(["-i", str(images / f"{case}.nii.gz"), *PREDICT], stdin=io.StringIO("quit\n"),
+                           stdout=text) == 0
+        assert "clicks by the 3D click corrector" in text.getvalue()
+    finally:  # the session's other tests use the refiner alone, and a report without the corrector
+        corrector.unlink(missing_ok=True)
+        render_fold_report(corrector.parent)
+
+
 def test_interactive_benchmark_scribbling_user_improves_the_mask():
     """The benchmark's per-label loop with the scribbling user, on the stand-in refiner: each scribble lies
     in the error it corrects and the Dice never falls."""

@@ -178,7 +178,11 @@ def test_predict_cli(trained, data_root, raw_inputs, tmp_path, capsys):
     out = tmp_path / "out"
     assert predict_main(["-i", str(one), "-o", str(out), "-d", "4", "-f", "0", "--device", "cpu",
                          "--disable-tta"]) == 0
-    assert "wrote 1 segmentations" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote 1 segmentations" in captured.out
+    # one progress bar over the cases, not nnU-Net's bars per volume (tiles) and per export
+    assert "predicting: 100%" in captured.err and "1/1 [" in captured.err
+    assert "tile" not in captured.err and "Collecting results" not in captured.err
     assert_same_grid_and_labels(out, one)
 
 

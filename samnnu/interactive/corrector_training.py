@@ -1,0 +1,301 @@
+"""Training the 3D click corrector (:mod:`samnnu.interactive.click_corrector`) on a fold's cases.
+
+``samnnu_train_prompts --corrector`` calls :func:`train_click_corrector`: the fold's model predicts its
+training cases, then :func:`train_corrector` trains the network with simulated clicks, starting from those
+predictions or from imperfect copies of the labels (:func:`imperfect_volume`), and writes
+``fold_F/click_corrector.pth``. What the corrector is and how it is trained: the docstring of
+:mod:`samnnu.interactive.click_corrector` and docs/interactive.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+from samnnu.defaults import CLICK_CORRECTOR_FILE, CLICK_CORRECTOR_RECORD
+from samnnu.errors import SamnnuError
+from samnnu.interactive.auto_prompts import deepest_voxel
+from samnnu.interactive.click_corrector import (
+    CROP,
+    FEATURES,
+    build_network,
+    corrector_input,
+    load_corrector,
+    normalize_image,
+    padded,
+)
+from samnnu.interactive.prompts import Point
+from samnnu.interactive.simulated_user import largest_error
+from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
+
+
+def _ball(shape: Sequence[int], center: Sequence[int], radius: float) -> np.ndarray:
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius ** 2
+
+
+def imperfect_volume(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A (Z, Y, X) bool mask with the kinds of error a prompt-free prediction makes, in 3D: the target
+    eroded or dilated by a voxel, on one side or all round; its first or last slices missing or one more
+    slice added past an end; a ball of it cut out at its surface; a ball added beside it; shifted by a
+    voxel. Each kind is drawn independently, at least one applies."""
+    t = np.asarray(target, dtype=bool)
+    m = t.copy()
+    zs = np.flatnonzero(t.any(axis=(1, 2)))
+    applied = False
+    while not applied:
+        if rng.random() < 0.5:  # too thin or too thick, all round or on one side of an axis
+            grown = ndimage.binary_dilation(m) if rng.random() < 0.5 else ndimage.binary_erosion(m)
+            if rng.random() < 0.5:
+                axis, side = int(rng.integers(1, 3)), rng.random() < 0.5
+                centre = int(np.argwhere(m)[:, axis].mean()) if m.any() else 0
+                index = np.arange(m.shape[axis])
+                half = (index >= centre) if side else (index < centre)
+                shape = [1, 1, 1]
+                shape[axis] = -1
+                half = half.reshape(shape)
+                grown = np.where(half, grown, m)
+            m, applied = grown, True
+        if len(zs) > 3 and rng.random() < 0.4:  # the structure's ends
+            k = int(rng.integers(1, 4))
+            if rng.random() < 0.6:
+                m[zs[:k] if rng.random() < 0.5 else zs[-k:]] = False
+            else:
+                end = zs[0] - 1 if rng.random() < 0.5 else zs[-1] + 1
+                if 0 <= end < m.shape[0]:
+                    m[end] = ndimage.binary_erosion(t[zs[0] if end < zs[0] else zs[-1]])
+            applied = True
+        if m.any() and rng.random() < 0.5:  # a piece missed at the surface
+            surface = m & ~ndimage.binary_erosion(m)
+            c = np.argwhere(surface)[rng.integers(surface.sum())]
+            m &= ~_ball(m.shape, c, float(rng.uniform(2, 6)))
+            applied = True
+        if rng.random() < 0.4:  # a spurious piece beside it
+            edge = ndimage.binary_dilation(t, iterations=3) & ~t
+            if edge.any():
+                c = np.argwhere(edge)[rng.integers(edge.sum())]
+                m |= _ball(m.shape, c, float(rng.uniform(1.5, 4))) & ndimage.binary_dilation(t, iterations=4)
+                applied = True
+        if rng.random() < 0.3:
+            m = np.roll(m, int(rng.choice([-1, 1])), axis=int(rng.integers(0, 3)))
+            applied = True
+    return m
+
+
+def simulated_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                    deepest: float = 0.6) -> Point | None:
+    """A click on the largest connected 3D error of ``pred``: at its deepest voxel with probability
+    ``deepest``, else at a random voxel of it; None when ``pred`` is exact."""
+    found = largest_error(pred, target)
+    if found is None:
+        return None
+    positive, region = found
+    index = deepest_voxel(region) if rng.random() < deepest else np.argwhere(region)[rng.integers(region.sum())]
+    return Point(tuple(int(i) for i in index), positive)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice (per sample, averaged) of (N, 1, *crop) logits."""
+    prob = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    soft_dice = (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + (1 - soft_dice).mean()
+
+
+@dataclass
+class CorrectorSettings:
+    dataset: str
+    fold: str
+    steps: int
+    batch_size: int
+    rounds: int
+    lr: float
+    seed: int
+    crop: tuple = CROP
+    features: tuple = FEATURES
+    #: share of samples that start from the model's own prediction (when predictions are given)
+    predicted_share: float = 0.5
+
+
+def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray], settings: CorrectorSettings,
+                    output: str | Path, *, predictions: dict[str, np.ndarray] | None = None, save_every: int = 100,
+                    progress: bool = True) -> dict:
+    """Train a corrector on ``images`` and ``labels`` ({case: (Z, Y, X)}, images raw, labels integer maps)
+    and write it to ``output``; resumes from ``OUTPUT.partial.pth``. Returns the record stored in the file.
+
+    predictions: {case: (Z, Y, X) labels} the segmentation model's predictions of some of the cases; a
+    share ``settings.predicted_share`` of the samples then starts from them (where they are not exact)
+    instead of from :func:`imperfect_volume`."""
+    predictions = predictions or {}
+    output = Path(output)
+    samples = [(c, int(v)) for c in sorted(labels) for v in np.unique(labels[c]) if v > 0]
+    if not samples:
+        raise SamnnuError(f"{settings.dataset}: fold {settings.fold}'s training cases hold no label to train on")
+    normalized = {c: normalize_image(images[c]) for c in sorted(labels)}
+    torch.manual_seed(settings.seed)
+    network = build_network(settings.features)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=0.01)
+    partial = output.with_name(output.stem + ".partial.pth")
+    start, history = 0, []
+    settings_json = json.dumps(asdict(settings))
+    if partial.is_file():
+        state = load_torch_safely(partial)
+        if json.loads(state["settings"]) != json.loads(settings_json):
+            raise SamnnuError(f"{partial}: an unfinished run with other settings; give the same settings to resume, "
+                              f"or delete it")
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), json.loads(state["history"])
+    network.train()
+    rng = np.random.default_rng(settings.seed + start)
+    bar = tqdm(total=settings.steps, initial=start, desc="training the click corrector", unit="step",
+               dynamic_ncols=True, disable=not progress)
+    began = time.perf_counter()
+    recent: list[tuple[float, float, float]] = []
+    for step in range(start, settings.steps):
+        for group in optimizer.param_groups:  # cosine decay to 5 % of lr
+            group["lr"] = settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
+        optimizer.zero_grad(set_to_none=True)
+        batch = [samples[i] for i in rng.integers(len(samples), size=settings.batch_size)]
+        targets = [labels[c] == v for c, v in batch]
+        current = []
+        for (c, v), t in zip(batch, targets):
+            start_mask = predictions[c] == v if c in predictions and rng.random() < settings.predicted_share else None
+            current.append(start_mask if start_mask is not None and (start_mask != t).any()
+                           else imperfect_volume(t, rng))
+        clicks: list[list[Point]] = [[] for _ in batch]
+        first_dice = [_dice(m, t) for m, t in zip(current, targets)]
+        losses = []
+        for _ in range(settings.rounds):
+            live = []
+            for i, (m, t) in enumerate(zip(current, targets)):
+                p = simulated_click(m, t, rng)
+                if p is not None:
+                    clicks[i].append(p)
+                    live.append(i)
+            if not live:
+                break
+            inputs, windows, want = [], [], []
+            for i in live:
+                x, window = corrector_input(normalized[batch[i][0]], current[i], clicks[i], settings.crop)
+                inputs.append(x)
+                windows.append(window)
+                want.append(padded(targets[i][window].astype(np.float32), settings.crop)[None])
+            logits = network(torch.from_numpy(np.stack(inputs)))
+            loss = _loss(logits, torch.from_numpy(np.stack(want)))
+            (loss / settings.rounds).backward()
+            losses.append(float(loss.detach()))
+            answers = (logits.detach()[:, 0] > 0).numpy()
+            for i, window, a in zip(live, windows, answers):
+                current[i] = current[i].copy()
+                current[i][window] = a[tuple(slice(0, w.stop - w.start) for w in window)]
+        optimizer.step()
+        bar.update(1)
+        recent.append((float(np.mean(losses)) if losses else 0.0, float(np.mean(first_dice)),
+                       float(np.mean([_dice(m, t) for m, t in zip(current, targets)]))))
+        if (step + 1) % 20 == 0 or step + 1 == settings.steps:
+            loss_m, before, after = (float(np.mean(v)) for v in zip(*recent))
+            history.append({"step": step + 1, "loss": round(loss_m, 4), "dice_before": round(before, 4),
+                            "dice_after": round(after, 4)})
+            bar.set_postfix(loss=f"{loss_m:.3f}", dice=f"{before:.2f}->{after:.2f}")
+            recent = []
+        if (step + 1) % save_every == 0 and step + 1 < settings.steps:
+            state = {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                     "settings": settings_json, "history": json.dumps(history)}
+            write_atomic(partial, lambda tmp, st=state: torch.save(st, tmp), check_torch_archive)
+    bar.close()
+    record = {**json.loads(settings_json), "cases": len(labels), "samples": len(samples),
+              "predicted_cases": len(set(predictions) & set(labels)), "history": history,
+              "seconds_this_run": round(time.perf_counter() - began, 1)}
+    checkpoint = dict(network.state_dict())
+    checkpoint[CLICK_CORRECTOR_RECORD] = json.dumps(record)
+    write_atomic(output, lambda tmp: torch.save(checkpoint, tmp), check_torch_archive)
+    load_corrector(output)  # the file must load as prediction loads it
+    partial.unlink(missing_ok=True)
+    return dict(record, file=str(output))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str | None = None,
+                          configuration: str | None = None, plans: str | None = None, steps: int = 600,
+                          batch_size: int = 4, rounds: int = 3, lr: float = 1e-3, seed: int = 0,
+                          predicted_share: float = 0.5, output: str | Path | None = None,
+                          progress: bool = True) -> dict:
+    """Train the 3D click corrector on fold ``fold``'s training cases; write ``fold_F/click_corrector.pth``.
+
+    The model folder (``trainer``, ``configuration``, ``plans``; defaults as ``samnnu_predict``) is where
+    prediction looks for it; the fold must have been trained. Its model predicts the training cases first
+    (no mirroring; kept in ``OUTPUT.predictions.npz`` until the corrector is written, so a resumed run
+    does not predict again), and a share ``predicted_share`` of the samples starts from those predictions.
+    ``output`` overrides the file written. Returns the record stored in the file.
+    """
+    # local: pull in nnU-Net
+    from samnnu.config import current_paths
+    from samnnu.datasets import dataset_name
+    from samnnu.interactive.prompt_training import fold_cases
+    from samnnu.pipeline.prediction import prompt_free_predictions, read_image, trained_model_folder
+    from samnnu.safe_io import read_json
+
+    if steps < 1 or batch_size < 1 or rounds < 1 or not lr > 0 or not 0 <= predicted_share <= 1:
+        raise SamnnuError("--steps, --batch-size and --rounds must be at least 1, --lr positive and the predicted "
+                          "share within [0, 1]")
+    name = dataset_name(dataset)
+    fold = str(fold)
+    folder = trained_model_folder(name, trainer, configuration, plans)
+    if output is None:
+        if not (folder / f"fold_{fold}").is_dir():
+            raise SamnnuError(f"{folder / f'fold_{fold}'}: no such trained fold; run samnnu_train {dataset} {fold} "
+                              f"first (or give --output)")
+        output = folder / f"fold_{fold}" / CLICK_CORRECTOR_FILE
+    output = Path(output)
+    if output.suffix != ".pth":
+        raise SamnnuError(f"{output}: the click corrector file must end in .pth")
+    raw = current_paths().raw / name
+    ending = read_json(raw / "dataset.json", "dataset.json")["file_ending"]
+    images, labels, files = {}, {}, {}
+    for case in fold_cases(name, fold):
+        label_file, image_file = raw / "labelsTr" / f"{case}{ending}", raw / "imagesTr" / f"{case}_0000{ending}"
+        for f in (label_file, image_file):
+            if not f.is_file():
+                raise SamnnuError(f"{f}: file missing")
+        labels[case] = read_image(label_file)[0].astype(np.int16)
+        images[case] = read_image(image_file)[0]
+        files[case] = [image_file]
+    predictions: dict[str, np.ndarray] = {}
+    cache = output.with_name(output.stem + ".predictions.npz")
+    if predicted_share > 0:
+        if cache.is_file():
+            with np.load(cache) as saved:
+                predictions = {c: saved[c] for c in saved.files if c in labels}
+        if set(predictions) != set(labels):
+            fold_arg = "all" if fold == "all" else int(fold)
+            made, _ = prompt_free_predictions(files, name, folds=(fold_arg,), trainer=trainer,
+                                              configuration=configuration, plans=plans, mirroring=False)
+            predictions = {c: seg.astype(np.int16) for c, (seg, _) in made.items()}
+            write_atomic(cache, lambda tmp: np.savez_compressed(tmp, **predictions), _check_npz)
+    settings = CorrectorSettings(name, fold, steps, batch_size, rounds, lr, seed, predicted_share=predicted_share)
+    record = train_corrector(images, labels, settings, output, predictions=predictions, progress=progress)
+    cache.unlink(missing_ok=True)
+    if output.name == CLICK_CORRECTOR_FILE and (output.parent / "evaluation.json").is_file():
+        from samnnu.reporting.report import render_fold_report  # local: pulls in matplotlib
+
+        record["report"] = str(render_fold_report(output.parent))  # the fold report says it has one now
+    return record
+
+
+def _check_npz(path: Path) -> None:
+    with np.load(path) as saved:
+        saved.files  # noqa: B018 (reading the archive's index is the check)

@@ -1,0 +1,208 @@
+"""The 3D click corrector (samnnu.interactive.click_corrector) and its training (corrector_training)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from samnnu.errors import SamnnuError
+from samnnu.interactive import click_corrector as cc
+from samnnu.interactive import corrector_training as ct
+from samnnu.interactive.prompts import Point
+
+SMALL_CROP = (16, 24, 24)  # divisible by the U-Net's strides (z by 4, y and x by 8)
+SMALL_FEATURES = (4, 8, 8, 8)
+
+
+def ellipsoid(shape=(20, 30, 30), centre=(10, 15, 15), radii=(6, 8, 7)) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+
+
+def corrector_answering(bias: float, features=SMALL_FEATURES, crop=SMALL_CROP) -> cc.ClickCorrector:
+    """A corrector whose U-Net answers ``bias`` everywhere (its last convolution zeroed, bias set): with 0
+    it answers the mask it is given (the mask prior), with a large value foreground everywhere in the crop."""
+    net = cc.build_network(features)
+    last = net.unet.decoder.seg_layers[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, bias)
+    return cc.ClickCorrector(net, {"crop": list(crop), "file": "x", "steps": 0, "fold": "0", "cases": 0})
+
+
+def test_crop_window_lies_inside_the_volume_and_holds_the_click():
+    assert cc.crop_window((0, 0, 0), (40, 60, 60), (16, 24, 24)) == (slice(0, 16), slice(0, 24), slice(0, 24))
+    assert cc.crop_window((39, 30, 59), (40, 60, 60), (16, 24, 24)) == (slice(24, 40), slice(18, 42), slice(36, 60))
+    # an axis smaller than the crop: all of it
+    assert cc.crop_window((3, 5, 5), (6, 60, 60), (16, 24, 24))[0] == slice(0, 6)
+    channels = cc.click_channels((40, 60, 60), (slice(24, 40), slice(18, 42), slice(36, 60)),
+                                 [Point((30, 30, 50), True), Point((25, 20, 40), False), Point((0, 0, 0), True)])
+    assert channels.shape == (2, 16, 24, 24)
+    assert channels[0, 6, 12, 14] == 1 and channels[1, 1, 2, 4] == 1  # each click in its own channel
+    assert channels[0].sum() == channels[1].sum() == 19  # radius 1.5: the voxel, its 6 face and 12 edge neighbours
+    # the far click is outside the window
+    assert channels[0, 0, 0, 0] == 0
+
+
+def test_an_untrained_corrector_answers_the_mask_and_changes_only_its_crop():
+    target = ellipsoid()
+    image = cc.normalize_image(target * 100.0 + np.random.default_rng(0).normal(0, 5, target.shape))
+    click = [Point((10, 15, 15), True)]
+    np.testing.assert_array_equal(corrector_answering(0.0)(image, target, click), target)
+    # whatever the network answers, a clicked voxel is what its click says
+    answer = corrector_answering(0.0)(image, target, [Point((10, 15, 15), False)])
+    assert not answer[10, 15, 15] and (answer != target).sum() == 1
+    everything = corrector_answering(50.0)(image, target, click)
+    window = cc.crop_window((10, 15, 15), target.shape, SMALL_CROP)
+    assert everything[window].all()
+    outside = np.ones_like(target)
+    outside[window] = False
+    np.testing.assert_array_equal(everything[outside], target[outside])
+
+
+def test_imperfect_volumes_have_errors_over_several_slices():
+    target = ellipsoid()
+    rng = np.random.default_rng(0)
+    dices, spans = [], []
+    for _ in range(40):
+        m = ct.imperfect_volume(target, rng)
+        assert m.shape == target.shape and m.dtype == bool and (m != target).any()
+        dices.append(ct._dice(m, target))
+        spans.append(int((m != target).any(axis=(1, 2)).sum()))
+    assert 0.5 < np.mean(dices) < 0.98
+    assert max(spans) >= 5  # errors are 3D, not one slice's
+
+
+def test_simulated_clicks_go_to_the_largest_error():
+    target = ellipsoid()
+    pred = target.copy()
+    pred[:9] = False  # the first slices of the structure missed
+    p = ct.simulated_click(pred, target, np.random.default_rng(0), deepest=1.0)
+    assert p.positive and p.index[0] < 9 and target[p.index]
+    assert ct.simulated_click(target, target, np.random.default_rng(0)) is None
+
+
+def _toy_cases(n=3):
+    rng = np.random.default_rng(1)
+    images, labels = {}, {}
+    for i in range(n):
+        lab = ellipsoid(centre=(10, 14 + i, 15)).astype(np.int16)
+        lab[ellipsoid(centre=(10, 14 + i, 15), radii=(3, 3, 3))] = 2
+        images[f"c{i}"] = (lab * 60.0 + rng.normal(0, 10, lab.shape)).astype(np.float32)
+        labels[f"c{i}"] = lab
+    return images, labels
+
+
+def test_training_writes_a_corrector_that_loads_and_resumes(tmp_path, monkeypatch):
+    images, labels = _toy_cases()
+    settings = ct.CorrectorSettings("toy", "0", 3, 2, 2, 1e-3, 0, crop=SMALL_CROP, features=SMALL_FEATURES)
+    out = tmp_path / "click_corrector.pth"
+    real_write = ct.write_atomic
+
+    def fail_on_the_final_file(path, *args, **kwargs):
+        if path == out:
+            raise SamnnuError(f"{path}: cannot be written (disk full)")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(ct, "write_atomic", fail_on_the_final_file)
+    with pytest.raises(SamnnuError, match="disk full"):
+        ct.train_corrector(images, labels, settings, out, save_every=2, progress=False)
+    partial = tmp_path / "click_corrector.partial.pth"
+    assert partial.is_file() and not out.exists()
+    monkeypatch.setattr(ct, "write_atomic", real_write)
+    other = ct.CorrectorSettings("toy", "0", 3, 2, 2, 1e-2, 0, crop=SMALL_CROP, features=SMALL_FEATURES)
+    with pytest.raises(SamnnuError, match="an unfinished run with other settings"):
+        ct.train_corrector(images, labels, other, out, progress=False)
+    record = ct.train_corrector(images, labels, settings, out, save_every=2, progress=False)
+    assert not partial.exists() and out.is_file()
+    assert record["samples"] == 6 and record["cases"] == 3 and record["predicted_cases"] == 0
+    assert [h["step"] for h in record["history"]] == [3]  # resumed at step 2: the history carried over
+    loaded = cc.load_corrector(out)
+    assert loaded.crop == SMALL_CROP and loaded.record["features"] == list(SMALL_FEATURES)
+    mask = labels["c0"] == 1
+    answer = loaded(cc.normalize_image(images["c0"]), mask, [Point((10, 14, 15), True)])
+    assert answer.shape == mask.shape and answer.dtype == bool
+
+
+def test_training_starts_from_the_models_predictions_when_given(tmp_path, monkeypatch):
+    images, labels = _toy_cases(2)
+    predictions = {"c0": np.zeros_like(labels["c0"])}  # the model found nothing in c0
+    starts = []
+    real = ct.corrector_input
+
+    def record_first_inputs(image, mask, clicks, crop):
+        if len(clicks) == 1:
+            starts.append(int(np.asarray(mask).sum()))
+        return real(image, mask, clicks, crop)
+
+    monkeypatch.setattr(ct, "corrector_input", record_first_inputs)
+    settings = ct.CorrectorSettings("toy", "0", 4, 4, 1, 1e-3, 0, crop=SMALL_CROP, features=SMALL_FEATURES,
+                                    predicted_share=1.0)
+    record = ct.train_corrector(images, labels, settings, tmp_path / "c.pth", predictions=predictions,
+                                progress=False)
+    assert record["predicted_cases"] == 1
+    assert 0 in starts and any(s > 0 for s in starts)  # c0 from its empty prediction, c1 from synthetic errors
+
+
+def test_corrector_files_never_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    bad = tmp_path / "click_corrector.pth"
+    torch.save({cc.CLICK_CORRECTOR_RECORD: "{}", "x": Evil()}, bad, pickle_protocol=2)
+    with pytest.raises(SamnnuError, match="refused"):
+        cc.load_corrector(bad)
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(SamnnuError, match="not a trained click corrector"):
+        cc.load_corrector(tmp_path / "other.pth")
+    torch.save({cc.CLICK_CORRECTOR_RECORD: json.dumps({"features": [4, 8, 8, 8]}), "a": torch.zeros(1)},
+               tmp_path / "wrong.pth")
+    with pytest.raises(SamnnuError, match="do not fit the corrector"):
+        cc.load_corrector(tmp_path / "wrong.pth")
+
+
+def test_session_clicks_go_to_the_corrector_in_3d():
+    """With a corrector, a click edits the label around it in 3D (here: the crop made foreground), on many
+    slices; with ``corrector=false`` the refiner's 2D edit answers instead."""
+    from samnnu.interactive.refiner import InteractiveSession, RefineOptions, SliceRefiner
+
+    target = ellipsoid()
+    image = target * 100.0 + np.random.default_rng(0).normal(0, 5, target.shape)
+    seg = target.astype(np.int16)
+    seg[:8] = 0  # the prediction missed the first slices
+    refiner = SliceRefiner.create("tiny")
+    refiner.corrector = corrector_answering(50.0)
+    assert "3D click corrector" in refiner.description
+    session = InteractiveSession(refiner, image, seg, None, {"A": 1}, reference=target.astype(np.int16))
+    session.click("A", (6, 15, 15), True)
+    changed = (session.segmentation != seg).any(axis=(1, 2))
+    assert changed.sum() >= 10 and refiner.corrector.stats["runs"] == 1
+    window = cc.crop_window((6, 15, 15), target.shape, SMALL_CROP)
+    assert (session.segmentation[window] == 1).all()
+    plain = InteractiveSession(refiner, image, seg, None, {"A": 1}, options=RefineOptions(corrector=False))
+    plain.click("A", (6, 15, 15), True)
+    assert (plain.segmentation != seg).any(axis=(1, 2)).sum() <= 1 and refiner.corrector.stats["runs"] == 1
+    assert RefineOptions.parse(["corrector=false"]).corrector is False
+
+
+def test_apply_answers_clicks_in_turn_and_remembers_the_first_ones():
+    target = ellipsoid()
+    image = cc.normalize_image(target * 100.0 + np.random.default_rng(0).normal(0, 5, target.shape))
+    start = target.copy()
+    start[:8] = False
+    corrector = corrector_answering(0.0)
+    clicks = [Point((6, 15, 15), True), Point((5, 15, 15), True), Point((10, 15, 15), False)]
+    one_by_one = start
+    for i in range(3):
+        one_by_one = corrector(image, one_by_one, clicks[:i + 1])
+    runs = corrector.stats["runs"]
+    assert np.array_equal(corrector.apply(image, start, clicks[:2]), corrector.apply(image, start, clicks[:2]))
+    assert corrector.stats["runs"] == runs + 2  # the second call was remembered
+    np.testing.assert_array_equal(corrector.apply(image, start, clicks), one_by_one)
+    assert corrector.stats["runs"] == runs + 3  # one more click, one more run
+    other = start.copy()
+    other[10] = False  # another starting mask: answered afresh
+    corrector.apply(image, other, clicks[:1])
+    assert corrector.stats["runs"] == runs + 4
