@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from samnnu.config import current_paths
 from samnnu.errors import SamnnuError
@@ -86,6 +86,16 @@ def model_folder(name: str, trainer: str, plans: str, configuration: str, *, fol
     folder = Path(results if results is not None else current_paths().results) / name / \
         model_folder_name(trainer, plans, configuration)
     return folder if fold is None else folder / f"fold_{fold}"
+
+
+def first_fold_file(folder: Path, folds: Sequence, filename: str) -> Path | None:
+    """``FOLDER/fold_F/FILENAME`` of the first of ``folds`` whose fold folder holds it (a model folder's
+    trained prompt path or click corrector), else None."""
+    for fold in folds:
+        candidate = Path(folder) / f"fold_{fold}" / filename
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def ensure_splits(name: str, configuration: str, plans_name: str) -> list[dict]:

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from samnnu.defaults import CLICK_CORRECTOR_FILE, CLICK_CORRECTOR_RECORD
+from samnnu.defaults import CLICK_CORRECTOR_RECORD
 from samnnu.errors import SamnnuError
 from samnnu.interactive.prompts import Point
 from samnnu.safe_io import load_torch_safely
@@ -99,18 +99,22 @@ def padded(array: np.ndarray, crop: Sequence[int]) -> np.ndarray:
     return np.pad(array, [(0, k - s) for s, k in zip(array.shape, crop)])
 
 
+def ball(shape: Sequence[int], center: Sequence[float], radius: float) -> np.ndarray:
+    """A bool array of ``shape``: the voxels within ``radius`` of ``center`` (which may lie outside)."""
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius ** 2
+
+
 def click_channels(shape: Sequence[int], window: tuple[slice, ...], clicks: Sequence[Point],
                    radius: float = CLICK_RADIUS) -> np.ndarray:
     """(2, *shape of the window) float32: balls of ``radius`` at the positive (channel 0) and negative
     (channel 1) clicks, in the window's coordinates (clicks outside it still reach in if close)."""
     size = [w.stop - w.start for w in window]
     out = np.zeros((2, *size), dtype=np.float32)
-    grid = np.indices(size, dtype=np.float32)
     for p in clicks:
         local = [i - w.start for i, w in zip(p.index, window)]
         if all(-radius <= v < s + radius for v, s in zip(local, size)):
-            d2 = sum((g - v) ** 2 for g, v in zip(grid, local))
-            out[0 if p.positive else 1][d2 <= radius ** 2] = 1.0
+            out[0 if p.positive else 1][ball(size, local, radius)] = 1.0
     return out
 
 
@@ -201,11 +205,3 @@ def load_corrector(path: str | Path, device: str | torch.device = "cpu") -> Clic
         raise SamnnuError(f"{path}: its weights do not fit the corrector ({str(e).splitlines()[0]})") from None
     return ClickCorrector(network, record, device)
 
-
-def find_corrector(folder: Path, folds: Sequence) -> Path | None:
-    """``fold_F/click_corrector.pth`` of the first of ``folds`` that has one in a model folder, else None."""
-    for fold in folds:
-        candidate = Path(folder) / f"fold_{fold}" / CLICK_CORRECTOR_FILE
-        if candidate.is_file():
-            return candidate
-    return None

@@ -13,34 +13,29 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
 from samnnu.defaults import CLICK_CORRECTOR_FILE, CLICK_CORRECTOR_RECORD
 from samnnu.errors import SamnnuError
-from samnnu.interactive.auto_prompts import deepest_voxel
+from samnnu.evaluation.metrics import dice
 from samnnu.interactive.click_corrector import (
     CROP,
     FEATURES,
+    ball,
     build_network,
     corrector_input,
     load_corrector,
     normalize_image,
     padded,
 )
+from samnnu.interactive.prompt_training import fold_cases, segmentation_loss
 from samnnu.interactive.prompts import Point
-from samnnu.interactive.simulated_user import largest_error
+from samnnu.interactive.simulated_user import noisy_click
 from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
-
-
-def _ball(shape: Sequence[int], center: Sequence[int], radius: float) -> np.ndarray:
-    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
-    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius ** 2
 
 
 def imperfect_volume(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -77,13 +72,13 @@ def imperfect_volume(target: np.ndarray, rng: np.random.Generator) -> np.ndarray
         if m.any() and rng.random() < 0.5:  # a piece missed at the surface
             surface = m & ~ndimage.binary_erosion(m)
             c = np.argwhere(surface)[rng.integers(surface.sum())]
-            m &= ~_ball(m.shape, c, float(rng.uniform(2, 6)))
+            m &= ~ball(m.shape, c, float(rng.uniform(2, 6)))
             applied = True
         if rng.random() < 0.4:  # a spurious piece beside it
             edge = ndimage.binary_dilation(t, iterations=3) & ~t
             if edge.any():
                 c = np.argwhere(edge)[rng.integers(edge.sum())]
-                m |= _ball(m.shape, c, float(rng.uniform(1.5, 4))) & ndimage.binary_dilation(t, iterations=4)
+                m |= ball(m.shape, c, float(rng.uniform(1.5, 4))) & ndimage.binary_dilation(t, iterations=4)
                 applied = True
         if rng.random() < 0.3:
             m = np.roll(m, int(rng.choice([-1, 1])), axis=int(rng.integers(0, 3)))
@@ -91,24 +86,14 @@ def imperfect_volume(target: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return m
 
 
-def simulated_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Generator,
-                    deepest: float = 0.6) -> Point | None:
-    """A click on the largest connected 3D error of ``pred``: at its deepest voxel with probability
-    ``deepest``, else at a random voxel of it; None when ``pred`` is exact."""
-    found = largest_error(pred, target)
-    if found is None:
-        return None
-    positive, region = found
-    index = deepest_voxel(region) if rng.random() < deepest else np.argwhere(region)[rng.integers(region.sum())]
-    return Point(tuple(int(i) for i in index), positive)
+#: share of training clicks at the error's deepest voxel (the rest at a random voxel of it)
+DEEPEST = 0.6
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice (per sample, averaged) of (N, 1, *crop) logits."""
-    prob = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    soft_dice = (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + (1 - soft_dice).mean()
+    """The prompt path's loss (binary cross-entropy plus soft Dice) per sample of (N, 1, *crop) logits,
+    averaged over the batch."""
+    return torch.stack([segmentation_loss(a, b) for a, b in zip(logits, target)]).mean()
 
 
 @dataclass
@@ -173,12 +158,12 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
             current.append(start_mask if start_mask is not None and (start_mask != t).any()
                            else imperfect_volume(t, rng))
         clicks: list[list[Point]] = [[] for _ in batch]
-        first_dice = [_dice(m, t) for m, t in zip(current, targets)]
+        first_dice = [dice(m, t) for m, t in zip(current, targets)]
         losses = []
         for _ in range(settings.rounds):
             live = []
             for i, (m, t) in enumerate(zip(current, targets)):
-                p = simulated_click(m, t, rng)
+                p = noisy_click(m, t, rng, DEEPEST)
                 if p is not None:
                     clicks[i].append(p)
                     live.append(i)
@@ -201,7 +186,7 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
         optimizer.step()
         bar.update(1)
         recent.append((float(np.mean(losses)) if losses else 0.0, float(np.mean(first_dice)),
-                       float(np.mean([_dice(m, t) for m, t in zip(current, targets)]))))
+                       float(np.mean([dice(m, t) for m, t in zip(current, targets)]))))
         if (step + 1) % 20 == 0 or step + 1 == settings.steps:
             loss_m, before, after = (float(np.mean(v)) for v in zip(*recent))
             history.append({"step": step + 1, "loss": round(loss_m, 4), "dice_before": round(before, 4),
@@ -224,11 +209,6 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
     return dict(record, file=str(output))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
-
-
 def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str | None = None,
                           configuration: str | None = None, plans: str | None = None, steps: int = 600,
                           batch_size: int = 4, rounds: int = 3, lr: float = 1e-3, seed: int = 0,
@@ -245,7 +225,6 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     # local: pull in nnU-Net
     from samnnu.config import current_paths
     from samnnu.datasets import dataset_name
-    from samnnu.interactive.prompt_training import fold_cases
     from samnnu.pipeline.prediction import prompt_free_predictions, read_image, trained_model_folder
     from samnnu.safe_io import read_json
 

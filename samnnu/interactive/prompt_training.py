@@ -52,7 +52,7 @@ from samnnu.config import current_paths
 from samnnu.datasets import dataset_name
 from samnnu.defaults import PROMPT_PATH_FILE, PROMPT_PATH_RECORD
 from samnnu.errors import SamnnuError
-from samnnu.interactive.auto_prompts import bounding_rectangle, deepest_voxel
+from samnnu.interactive.auto_prompts import bounding_rectangle
 from samnnu.interactive.prompts import Point
 from samnnu.interactive.refiner import (
     RefineOptions,
@@ -64,7 +64,7 @@ from samnnu.interactive.refiner import (
     probability_logits,
     slice_box,
 )
-from samnnu.interactive.simulated_user import largest_error
+from samnnu.interactive.simulated_user import noisy_click
 from samnnu.row_cache import cached_rows
 from samnnu.safe_io import check_torch_archive, load_torch_safely, read_json, write_atomic
 
@@ -179,19 +179,13 @@ def corrective_click(pred: np.ndarray, target: np.ndarray, rng: np.random.Genera
     """A click on the largest connected error of a (Y, X) answer (positive on missed voxels, negative on
     spurious ones): at its deepest voxel with probability ``deepest``, else at a random voxel of it. None
     when the answer is exact. The click's z is 0."""
-    found = largest_error(pred, target)
-    if found is None:
-        return None
-    positive, region = found
-    if rng.random() < deepest:
-        y, x = deepest_voxel(region)
-    else:
-        y, x = np.argwhere(region)[rng.integers(region.sum())]
-    return Point((0, int(y), int(x)), positive)
+    click = noisy_click(pred, target, rng, deepest)
+    return None if click is None else Point((0, *click.index), click.positive)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice of (Y, X) logits against a (Y, X) {0, 1} float target."""
+    """Binary cross-entropy plus soft Dice of logits against a {0, 1} float target of the same shape (one
+    sample: (Y, X), or (1, Z, Y, X) for the click corrector)."""
     prob = torch.sigmoid(logits)
     soft_dice = (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
     return F.binary_cross_entropy_with_logits(logits, target) + 1 - soft_dice

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from samnnu.datasets import first_fold_file
 from samnnu.defaults import PROMPT_PATH_FILE, PROMPT_PATH_RECORD
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import dice
@@ -363,11 +364,7 @@ def load_prompt_path(path: str | Path, parts, encoder: str) -> dict:
 
 def find_prompt_path(folder: Path, folds: Sequence) -> Path | None:
     """``fold_F/refiner.pth`` of the first of ``folds`` that has one in a model folder, else None."""
-    for fold in folds:
-        candidate = Path(folder) / f"fold_{fold}" / PROMPT_PATH_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    return first_fold_file(folder, folds, PROMPT_PATH_FILE)
 
 
 # ---------------------------------------------------------------------- propagation through a volume
@@ -590,7 +587,7 @@ def _edit_with_clicks(refiner: SliceRefiner, clicks: Mapping[int, list[Point]], 
     continues to neighbouring slices while it keeps adding (removing) voxels connected to the previous
     slice's change."""
     nz, h, w = base_mask.shape
-    current = np.where(np.isin(np.arange(nz), sorted(covered))[:, None, None], mask, base_mask)
+    current = _current_mask(base_mask, mask, covered)
     covered = set(covered)
 
     def decode(z: int, pts: Sequence[Point]) -> np.ndarray | None:
@@ -643,13 +640,17 @@ def _edit_with_clicks(refiner: SliceRefiner, clicks: Mapping[int, list[Point]], 
     return out, covered
 
 
+def _current_mask(base_mask: np.ndarray, mask: np.ndarray, covered: Iterable[int]) -> np.ndarray:
+    """(Z, Y, X): the object's mask on the slices it covers, the prompt-free mask elsewhere (what clicks edit)."""
+    return np.where(np.isin(np.arange(base_mask.shape[0]), sorted(covered))[:, None, None], mask, base_mask)
+
+
 def _correct_in_3d(refiner: SliceRefiner, clicks: Sequence[Point], base_mask: np.ndarray, mask: np.ndarray,
                    covered: set[int]) -> tuple[np.ndarray, set[int]]:
     """Edit mode with a 3D click corrector: the clicks, in the order given, each correct the current mask
     (the object's mask on the slices it covers, the prompt-free mask elsewhere) around themselves in 3D.
     The object then covers every slice the corrections changed."""
-    nz = base_mask.shape[0]
-    current = np.where(np.isin(np.arange(nz), sorted(covered))[:, None, None], mask, base_mask)
+    current = _current_mask(base_mask, mask, covered)
     corrected = refiner.corrector.apply(refiner.normalized_volume, current, clicks)
     covered = set(covered) | {int(z) for z in np.flatnonzero((corrected != current).any(axis=(1, 2)))}
     out = np.zeros_like(mask)

@@ -41,6 +41,18 @@ def next_click(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | Non
     return Point(deepest_voxel(region, spacing=None if spacing is None else tuple(spacing)), positive)
 
 
+def noisy_click(pred: np.ndarray, ref: np.ndarray, rng: np.random.Generator, deepest: float = 0.5) -> Point | None:
+    """A training click on the largest connected error of a mask (any dimension; positive on missed voxels,
+    negative on spurious ones): at its deepest voxel with probability ``deepest``, else at a random voxel
+    of it. None when the mask equals the reference. Its index has the mask's dimension."""
+    found = largest_error(pred, ref)
+    if found is None:
+        return None
+    positive, region = found
+    index = deepest_voxel(region) if rng.random() < deepest else np.argwhere(region)[rng.integers(region.sum())]
+    return Point(tuple(int(i) for i in index), positive)
+
+
 def largest_error(pred: np.ndarray, ref: np.ndarray) -> tuple[bool, np.ndarray] | None:
     """(positive, region): the largest connected error component of a mask against its reference (any
     dimension; face connectivity; a false-negative one on equal size), positive when it is a false

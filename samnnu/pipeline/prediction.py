@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from samnnu.config import configure_threads, current_paths, num_processes, setup_environment
-from samnnu.datasets import dataset_name, model_folder, model_folder_name
-from samnnu.defaults import DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
+from samnnu.datasets import dataset_name, first_fold_file, model_folder, model_folder_name
+from samnnu.defaults import CLICK_CORRECTOR_FILE, DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
 from samnnu.errors import SamnnuError
 from samnnu.interactive.prompts import ImageGeometry, label_values, load_prompts, prompts_to_json
 from samnnu.pipeline.training import default_model, default_plans_name, pick_device
@@ -624,9 +624,7 @@ def choose_prompt_path(folder: Path, folds: Sequence, refiner_weights: str = "au
 def choose_corrector(folder: Path, folds: Sequence, refiner_weights: str = "auto") -> Path | None:
     """The 3D click corrector the refiner loads: for ``"auto"`` the model's own (``fold_F/click_corrector.pth``
     of the first fold that has one, written by ``samnnu_train_prompts --corrector``), else none."""
-    from samnnu.interactive.click_corrector import find_corrector  # local: pulls in torch and scipy
-
-    return find_corrector(folder, folds) if refiner_weights == "auto" else None
+    return first_fold_file(folder, folds, CLICK_CORRECTOR_FILE) if refiner_weights == "auto" else None
 
 
 def _intact_output(path: Path) -> bool:

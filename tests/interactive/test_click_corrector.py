@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from samnnu.errors import SamnnuError
+from samnnu.evaluation.metrics import dice
 from samnnu.interactive import click_corrector as cc
 from samnnu.interactive import corrector_training as ct
 from samnnu.interactive.prompts import Point
+from samnnu.interactive.simulated_user import noisy_click
 
 SMALL_CROP = (16, 24, 24)  # divisible by the U-Net's strides (z by 4, y and x by 8)
 SMALL_FEATURES = (4, 8, 8, 8)
@@ -68,7 +70,7 @@ def test_imperfect_volumes_have_errors_over_several_slices():
     for _ in range(40):
         m = ct.imperfect_volume(target, rng)
         assert m.shape == target.shape and m.dtype == bool and (m != target).any()
-        dices.append(ct._dice(m, target))
+        dices.append(dice(m, target))
         spans.append(int((m != target).any(axis=(1, 2)).sum()))
     assert 0.5 < np.mean(dices) < 0.98
     assert max(spans) >= 5  # errors are 3D, not one slice's
@@ -78,9 +80,9 @@ def test_simulated_clicks_go_to_the_largest_error():
     target = ellipsoid()
     pred = target.copy()
     pred[:9] = False  # the first slices of the structure missed
-    p = ct.simulated_click(pred, target, np.random.default_rng(0), deepest=1.0)
+    p = noisy_click(pred, target, np.random.default_rng(0), deepest=1.0)
     assert p.positive and p.index[0] < 9 and target[p.index]
-    assert ct.simulated_click(target, target, np.random.default_rng(0)) is None
+    assert noisy_click(target, target, np.random.default_rng(0)) is None
 
 
 def _toy_cases(n=3):
