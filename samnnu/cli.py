@@ -245,9 +245,10 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=_positive_int, default=2000, help="optimisation steps (default 2000)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per step (default 16)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate, cosine decay (default 1e-3)")
-    p.add_argument("--cache", choices=["auto", "on", "off"], default="auto",
-                   help="cache the teacher's embeddings once per slice (no augmentation) or run the teacher on "
-                        "augmented slices; auto caches when each slice is seen at least twice")
+    p.add_argument("--cache", choices=["auto", "on", "off"], default="off",
+                   help="off (default): run the teacher on augmented slices, as the trainers see them; on: cache "
+                        "its embeddings once per slice (cheaper, no augmentation); auto: cache when each slice "
+                        "is seen at least twice")
     p.add_argument("--seed", type=int, default=0)
     _verbose(p)
     _data_root(p)
@@ -286,10 +287,13 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                    help="train the 3D click corrector instead (fold_F/click_corrector.pth): a small 3D U-Net that "
                         "makes each click correct the whole 3D error region it lands in; the fold's model predicts "
                         "its training cases first, for starting masks with real errors")
-    p.add_argument("--steps", type=_positive_int, default=600, help="optimisation steps (default 600)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="optimisation steps (default 600; 1000 with --corrector)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="slices per step (default 8), or volumes with --corrector (default 4)")
-    p.add_argument("--rounds", type=int, default=3, help="corrective clicks after the first prompt (default 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="corrective clicks after the first prompt (default 3), or clicks per sample with --corrector "
+                        "(default 5)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="AdamW learning rate, cosine decay (default 1e-4; 1e-3 with --corrector)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
@@ -312,8 +316,9 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
             from samnnu.interactive.corrector_training import train_click_corrector
 
             record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
-                                           configuration=args.configuration, plans=args.plans, steps=args.steps,
-                                           batch_size=args.batch_size or 4, rounds=args.rounds, lr=args.lr or 1e-3,
+                                           configuration=args.configuration, plans=args.plans, steps=args.steps or 1000,
+                                           batch_size=args.batch_size or 4,
+                                           rounds=5 if args.rounds is None else args.rounds, lr=args.lr or 1e-3,
                                            seed=args.seed, output=args.output)
             last = record["history"][-1]
             print(f"wrote {record['file']}: 3D click corrector trained {record['steps']} steps on {record['samples']} "
@@ -322,8 +327,9 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                   f"{record['rounds']} clicks")
             return
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
-                               plans=args.plans, encoder=args.refiner_encoder, steps=args.steps,
-                               batch_size=args.batch_size or 8, rounds=args.rounds, lr=args.lr or 1e-4,
+                               plans=args.plans, encoder=args.refiner_encoder, steps=args.steps or 600,
+                               batch_size=args.batch_size or 8, rounds=3 if args.rounds is None else args.rounds,
+                               lr=args.lr or 1e-4,
                                slices_per_case=args.slices_per_case, seed=args.seed, output=args.output)
         last = record["history"][-1]
         print(f"wrote {record['file']}: prompt path trained {record['steps']} steps on {record['samples']} labelled "

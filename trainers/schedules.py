@@ -1,7 +1,20 @@
 """Learning-rate schedules stepped per iteration (nnU-Net's own poly schedule steps per epoch)."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def set_cosine_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, steps: int,
+                  floor: float = 0.05) -> float:
+    """Set every parameter group's learning rate for step ``step`` of ``steps`` (0-based): cosine decay from
+    ``base_lr`` to ``floor * base_lr``; the rate set. Used by the step-driven trainings outside nnU-Net's
+    trainers (``samnnu_distill``, the prompt path, the click corrector)."""
+    lr = base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 class WarmupPolyLR:

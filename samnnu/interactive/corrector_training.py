@@ -9,7 +9,6 @@ predictions or from imperfect copies of the labels (:func:`imperfect_volume`), a
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from samnnu.interactive.prompt_training import fold_cases, segmentation_loss
 from samnnu.interactive.prompts import Point
 from samnnu.interactive.simulated_user import noisy_click
 from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
+from samnnu.trainers.schedules import set_cosine_lr
 
 
 def imperfect_volume(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -147,8 +147,7 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
     began = time.perf_counter()
     recent: list[tuple[float, float, float]] = []
     for step in range(start, settings.steps):
-        for group in optimizer.param_groups:  # cosine decay to 5 % of lr
-            group["lr"] = settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
+        set_cosine_lr(optimizer, settings.lr, step, settings.steps)  # cosine decay to 5 % of lr
         optimizer.zero_grad(set_to_none=True)
         batch = [samples[i] for i in rng.integers(len(samples), size=settings.batch_size)]
         targets = [labels[c] == v for c, v in batch]
@@ -210,8 +209,8 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
 
 
 def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str | None = None,
-                          configuration: str | None = None, plans: str | None = None, steps: int = 600,
-                          batch_size: int = 4, rounds: int = 3, lr: float = 1e-3, seed: int = 0,
+                          configuration: str | None = None, plans: str | None = None, steps: int = 1000,
+                          batch_size: int = 4, rounds: int = 5, lr: float = 1e-3, seed: int = 0,
                           predicted_share: float = 0.5, output: str | Path | None = None,
                           progress: bool = True) -> dict:
     """Train the 3D click corrector on fold ``fold``'s training cases; write ``fold_F/click_corrector.pth``.

@@ -37,7 +37,6 @@ it (weights only) when the model folder has one, and say which refiner they used
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +66,7 @@ from samnnu.interactive.refiner import (
 from samnnu.interactive.simulated_user import noisy_click
 from samnnu.row_cache import cached_rows
 from samnnu.safe_io import check_torch_archive, load_torch_safely, read_json, write_atomic
+from samnnu.trainers.schedules import set_cosine_lr
 
 FIRST_PROMPTS = ("box", "base", "point", "neighbour")
 # corrected slices are decoded as the refiner decodes them: clicks as SAM points, box around mask and clicks
@@ -342,8 +342,7 @@ def train_prompts(dataset: str | int, fold: int | str, *, trainer: str | None = 
     began = time.perf_counter()
     recent: list[tuple[float, float, float]] = []
     for step in range(start, steps):
-        for group in optimizer.param_groups:  # cosine decay to 5 % of lr
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        set_cosine_lr(optimizer, lr, step, steps)  # cosine decay to 5 % of lr
         optimizer.zero_grad(set_to_none=True)
         for _ in range(batch_size):
             first = FIRST_PROMPTS[int(rng.choice(len(FIRST_PROMPTS), p=settings.first_prompts))]
