@@ -12,6 +12,8 @@ not repeated when the script is run again):
 - ``samunet``: SAMUNetTrainer trained on fold 0 for the same number of iterations with the teacher
   (LiteMedSAM, the dataset's own plans) and with the student (the same dataset planned again with
   ``--sam-checkpoint STUDENT`` in a second data root, with the same splits), validated by the chain.
+  The planner gives a cheaper student a larger batch; ``--equal-batch`` sets the student's plans to the
+  teacher's batch, so that both runs see the same number of samples.
 
     python benchmarks/distillation.py --data-root DATA -d 4 --student STUDENT.pth -o OUT [--iterations 250]
 
@@ -114,12 +116,14 @@ def box_dice(student: Path, dataset: str, input_size: int, max_cases: int | None
     return out
 
 
-def samunet(student: Path, data_root: Path, dataset: str, iterations: int, work: Path) -> dict:
-    """SAMUNetTrainer on fold 0 for ``iterations`` iterations with the teacher, then with the student."""
+def samunet(student: Path, data_root: Path, dataset: str, iterations: int, work: Path,
+            equal_batch: bool = False) -> dict:
+    """SAMUNetTrainer on fold 0 for ``iterations`` iterations with the teacher, then with the student (at the
+    teacher's batch size with ``equal_batch``)."""
     from samnnu.config import setup_environment
     from samnnu.pipeline.planning import plan_and_preprocess
     from samnnu.pipeline.training import train
-    from samnnu.safe_io import read_json
+    from samnnu.safe_io import read_json, write_json_atomic
 
     per_epoch = min(50, iterations)
     epochs = max(1, iterations // per_epoch)
@@ -140,7 +144,17 @@ def samunet(student: Path, data_root: Path, dataset: str, iterations: int, work:
     if not (pre / "samnnuPlans.json").is_file():
         plan_and_preprocess(dataset, configurations=("2d",), sam_checkpoint=str(student), device_type="cpu")
     shutil.copyfile(data_root / "nnUNet_preprocessed" / dataset / "splits_final.json", pre / "splits_final.json")
-    encoder = read_json(pre / "samnnuPlans.json", "plans")["configurations"]["2d"]["sam"]["encoder"]
+    plans = read_json(pre / "samnnuPlans.json", "plans")
+    sam = plans["configurations"]["2d"]["sam"]
+    encoder, teacher_sam = sam["encoder"], read_json(data_root / "nnUNet_preprocessed" / dataset / "samnnuPlans.json",
+                                                     "plans")["configurations"]["2d"]["sam"]
+    out["batch_size"] = {"litemedsam": teacher_sam["batch_size"], "student_planned": sam.get("planned_batch_size",
+                                                                                             sam["batch_size"])}
+    if equal_batch and sam["batch_size"] != teacher_sam["batch_size"]:
+        sam["planned_batch_size"] = out["batch_size"]["student_planned"]
+        sam["batch_size"] = teacher_sam["batch_size"]
+        write_json_atomic(pre / "samnnuPlans.json", plans, indent=2)
+    out["batch_size"][encoder] = sam["batch_size"]
     start = time.time()
     result = train(dataset, 0, trainer="SAMUNetTrainer", configuration="2d", epochs=epochs,
                    iters_per_epoch=per_epoch, mirroring=False, device="cpu")
@@ -159,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", required=True, type=Path)
     p.add_argument("--iterations", type=int, default=250)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--equal-batch", action="store_true",
+                   help="samunet step: train the student at the teacher's batch size instead of its planned one")
     p.add_argument("--max-cases", type=int, default=None, help="box Dice on the first N validation cases only")
     p.add_argument("--steps", nargs="+", default=["speed", "box_dice", "samunet"],
                    choices=["speed", "box_dice", "samunet"])
@@ -191,7 +207,8 @@ def main(argv=None) -> int:
             results[step] = box_dice(args.student, dataset, record["input_size"], args.max_cases)
         else:
             results[step] = samunet(args.student.resolve(), args.data_root.resolve(), dataset, args.iterations,
-                                    args.output.resolve())
+                                    args.output.resolve(), equal_batch=args.equal_batch)
+        results[step]["command"] = results["command"]  # the top-level one is the latest invocation's
         _save(args.output, results)
         print(step, json.dumps(results[step]))
     return 0

@@ -16,7 +16,10 @@ after an untimed warm-up; the median is reported:
   the planner's choice of input size against another one;
 - ``samnnu_2d_unfolded_encoder`` with ``--also-unfolded-encoder``: the same model, its frozen encoder run as
   the module itself instead of its inference copy (BatchNorm folded, channels-last; see
-  :func:`samnnu.modeling.encoders.inference_encoder`), i.e. samnnu before that copy.
+  :func:`samnnu.modeling.encoders.inference_encoder`), i.e. samnnu before that copy;
+- ``samnnu_2d_student`` with ``--also-sam-checkpoint FILE``: samnnu's default trainer on the same cases
+  planned with that encoder checkpoint (a ``samnnu_distill`` student; the cases converted a second time,
+  as dataset ``STUDENT_DATASET_ID``), predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
     python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
@@ -41,6 +44,7 @@ from pathlib import Path
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
 DATASET_ID = 990
+STUDENT_DATASET_ID = 991
 
 
 def prepare(src: Path, n_cases: int, root: Path) -> list[str]:
@@ -64,6 +68,22 @@ def prepare(src: Path, n_cases: int, root: Path) -> list[str]:
     train(DATASET_ID, 0, trainer="nnUNetTrainer", configuration="3d_fullres", epochs=1, iters_per_epoch=1,
           run_chain=False, device="cpu")
     return cases
+
+
+def prepare_student(root: Path, checkpoint: Path) -> Path:
+    """The subset of :func:`prepare` converted again as ``STUDENT_DATASET_ID``, planned with the encoder
+    checkpoint ``checkpoint`` and samnnu's default trainer trained on it for one iteration; its model folder."""
+    from samnnu.config import current_paths
+    from samnnu.dataset_conversion.hippocampus import convert_hippocampus
+    from samnnu.datasets import dataset_name, model_folder
+    from samnnu.defaults import DEFAULT_TRAINER, PLANS_NAME
+    from samnnu.pipeline.planning import plan_and_preprocess
+    from samnnu.pipeline.training import train
+
+    convert_hippocampus(root / "src", STUDENT_DATASET_ID, raw_root=current_paths().raw)
+    plan_and_preprocess(STUDENT_DATASET_ID, configurations=("2d",), sam_checkpoint=str(checkpoint), device_type="cpu")
+    train(STUDENT_DATASET_ID, 0, configuration="2d", epochs=1, iters_per_epoch=1, run_chain=False, device="cpu")
+    return model_folder(dataset_name(STUDENT_DATASET_ID), DEFAULT_TRAINER, PLANS_NAME, "2d")
 
 
 def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
@@ -142,7 +162,8 @@ def unfold_encoders(network) -> None:
 
 
 def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int,
-                    other_input_size: int | None = None, unfolded: bool = False) -> dict:
+                    other_input_size: int | None = None, unfolded: bool = False,
+                    student: Path | None = None) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -168,9 +189,11 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
             samnnu_model, other_input_size, samnnu_model.parent / f"{samnnu_model.name}_input{other_input_size}"))
     if unfolded:
         setups["samnnu_2d_unfolded_encoder"] = (nnUNetPredictor, samnnu_model)
+    if student is not None:
+        setups["samnnu_2d_student"] = (BatchedPredictor, student)
     predictors = {}
     for key, (cls, folder) in setups.items():
-        extra = {"views_per_pass": views} if cls is BatchedPredictor else {}
+        extra = {"views_per_pass": views or None} if cls is BatchedPredictor else {}
         p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
                 device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False, **extra)
         with weights_only_loading():
@@ -214,6 +237,8 @@ def main() -> int:
                         help="network inputs per pass, batched (default 16; 0: do not time the batched predictor)")
     parser.add_argument("--also-input-size", type=int, default=None,
                         help="also time samnnu's model with the encoder input set to this size")
+    parser.add_argument("--also-sam-checkpoint", type=Path, default=None,
+                        help="also time samnnu's default trainer planned with this encoder checkpoint (a student)")
     parser.add_argument("--also-unfolded-encoder", action="store_true",
                         help="also time samnnu's model with its frozen encoder unfolded (no inference copy)")
     args = parser.parse_args()
@@ -228,10 +253,12 @@ def main() -> int:
         threads = configure_threads()
         t0 = time.perf_counter()
         cases = prepare(Path(args.src), args.cases, Path(tmp))
+        student = (prepare_student(Path(tmp), args.also_sam_checkpoint.resolve())
+                   if args.also_sam_checkpoint and not args.ensemble_only else None)
         prepared = time.perf_counter() - t0
         result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
                                                                 args.views_per_pass, args.also_input_size,
-                                                                args.also_unfolded_encoder)
+                                                                args.also_unfolded_encoder, student)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
     result.update({"torch_threads": threads, "prepare_seconds": prepared,

@@ -9,7 +9,8 @@ them (the plans' intensity window, scaled to [0, 1], the longer side fitted to t
 
 - augmented on the fly with nnU-Net's 2D training augmentation (the teacher runs on every batch), or
 - with the teacher's embeddings cached once per slice (no augmentation), which is cheaper when each
-  slice is seen at least twice (``cache="auto"``).
+  slice is seen at least twice (``cache="auto"`` chooses so), but lets the student see only unaugmented
+  inputs. The default is the augmented mode.
 
 The student starts from its random initialisation except for the weights it shares with the teacher
 by name and shape (:func:`warm_start`: the neck and the 320-wide last-stage blocks).
@@ -23,7 +24,6 @@ every trainer use the student.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from samnnu.defaults import PLANS_NAME
 from samnnu.errors import SamnnuError
 from samnnu.row_cache import cached_rows
 from samnnu.safe_io import read_json, write_atomic
+from samnnu.trainers.schedules import set_cosine_lr
 
 RECORD = "samnnu_distill"
 
@@ -217,14 +218,16 @@ def check_pair(teacher: str, student: str) -> None:
 
 def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "litemedsam",
             student: str = "tinyvit_s", teacher_checkpoint: str | None = None, input_size: int | None = None,
-            steps: int = 2000, batch_size: int = 16, lr: float = 1e-3, cache: str = "auto", seed: int = 0,
+            steps: int = 2000, batch_size: int = 16, lr: float = 1e-3, cache: str = "off", seed: int = 0,
             save_every: int = 100, progress: bool = True) -> dict:
     """Distil ``teacher``'s image encoder into ``student`` on the datasets' slices; write ``output``.
 
-    ``input_size``: default the first dataset's planned 2d SAM input size. ``cache``: ``"on"`` (teacher
-    embeddings computed once per slice, no augmentation), ``"off"`` (augmented slices, teacher on every
-    batch) or ``"auto"`` (on when the run sees each slice at least twice). Returns the ``samnnu_distill``
-    record written into the checkpoint.
+    ``input_size``: default the first dataset's planned 2d SAM input size. ``cache``: ``"off"`` (augmented
+    slices, teacher on every batch; the default: measured on the hippocampus, a student distilled so came
+    within 0.3 Dice points of its teacher in SAMUNet, one distilled on cached slices 4.5 behind, with input
+    size and length also differing), ``"on"`` (teacher embeddings computed once per slice, no augmentation)
+    or ``"auto"`` (on when the run sees each slice at least twice). Returns the ``samnnu_distill`` record
+    written into the checkpoint.
     """
     from samnnu.modeling.common import count_parameters
 
@@ -275,8 +278,7 @@ def distill(datasets: list[str | int], output: str | Path, *, teacher: str = "li
                dynamic_ncols=True, disable=not progress)
     began = time.perf_counter()
     for step in range(start, steps):
-        for group in optimizer.param_groups:  # cosine decay to 5 % of lr
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        set_cosine_lr(optimizer, lr, step, steps)  # cosine decay to 5 % of lr
         if cached is not None:
             inputs, embeddings = cached
             rows = np.sort(rng.choice(n_slices, size=min(batch_size, n_slices), replace=False))
