@@ -312,14 +312,15 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
         from samnnu.interactive.prompt_training import train_prompts
 
         configure_threads()
+        # what the user left out is the API's default, which differs between the corrector and the prompt path
+        given = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, rounds=args.rounds,
+                                       lr=args.lr).items() if v is not None}
         if args.corrector:
             from samnnu.interactive.corrector_training import train_click_corrector
 
             record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
-                                           configuration=args.configuration, plans=args.plans, steps=args.steps or 1000,
-                                           batch_size=args.batch_size or 4,
-                                           rounds=5 if args.rounds is None else args.rounds, lr=args.lr or 1e-3,
-                                           seed=args.seed, output=args.output)
+                                           configuration=args.configuration, plans=args.plans, seed=args.seed,
+                                           output=args.output, **given)
             last = record["history"][-1]
             print(f"wrote {record['file']}: 3D click corrector trained {record['steps']} steps on {record['samples']} "
                   f"labels of {record['cases']} cases ({record['predicted_cases']} predicted by the model); training "
@@ -327,10 +328,8 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                   f"{record['rounds']} clicks")
             return
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
-                               plans=args.plans, encoder=args.refiner_encoder, steps=args.steps or 600,
-                               batch_size=args.batch_size or 8, rounds=3 if args.rounds is None else args.rounds,
-                               lr=args.lr or 1e-4,
-                               slices_per_case=args.slices_per_case, seed=args.seed, output=args.output)
+                               plans=args.plans, encoder=args.refiner_encoder, slices_per_case=args.slices_per_case,
+                               seed=args.seed, output=args.output, **given)
         last = record["history"][-1]
         print(f"wrote {record['file']}: prompt path trained {record['steps']} steps on {record['samples']} labelled "
               f"slices of {record['cases']} cases; training Dice of the last steps {last['dice_first']:.3f} after the "

@@ -213,27 +213,32 @@ def test_apply_answers_clicks_in_turn_and_remembers_the_first_ones():
 def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(monkeypatch, tmp_path):
     """samnnu_train_prompts: the corrector trains 1000 steps of 5 clicks per sample unless told otherwise
     (measured better than 600 x 3, docs/benchmarks.md), the 2D prompt path keeps 600 steps of 3 clicks."""
+    import inspect
+
     from samnnu import cli
     from samnnu.interactive import prompt_training
 
     seen = {}
 
-    def fake(name):
+    def fake(name, real):
         def run(dataset, fold, **kwargs):
-            seen[name] = kwargs
-            return {"file": "f", "steps": kwargs["steps"], "samples": 1, "cases": 1, "predicted_cases": 1,
-                    "rounds": kwargs["rounds"], "history": [{"dice_before": 0.5, "dice_after": 0.6,
-                                                             "dice_first": 0.5, "dice_last": 0.6}]}
+            bound = inspect.signature(real).bind(dataset, fold, **kwargs)
+            bound.apply_defaults()  # what the real function would run with
+            args = seen[name] = bound.arguments
+            return {"file": "f", "steps": args["steps"], "samples": 1, "cases": 1, "predicted_cases": 1,
+                    "rounds": args["rounds"], "history": [{"dice_before": 0.5, "dice_after": 0.6,
+                                                           "dice_first": 0.5, "dice_last": 0.6}]}
         return run
 
-    monkeypatch.setattr(ct, "train_click_corrector", fake("corrector"))
-    monkeypatch.setattr(prompt_training, "train_prompts", fake("prompts"))
+    corrector, prompts = ct.train_click_corrector, prompt_training.train_prompts
+    monkeypatch.setattr(ct, "train_click_corrector", fake("corrector", corrector))
+    monkeypatch.setattr(prompt_training, "train_prompts", fake("prompts", prompts))
     root = ["--data-root", str(tmp_path)]
     assert cli.train_prompts_main(["4", "0", "--corrector", *root]) == 0
+    assert (seen["corrector"]["steps"], seen["corrector"]["rounds"], seen["corrector"]["lr"],
+            seen["corrector"]["batch_size"]) == (1000, 5, 1e-3, 4)
     assert cli.train_prompts_main(["4", "0", *root]) == 0
+    assert (seen["prompts"]["steps"], seen["prompts"]["rounds"], seen["prompts"]["lr"],
+            seen["prompts"]["batch_size"]) == (600, 3, 1e-4, 8)
     assert cli.train_prompts_main(["4", "0", "--corrector", "--steps", "7", "--rounds", "2", *root]) == 0
-    assert (seen["prompts"]["steps"], seen["prompts"]["rounds"], seen["prompts"]["lr"]) == (600, 3, 1e-4)
-    assert (seen["corrector"]["steps"], seen["corrector"]["rounds"]) == (7, 2)  # the last call: given values win
-    monkeypatch.setattr(ct, "train_click_corrector", fake("default"))
-    assert cli.train_prompts_main(["4", "0", "--corrector", *root]) == 0
-    assert (seen["default"]["steps"], seen["default"]["rounds"], seen["default"]["lr"]) == (1000, 5, 1e-3)
+    assert (seen["corrector"]["steps"], seen["corrector"]["rounds"]) == (7, 2)  # given values win
