@@ -288,7 +288,7 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                         "makes each click correct the whole 3D error region it lands in; the fold's model predicts "
                         "its training cases first, for starting masks with real errors")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="optimisation steps (default 600; 1000 with --corrector)")
+                   help="optimisation steps (default 600; 2000 with --corrector)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="slices per step (default 8), or volumes with --corrector (default 4)")
     p.add_argument("--rounds", type=int, default=None,
@@ -296,6 +296,14 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                         "(default 5)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="AdamW learning rate, cosine decay (default 1e-4; 1e-3 with --corrector)")
+    p.add_argument("--features", type=_positive_int, nargs="+", default=None,
+                   help="with --corrector: the 3D U-Net's features per stage (default 8 16 32 64)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="with --corrector: forward passes in bfloat16 autocast or float32 (default bf16 where the "
+                        "CPU computes bfloat16 natively, else fp32)")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="with --corrector: start from this trained corrector's weights instead of random ones "
+                        "(e.g. to train a finished corrector further)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
                    help="labelled slices taken from each training case (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -318,6 +326,12 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
         if args.corrector:
             from samnnu.interactive.corrector_training import train_click_corrector
 
+            if args.features is not None:
+                given["features"] = tuple(args.features)
+            if args.precision is not None:
+                given["precision"] = args.precision
+            if args.init is not None:
+                given["init"] = args.init
             record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
                                            configuration=args.configuration, plans=args.plans, seed=args.seed,
                                            output=args.output, **given)
@@ -327,6 +341,8 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                   f"Dice of the last steps {last['dice_before']:.3f} before, {last['dice_after']:.3f} after "
                   f"{record['rounds']} clicks")
             return
+        if args.features is not None or args.precision is not None or args.init is not None:
+            raise SamnnuError("--features, --precision and --init are options of --corrector")
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                                plans=args.plans, encoder=args.refiner_encoder, slices_per_case=args.slices_per_case,
                                seed=args.seed, output=args.output, **given)

@@ -127,6 +127,55 @@ def test_training_writes_a_corrector_that_loads_and_resumes(tmp_path, monkeypatc
     assert answer.shape == mask.shape and answer.dtype == bool
 
 
+def test_training_in_bfloat16_writes_a_float32_corrector(tmp_path):
+    """Forward passes under bfloat16 autocast (the default where the CPU computes bfloat16 natively): the
+    weights stay float32, the file says how it was trained, and it loads and answers as any corrector."""
+    images, labels = _toy_cases(2)
+    settings = ct.CorrectorSettings("toy", "0", 2, 2, 2, 1e-3, 0, crop=SMALL_CROP, features=(4, 8, 8),
+                                    precision="bf16")
+    out = tmp_path / "c.pth"
+    record = ct.train_corrector(images, labels, settings, out, progress=False)
+    assert record["precision"] == "bf16" and record["features"] == [4, 8, 8]
+    state = torch.load(out, weights_only=True)
+    floats = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    loaded = cc.load_corrector(out)
+    mask = labels["c0"] == 1
+    answer = loaded(cc.normalize_image(images["c0"]), mask, [Point((10, 14, 15), False)])
+    assert answer.shape == mask.shape and not answer[10, 14, 15]
+    assert ct.default_precision() in ct.PRECISIONS
+
+
+def test_training_can_start_from_a_trained_corrector(tmp_path):
+    """--init: the network starts from a trained corrector's weights (a near-zero learning rate leaves them
+    as they were), and a corrector of other features is refused in one line."""
+    images, labels = _toy_cases(2)
+    first = tmp_path / "first.pth"
+    ct.train_corrector(images, labels, ct.CorrectorSettings("toy", "0", 2, 2, 1, 1e-2, 0, crop=SMALL_CROP,
+                                                            features=SMALL_FEATURES), first, progress=False)
+    settings = ct.CorrectorSettings("toy", "0", 1, 2, 1, 1e-12, 1, crop=SMALL_CROP, features=SMALL_FEATURES,
+                                    init=str(first))
+    record = ct.train_corrector(images, labels, settings, tmp_path / "second.pth", progress=False)
+    assert record["init"] == str(first)
+    before, after = torch.load(first, weights_only=True), torch.load(tmp_path / "second.pth", weights_only=True)
+    weights = [k for k, v in before.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert weights and all(torch.allclose(before[k], after[k], atol=1e-6) for k in weights)
+    fresh = ct.train_corrector(images, labels, ct.CorrectorSettings("toy", "0", 1, 2, 1, 1e-12, 1, crop=SMALL_CROP,
+                                                                    features=SMALL_FEATURES),
+                               tmp_path / "fresh.pth", progress=False)
+    assert fresh["init"] is None
+    other = torch.load(tmp_path / "fresh.pth", weights_only=True)
+    assert not all(torch.allclose(before[k], other[k], atol=1e-6) for k in weights)  # the test can fail
+    wrong = ct.CorrectorSettings("toy", "0", 1, 2, 1, 1e-3, 1, crop=SMALL_CROP, features=(4, 8, 8), init=str(first))
+    with pytest.raises(SamnnuError, match="features"):
+        ct.train_corrector(images, labels, wrong, tmp_path / "third.pth", progress=False)
+    # the command checks --init before it predicts the training cases (minutes): one line naming the file
+    with pytest.raises(SamnnuError, match="missing.pth"):
+        ct.train_click_corrector(4, 0, init=tmp_path / "missing.pth")
+    with pytest.raises(SamnnuError, match="features"):
+        ct.train_click_corrector(4, 0, init=first, features=(4, 8, 8))
+
+
 def test_training_starts_from_the_models_predictions_when_given(tmp_path, monkeypatch):
     images, labels = _toy_cases(2)
     predictions = {"c0": np.zeros_like(labels["c0"])}  # the model found nothing in c0
@@ -211,8 +260,8 @@ def test_apply_answers_clicks_in_turn_and_remembers_the_first_ones():
 
 
 def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(monkeypatch, tmp_path):
-    """samnnu_train_prompts: the corrector trains 1000 steps of 5 clicks per sample unless told otherwise
-    (measured better than 600 x 3, docs/benchmarks.md), the 2D prompt path keeps 600 steps of 3 clicks."""
+    """samnnu_train_prompts: the corrector trains 2000 steps of 5 clicks per sample unless told otherwise
+    (measured better than 600 x 3 and 1000 x 5, docs/benchmarks.md), the 2D prompt path keeps 600 steps of 3 clicks."""
     import inspect
 
     from samnnu import cli
@@ -236,9 +285,16 @@ def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(mon
     root = ["--data-root", str(tmp_path)]
     assert cli.train_prompts_main(["4", "0", "--corrector", *root]) == 0
     assert (seen["corrector"]["steps"], seen["corrector"]["rounds"], seen["corrector"]["lr"],
-            seen["corrector"]["batch_size"]) == (1000, 5, 1e-3, 4)
+            seen["corrector"]["batch_size"]) == (2000, 5, 1e-3, 4)
     assert cli.train_prompts_main(["4", "0", *root]) == 0
     assert (seen["prompts"]["steps"], seen["prompts"]["rounds"], seen["prompts"]["lr"],
             seen["prompts"]["batch_size"]) == (600, 3, 1e-4, 8)
     assert cli.train_prompts_main(["4", "0", "--corrector", "--steps", "7", "--rounds", "2", *root]) == 0
     assert (seen["corrector"]["steps"], seen["corrector"]["rounds"]) == (7, 2)  # given values win
+    assert seen["corrector"]["features"] == ct.FEATURES and seen["corrector"]["precision"] is None
+    assert cli.train_prompts_main(["4", "0", "--corrector", "--features", "4", "8", "--precision", "fp32",
+                                   *root]) == 0
+    assert (seen["corrector"]["features"], seen["corrector"]["precision"]) == ((4, 8), "fp32")
+    assert cli.train_prompts_main(["4", "0", "--features", "4", "8", *root]) != 0  # a corrector option
+    assert cli.train_prompts_main(["4", "0", "--corrector", "--init", "c.pth", *root]) == 0
+    assert seen["corrector"]["init"] == "c.pth"
