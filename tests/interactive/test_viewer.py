@@ -55,7 +55,7 @@ def test_segment_apply_undo_and_save(widget, tmp_path):
     assert len(obj.strokes) == 1 and not obj.strokes[0].positive
     assert len(layers[POSITIVE].data) == 0 and len(layers[SHAPES].data) == 0  # drawn prompts were sent
     np.testing.assert_array_equal(layers[LABEL_LAYER].data, c.session.segmentation)
-    assert not c.session.segmentation[z, 1, 1:5].any()  # the scribbled voxels are not the label now
+    assert not (c.session.segmentation[z, 1, 1:5] == second).any()  # the scribbled voxels are not the label now
 
     applied = c.session.segmentation.copy()
     widget.undo()  # takes back the last prompt, the scribble
