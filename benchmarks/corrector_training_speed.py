@@ -12,8 +12,10 @@ is reported too (bfloat16 keeps about 3 significant digits).
 
 ``--steps-on DATASET``: also whole training steps (:func:`~samnnu.interactive.corrector_training.train_corrector`
 with its simulated clicks on fold 0's training cases, starting from imperfect copies of the labels), ``--steps``
-of them in each precision, one after the other; seconds per step from the run's own clock. torch's threads are set to the available cores
-(``samnnu.config.configure_threads``); run it alone on the machine.
+of them in each precision, one after the other; seconds per step from the run's own clock.
+
+torch's threads are set to the available cores (``samnnu.config.configure_threads``); run it alone on the
+machine.
 """
 from __future__ import annotations
 
@@ -27,15 +29,20 @@ import torch
 
 from samnnu.config import configure_threads
 from samnnu.interactive.click_corrector import CROP, FEATURES, build_network
-from samnnu.interactive.corrector_training import CorrectorSettings, _loss, default_precision, train_corrector
+from samnnu.interactive.corrector_training import (
+    CorrectorSettings,
+    _loss,
+    corrector_logits,
+    default_precision,
+    fold_volumes,
+    train_corrector,
+)
 
 
 def one_round(network: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, bf16: bool) -> float:
     network.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = network(x).float()
-    _loss(logits, target).backward()
+    _loss(corrector_logits(network, x, "bf16" if bf16 else "fp32"), target).backward()
     return time.perf_counter() - start
 
 
@@ -46,9 +53,7 @@ def measure(features: tuple[int, ...], batch_size: int, repeats: int) -> dict:
     x[:, 1] = (x[:, 1] > 0.5).float()  # the mask channel is binary
     target = (torch.rand(batch_size, 1, *CROP) > 0.5).float()
     with torch.no_grad():
-        fp32 = network(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = network(x).float()
+        fp32, bf16 = (corrector_logits(network, x, precision) for precision in ("fp32", "bf16"))
     times = {"fp32": [], "bf16": []}
     for name in times:  # warm-up
         one_round(network, x, target, name == "bf16")
@@ -67,25 +72,17 @@ def whole_steps(dataset: str, steps: int, batch_size: int) -> dict:
     """Seconds per training step of the real training loop on fold 0's training cases, in each precision."""
     import tempfile
 
-    from samnnu.config import current_paths
     from samnnu.datasets import dataset_name
-    from samnnu.interactive.prompt_training import fold_cases
-    from samnnu.pipeline.prediction import read_image
-    from samnnu.safe_io import read_json
 
     name = dataset_name(dataset)
-    raw = current_paths().raw / name
-    ending = read_json(raw / "dataset.json", "dataset.json")["file_ending"]
-    cases = fold_cases(name, "0")
-    labels = {c: read_image(raw / "labelsTr" / f"{c}{ending}")[0].astype("int16") for c in cases}
-    images = {c: read_image(raw / "imagesTr" / f"{c}_0000{ending}")[0] for c in cases}
+    images, labels, _ = fold_volumes(name, "0")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "bf16"):
             settings = CorrectorSettings(name, "0", steps, batch_size, 5, 1e-3, 0, precision=precision)
             record = train_corrector(images, labels, settings, f"{tmp}/{precision}.pth", progress=False)
             out[precision] = round(record["seconds_this_run"] / steps, 3)
-    return {"cases": len(cases), "steps": steps, "rounds": 5, "seconds_per_step": out,
+    return {"cases": len(labels), "steps": steps, "rounds": 5, "seconds_per_step": out,
             "speedup": round(out["fp32"] / out["bf16"], 2)}
 
 

@@ -203,8 +203,7 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
                 inputs.append(x)
                 windows.append(window)
                 want.append(padded(targets[i][window].astype(np.float32), settings.crop)[None])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-                logits = network(torch.from_numpy(np.stack(inputs))).float()
+            logits = corrector_logits(network, torch.from_numpy(np.stack(inputs)), settings.precision)
             loss = _loss(logits, torch.from_numpy(np.stack(want)))
             (loss / settings.rounds).backward()
             losses.append(float(loss.detach()))
@@ -238,6 +237,35 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
     return dict(record, file=str(output))
 
 
+def fold_volumes(name: str, fold: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[Path]]]:
+    """The raw images and labels of fold ``fold``'s training cases of dataset ``name``: ({case: (Z, Y, X)
+    image}, {case: (Z, Y, X) int16 labels}, {case: [image file]}); a one-line SamnnuError for a missing file."""
+    # local: pull in nnU-Net
+    from samnnu.config import current_paths
+    from samnnu.pipeline.prediction import read_image
+    from samnnu.safe_io import read_json
+
+    raw = current_paths().raw / name
+    ending = read_json(raw / "dataset.json", "dataset.json")["file_ending"]
+    images, labels, files = {}, {}, {}
+    for case in fold_cases(name, fold):
+        label_file, image_file = raw / "labelsTr" / f"{case}{ending}", raw / "imagesTr" / f"{case}_0000{ending}"
+        for f in (label_file, image_file):
+            if not f.is_file():
+                raise SamnnuError(f"{f}: file missing")
+        labels[case] = read_image(label_file)[0].astype(np.int16)
+        images[case] = read_image(image_file)[0]
+        files[case] = [image_file]
+    return images, labels, files
+
+
+def corrector_logits(network: torch.nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """(N, 4, *crop) inputs -> (N, 1, *crop) float32 logits, the forward pass under bfloat16 autocast when
+    ``precision`` is "bf16" (weights stay float32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return network(x).float()
+
+
 def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str | None = None,
                           configuration: str | None = None, plans: str | None = None, steps: int = 2000,
                           batch_size: int = 4, rounds: int = 5, lr: float = 1e-3, seed: int = 0,
@@ -257,10 +285,8 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     file written. Returns the record stored in the file.
     """
     # local: pull in nnU-Net
-    from samnnu.config import current_paths
     from samnnu.datasets import dataset_name
-    from samnnu.pipeline.prediction import prompt_free_predictions, read_image, trained_model_folder
-    from samnnu.safe_io import read_json
+    from samnnu.pipeline.prediction import prompt_free_predictions, trained_model_folder
 
     if steps < 1 or batch_size < 1 or rounds < 1 or not lr > 0 or not 0 <= predicted_share <= 1:
         raise SamnnuError("--steps, --batch-size and --rounds must be at least 1, --lr positive and the predicted "
@@ -284,17 +310,7 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     output = Path(output)
     if output.suffix != ".pth":
         raise SamnnuError(f"{output}: the click corrector file must end in .pth")
-    raw = current_paths().raw / name
-    ending = read_json(raw / "dataset.json", "dataset.json")["file_ending"]
-    images, labels, files = {}, {}, {}
-    for case in fold_cases(name, fold):
-        label_file, image_file = raw / "labelsTr" / f"{case}{ending}", raw / "imagesTr" / f"{case}_0000{ending}"
-        for f in (label_file, image_file):
-            if not f.is_file():
-                raise SamnnuError(f"{f}: file missing")
-        labels[case] = read_image(label_file)[0].astype(np.int16)
-        images[case] = read_image(image_file)[0]
-        files[case] = [image_file]
+    images, labels, files = fold_volumes(name, fold)
     predictions: dict[str, np.ndarray] = {}
     cache = output.with_name(output.stem + ".predictions.npz")
     if predicted_share > 0:
