@@ -2,15 +2,20 @@
 
 Prediction time does not depend on what a network has learned, so the models are trained for one
 iteration only, on a small subset of the cases: the point is the time of raw file in -> label file out,
-with and without test-time mirroring, as ``samnnu_predict`` and ``nnUNetv2_predict`` spend it. Three
+with and without test-time mirroring, as ``samnnu_predict`` and ``nnUNetv2_predict`` spend it. The
 predictors are timed on the same cases, interleaved (A, B, C, A, B, C, ...), each ``--repeats`` times,
 after an untimed warm-up; the median is reported:
 
 - ``nnunet_3d_fullres``: nnU-Net's own predictor on nnU-Net's 3d_fullres model (what nnU-Net users get);
 - ``samnnu_2d_per_tile``: nnU-Net's predictor on samnnu's default 2D model (samnnu before batching);
-- ``samnnu_2d_batched``: :class:`samnnu.pipeline.inference.BatchedPredictor` on the same model, with
-  ``--views-per-pass`` network inputs per forward pass (default 16; ``samnnu_predict`` uses 1 on a CPU;
-  0 leaves this predictor out);
+- ``samnnu_2d_batched``: :class:`samnnu.pipeline.inference.BatchedPredictor` on the same model, as
+  ``samnnu_predict`` runs it: its network inputs per forward pass (``--views-per-pass`` sets another
+  number; 0 leaves this predictor out) and its worker processes for preprocessing and export
+  (:func:`samnnu.config.prediction_processes`: none on a machine of 2 cores); nnU-Net's predictors run with
+  one preprocessing and one export worker;
+- ``samnnu_2d_batched_workers`` and ``nnunet_3d_fullres_in_process`` with ``--also-other-processes``: the
+  batched predictor with one worker each, and nnU-Net 3d_fullres with none (nnU-Net's
+  ``predict_from_files_sequential``), so the worker choice is timed on its own for both models;
 - ``samnnu_2d_input{N}`` with ``--also-input-size N``: the same model and weights with the encoder's square
   input set to N instead of the planned size (a copy of the model folder whose plans say N), to time
   the planner's choice of input size against another one;
@@ -90,7 +95,7 @@ def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
     """Seconds per volume of SAMUNetTrainer: fold 0 alone against the 5-fold ensemble (trained here)."""
     import torch
 
-    from samnnu.config import current_paths
+    from samnnu.config import current_paths, prediction_processes
     from samnnu.datasets import dataset_name, model_folder
     from samnnu.defaults import FINAL_CHECKPOINT, PLANS_NAME
     from samnnu.pipeline.inference import BatchedPredictor
@@ -116,11 +121,14 @@ def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
         predictors[key] = p
     seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
     with tempfile.TemporaryDirectory() as tmp:
+        preprocessing, export = prediction_processes()  # as samnnu_predict runs them
+
         def run(p, mirroring: bool, tag: str) -> float:
             p.use_mirroring = mirroring
             start = time.perf_counter()
             p.predict_from_files(lists, [os.path.join(tmp, f"{c}_{tag}") for c in timed], save_probabilities=False,
-                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+                                 overwrite=True, num_processes_preprocessing=preprocessing,
+                                 num_processes_segmentation_export=export)
             return (time.perf_counter() - start) / len(timed)
 
         for p in predictors.values():
@@ -161,13 +169,13 @@ def unfold_encoders(network) -> None:
             object.__setattr__(m, "_run_encoder", m.image_encoder)  # shadows the method
 
 
-def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int,
+def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int | None,
                     other_input_size: int | None = None, unfolded: bool = False,
-                    student: Path | None = None) -> dict:
+                    student: Path | None = None, workers_too: bool = False, only: list[str] | None = None) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from samnnu.config import current_paths
+    from samnnu.config import current_paths, prediction_processes
     from samnnu.datasets import dataset_name, model_folder
     from samnnu.defaults import DEFAULT_TRAINER, FINAL_CHECKPOINT, PLANS_NAME
     from samnnu.pipeline.inference import BatchedPredictor
@@ -182,8 +190,11 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         "nnunet_3d_fullres": (nnUNetPredictor, model_folder(name, "nnUNetTrainer", "nnUNetPlans", "3d_fullres")),
         "samnnu_2d_per_tile": (nnUNetPredictor, samnnu_model),
     }
-    if views:
+    if views != 0:
         setups["samnnu_2d_batched"] = (BatchedPredictor, samnnu_model)
+    if workers_too:
+        setups["samnnu_2d_batched_workers"] = (BatchedPredictor, samnnu_model)
+        setups["nnunet_3d_fullres_in_process"] = setups["nnunet_3d_fullres"]
     if other_input_size:
         setups[f"samnnu_2d_input{other_input_size}"] = (nnUNetPredictor, copy_with_input_size(
             samnnu_model, other_input_size, samnnu_model.parent / f"{samnnu_model.name}_input{other_input_size}"))
@@ -191,6 +202,11 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         setups["samnnu_2d_unfolded_encoder"] = (nnUNetPredictor, samnnu_model)
     if student is not None:
         setups["samnnu_2d_student"] = (BatchedPredictor, student)
+    if only:
+        unknown = set(only) - set(setups)
+        if unknown:
+            raise SystemExit(f"--only: no predictor {sorted(unknown)} in this run (there are {sorted(setups)})")
+        setups = {k: v for k, v in setups.items() if k in only}
     predictors = {}
     for key, (cls, folder) in setups.items():
         extra = {"views_per_pass": views or None} if cls is BatchedPredictor else {}
@@ -202,26 +218,43 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         if key == "samnnu_2d_unfolded_encoder":
             unfold_encoders(p.network)
         predictors[key] = p
+    # worker processes (preprocessing, export): nnUNetv2_predict's one each; samnnu_predict's own choice for
+    # BatchedPredictor (prediction_processes: none on a machine of 2 cores); the *_workers / *_in_process rows
+    # time the other choice
+    processes = {key: (1, 1) for key in predictors}
+    for key in ("samnnu_2d_batched", "samnnu_2d_student"):
+        if key in processes:
+            processes[key] = prediction_processes()
+    processes["nnunet_3d_fullres_in_process"] = (0, 0)
     seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
     with tempfile.TemporaryDirectory() as tmp:
-        def run(p, mirroring: bool, tag: str) -> float:
+        def run(key: str, mirroring: bool, tag: str) -> float:
+            p = predictors[key]
             p.use_mirroring = mirroring
             targets = [os.path.join(tmp, f"{c}_{tag}") for c in timed]
             start = time.perf_counter()
-            p.predict_from_files(lists, targets, save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            if processes[key] == (0, 0) and not isinstance(p, BatchedPredictor):  # nnU-Net's in-process path
+                p.predict_from_files_sequential(lists, targets, save_probabilities=False, overwrite=True)
+            else:
+                p.predict_from_files(lists, targets, save_probabilities=False, overwrite=True,
+                                     num_processes_preprocessing=processes[key][0],
+                                     num_processes_segmentation_export=processes[key][1])
             return (time.perf_counter() - start) / len(timed)
 
-        for key, p in predictors.items():  # warm-up, untimed
-            run(p, False, "warmup")
+        for key in predictors:  # warm-up, untimed
+            run(key, False, "warmup")
         for r in range(repeats):
             for mirroring in (False, True):
-                for key, p in predictors.items():
-                    seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(p, mirroring, f"{key}{r}"))
+                for key in predictors:
+                    seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(key, mirroring, f"{key}{r}"))
     return {"seconds_per_volume_median": {k: statistics.median(v) for k, v in seconds.items()},
             "seconds_per_volume_all": seconds, "timing_cases": timed,
-            "views_per_pass": predictors["samnnu_2d_batched"]._views_per_pass() if views else None,
-            "planned_input_size": predictors["samnnu_2d_per_tile"].configuration_manager.configuration["sam"]["input_size"]}
+            "worker_processes": {k: list(v) for k, v in processes.items()},
+            "views_per_pass": next((p._views_per_pass() for p in predictors.values() if hasattr(p, "_views_per_pass")),
+                                   None),
+            "planned_input_size": next(iter(p.configuration_manager.configuration["sam"]["input_size"]
+                                            for p in predictors.values() if "sam" in p.configuration_manager.configuration),
+                                       None)}
 
 
 def main() -> int:
@@ -233,12 +266,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timings per predictor and mirroring (default 3)")
     parser.add_argument("--ensemble", action="store_true", help="also time SAMUNetTrainer's 5-fold ensemble")
     parser.add_argument("--ensemble-only", action="store_true", help="time only the 5-fold ensemble")
-    parser.add_argument("--views-per-pass", type=int, default=16,
-                        help="network inputs per pass, batched (default 16; 0: do not time the batched predictor)")
+    parser.add_argument("--views-per-pass", type=int, default=None,
+                        help="network inputs per pass, batched (default: samnnu_predict's; 0: do not time the "
+                             "batched predictor)")
     parser.add_argument("--also-input-size", type=int, default=None,
                         help="also time samnnu's model with the encoder input set to this size")
     parser.add_argument("--also-sam-checkpoint", type=Path, default=None,
                         help="also time samnnu's default trainer planned with this encoder checkpoint (a student)")
+    parser.add_argument("--also-other-processes", action="store_true",
+                        help="also time samnnu's batched predictor with nnU-Net's worker processes and nnU-Net "
+                             "3d_fullres in one process (nnU-Net's predict_from_files_sequential)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREDICTOR",
+                        help="time only these predictors of the run (e.g. samnnu_2d_batched samnnu_2d_batched_workers)")
     parser.add_argument("--also-unfolded-encoder", action="store_true",
                         help="also time samnnu's model with its frozen encoder unfolded (no inference copy)")
     args = parser.parse_args()
@@ -258,7 +297,8 @@ def main() -> int:
         prepared = time.perf_counter() - t0
         result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
                                                                 args.views_per_pass, args.also_input_size,
-                                                                args.also_unfolded_encoder, student)
+                                                                args.also_unfolded_encoder, student,
+                                                                args.also_other_processes, args.only)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
     result.update({"torch_threads": threads, "prepare_seconds": prepared,
@@ -266,9 +306,10 @@ def main() -> int:
     if "seconds_per_volume_median" in result:
         med = result["seconds_per_volume_median"]
         ratios = {}
-        for key in [k for k in med if k.startswith("samnnu_") and not k.endswith("_mirroring")]:
-            ratios[f"{key}_over_nnunet_3d"] = med[key] / med["nnunet_3d_fullres"]
-            ratios[f"{key}_over_nnunet_3d_mirroring"] = med[f"{key}_mirroring"] / med["nnunet_3d_fullres_mirroring"]
+        base = "nnunet_3d_fullres" if "nnunet_3d_fullres" in med else None
+        for key in [k for k in med if base and k != base and not k.endswith("_mirroring")]:
+            ratios[f"{key}_over_nnunet_3d"] = med[key] / med[base]
+            ratios[f"{key}_over_nnunet_3d_mirroring"] = med[f"{key}_mirroring"] / med[f"{base}_mirroring"]
         result["ratios"] = ratios
         for k, v in list(med.items()) + list(result["ratios"].items()):
             print(f"{k:36s} {v:6.2f}")

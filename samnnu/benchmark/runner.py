@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from samnnu.config import current_paths, setup_environment
+from samnnu.config import current_paths, prediction_processes, setup_environment
 from samnnu.datasets import dataset_name, ensure_splits, model_folder
 from samnnu.defaults import CHECKPOINTS_NEWEST_FIRST, FINAL_CHECKPOINT, PLANS_NAME
 from samnnu.errors import SamnnuError
@@ -289,17 +289,21 @@ def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
                                                        checkpoint_name=FINAL_CHECKPOINT)
     if predictor.allowed_mirroring_axes is None:  # the benchmark trains with test-time mirroring off
         predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
+    # workers as samnnu_predict starts them for samnnu's models, as nnUNetv2_predict's one each for nnU-Net's
+    preprocessing, export = prediction_processes() if predictor_class is BatchedPredictor else (1, 1)
     out = {"timing_cases": len(cases)}
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up (untimed): the first call pays for worker start-up and first-touch allocations
         predictor.predict_from_files(lists[:1], [os.path.join(tmp, "warmup")], save_probabilities=False,
-                                     overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+                                     overwrite=True, num_processes_preprocessing=preprocessing,
+                                     num_processes_segmentation_export=export)
         for mirroring in (False, True):
             predictor.use_mirroring = mirroring
             targets = [os.path.join(tmp, f"{c}_{int(mirroring)}") for c in cases]
             start = time.perf_counter()
             predictor.predict_from_files(lists, targets, save_probabilities=False, overwrite=True,
-                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+                                         num_processes_preprocessing=preprocessing,
+                                         num_processes_segmentation_export=export)
             key = "inference_seconds_per_volume_mirroring" if mirroring else "inference_seconds_per_volume"
             out[key] = (time.perf_counter() - start) / len(cases)
     return out

@@ -8,13 +8,20 @@ in a few passes: the tiles of a volume and their mirrored copies go through the 
 in batches sized from the plans' memory model, and are then unflipped, averaged and weighted exactly
 as nnU-Net does (Gaussian importance, accumulated in half precision). The result equals nnU-Net's to
 float rounding (the network sees the same inputs; only the batch size differs). On a CPU, measured,
-batches are slower per image than single inputs, so there it passes one input at a time.
+large batches are slower per image than small ones, so there it passes :data:`CPU_VIEWS_PER_PASS`.
+
+Two more costs of nnU-Net's predictor are avoided, neither of which changes a number: a single fold's
+weights are loaded into the network once, not again for every volume, and with no worker processes
+asked for (``num_processes_preprocessing=0``) nnU-Net's in-process path reads, preprocesses and exports
+the cases, which on a machine of 2 cores is faster than starting workers
+(:func:`samnnu.config.prediction_processes`).
 """
 from __future__ import annotations
 
 import itertools
 
 import torch
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
@@ -77,6 +84,35 @@ class BatchedPredictor(nnUNetPredictor):
         self.views_per_pass = views_per_pass
         self.case_progress = case_progress
         self._n_cases: int | None = None
+        self._loaded: tuple | None = None  # (network, the one fold's weights loaded into it)
+        self._case_bar: tqdm | None = None  # the case progress bar of in-process prediction (case_progress)
+
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = default_num_processes,
+                           num_processes_segmentation_export: int = default_num_processes,
+                           folder_with_segs_from_prev_stage: str | None = None, num_parts: int = 1, part_id: int = 0):
+        """nnU-Net's, and with ``num_processes_preprocessing`` = 0 everything in this process: nnU-Net's
+        ``predict_from_files_sequential`` reads, preprocesses, predicts and exports one case after the other.
+        That skips starting the worker processes (each a fresh interpreter that imports torch and nnU-Net),
+        which on a small machine costs more than the overlap saves (:func:`samnnu.config.prediction_processes`)."""
+        if num_processes_preprocessing > 0:
+            return super().predict_from_files(
+                list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, save_probabilities,
+                overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                folder_with_segs_from_prev_stage, num_parts, part_id)
+        if num_parts != 1:
+            raise ValueError("in-process prediction takes the whole list (split it before: num_parts=1)")
+        n = len(list_of_lists_or_source_folder) if isinstance(list_of_lists_or_source_folder, list) else None
+        self._case_bar = tqdm(total=n, unit="case", desc="predicting") if self.case_progress else None
+        try:
+            return self.predict_from_files_sequential(
+                list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, save_probabilities,
+                overwrite, folder_with_segs_from_prev_stage)
+        finally:
+            if self._case_bar is not None:
+                self._case_bar.close()
+                self._case_bar = None
 
     def _internal_get_data_iterator_from_lists_of_filenames(self, input_list_of_lists, *args, **kwargs):
         """nnU-Net's; the number of cases it will yield is the total of the case progress bar."""
@@ -99,7 +135,20 @@ class BatchedPredictor(nnUNetPredictor):
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's ensemble over the loaded folds; a frozen encoder the folds share (SAM-UNet, nnSAM) encodes
-        each tile once for all folds, not once per fold (``use_embedding_cache`` of such modules)."""
+        each tile once for all folds, not once per fold (``use_embedding_cache`` of such modules). One fold:
+        :meth:`_predict_one_fold`.
+
+        data: (C, *image) preprocessed -> logits (K, *image) on the CPU
+        """
+        try:
+            return self._predict_logits(data)
+        finally:
+            if self._case_bar is not None:  # in-process prediction (predict_from_files)
+                self._case_bar.update()
+
+    def _predict_logits(self, data: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.list_of_parameters, list) and len(self.list_of_parameters) == 1:
+            return self._predict_one_fold(data)
         cached = [m for m in self.network.modules() if hasattr(m, "use_embedding_cache")] \
             if len(self.list_of_parameters) > 1 else []
         for m in cached:
@@ -109,6 +158,26 @@ class BatchedPredictor(nnUNetPredictor):
         finally:
             for m in cached:
                 m.use_embedding_cache(False)
+
+    @torch.inference_mode()
+    def _predict_one_fold(self, data: torch.Tensor) -> torch.Tensor:
+        """What nnU-Net computes for one fold, with the fold's weights loaded into the network for the first
+        volume only. nnU-Net loads them again for every volume: a copy of every weight each time, and a frozen
+        encoder then checks that its inference copy still matches (measured in docs/benchmarks.md,
+        "Prediction speed"). Another network or ``list_of_parameters`` (another model) is loaded at its first volume.
+
+        data: (C, *image) -> logits (K, *image) on the CPU
+        """
+        loaded = (self.network, self.list_of_parameters[0])
+        if self._loaded is None or any(a is not b for a, b in zip(self._loaded, loaded)):
+            getattr(self.network, "_orig_mod", self.network).load_state_dict(loaded[1])
+            self._loaded = loaded
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, n_threads))  # nnU-Net's cap
+        try:
+            return self.predict_sliding_window_return_logits(data).to("cpu")
+        finally:
+            torch.set_num_threads(n_threads)
 
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor):
         """nnU-Net's, after telling cached frozen encoders that a fold's weights were just loaded; a 2.5D

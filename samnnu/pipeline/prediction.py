@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from samnnu.config import configure_threads, current_paths, num_processes, setup_environment
+from samnnu.config import configure_threads, current_paths, prediction_processes, setup_environment
 from samnnu.datasets import dataset_name, first_fold_file, model_folder, model_folder_name
 from samnnu.defaults import CLICK_CORRECTOR_FILE, DEFAULT_CONFIGURATION, DEFAULT_TRAINER, FINAL_CHECKPOINT
 from samnnu.errors import SamnnuError
@@ -297,9 +297,10 @@ def _run_model(model: _Model, cases: Mapping[str, list[Path]], work: Path, proba
         lists = [[str(p) for p in paths] for paths in todo.values()]
         truncated = [str(work / case) for case in todo]
         try:
+            preprocessing, export = prediction_processes()
             model.predictor().predict_from_files(lists, truncated, save_probabilities=probabilities,
-                                                 overwrite=True, num_processes_preprocessing=1,
-                                                 num_processes_segmentation_export=min(2, num_processes()))
+                                                 overwrite=True, num_processes_preprocessing=preprocessing,
+                                                 num_processes_segmentation_export=export)
         except OSError as e:  # nnU-Net's own files (plans.json, ...) and exports; a write error names no file
             raise SamnnuError(f"{e.filename or work}: cannot write predictions ({describe_os_error(e)})") from None
     out = {}

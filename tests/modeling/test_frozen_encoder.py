@@ -101,6 +101,9 @@ def test_the_folded_copy_follows_every_change_of_the_weights():
         net.eval()  # what nnU-Net's predictor does for every volume: the weights stay, so does the copy
         net(x)
         assert copy_() is first
+        net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()})  # the same values again
+        net(x)
+        assert copy_() is first  # (nnU-Net's predictor reloads a fold for every volume: no new copy)
         other = _litemedsam_unet()
         for p in other.sam.image_encoder.parameters():
             p.mul_(0.9)

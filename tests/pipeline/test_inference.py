@@ -5,7 +5,7 @@ import pytest
 import torch
 
 
-def _predictors(model_dir, views: int):
+def _predictors(model_dir, views: int, folds=(0, 1)):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from samnnu.pipeline.inference import BatchedPredictor
@@ -16,7 +16,7 @@ def _predictors(model_dir, views: int):
         p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
                 device=torch.device("cpu"), verbose=False, allow_tqdm=False, **extra)
         with weights_only_loading():
-            p.initialize_from_trained_model_folder(str(model_dir), use_folds=(0, 1), checkpoint_name="checkpoint_final.pth")
+            p.initialize_from_trained_model_folder(str(model_dir), use_folds=folds, checkpoint_name="checkpoint_final.pth")
         p.allowed_mirroring_axes = (0, 1)  # the tiny model was trained without test-time mirroring
         made.append(p)
     return made
@@ -62,6 +62,62 @@ def test_batched_prediction_equals_nnunets(trained_folds, data_root, patch, view
     expected = torch.softmax(reference.predict_logits_from_preprocessed_data(data).float(), 0)
     got = torch.softmax(batched.predict_logits_from_preprocessed_data(data).float(), 0)
     assert torch.max(torch.abs(expected - got)).item() < 2e-3
+
+
+def test_one_fold_is_loaded_into_the_network_once(trained_folds, data_root, monkeypatch):
+    """nnU-Net loads a fold's weights again for every volume; samnnu's predictor loads them for the first volume
+    of a model only, with the same numbers as nnU-Net's (bit for bit at one input per pass)."""
+    torch.manual_seed(0)
+    reference, batched = _predictors(trained_folds, 1, folds=(0,))
+    loads = []
+    load = batched.network.load_state_dict
+    monkeypatch.setattr(batched.network, "load_state_dict", lambda sd, *a, **k: loads.append(sd) or load(sd, *a, **k))
+    for _ in range(3):
+        data = torch.randn(1, 5, 40, 36)
+        assert torch.equal(batched.predict_logits_from_preprocessed_data(data),
+                           reference.predict_logits_from_preprocessed_data(data))
+    assert len(loads) == 1
+    other, _ = _predictors(trained_folds, 1, folds=(1,))
+    batched.list_of_parameters = other.list_of_parameters  # another model's weights: loaded at its first volume
+    data = torch.randn(1, 5, 40, 36)
+    assert torch.equal(batched.predict_logits_from_preprocessed_data(data),
+                       other.predict_logits_from_preprocessed_data(data))
+    assert len(loads) == 2 and loads[1] is other.list_of_parameters[0]
+
+
+def test_in_process_prediction_writes_what_the_workers_write(trained_folds, data_root, tmp_path):
+    """No worker processes (samnnu_predict on a machine of 2 cores): nnU-Net's preprocessing and export run in
+    this process, and the label files equal those of nnU-Net's worker path."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from samnnu.config import current_paths
+
+    images = sorted((current_paths().raw / "Dataset004_Hippocampus" / "imagesTr").glob("*_0000.nii.gz"))[:2]
+    lists = [[str(p)] for p in images]
+    _, batched = _predictors(trained_folds, 4, folds=(0,))
+    batched.case_progress = True
+    written = {}
+    for processes in ((1, 1), (0, 0)):
+        out = tmp_path / f"out{processes[0]}"
+        out.mkdir()
+        batched.predict_from_files(lists, [str(out / p.name[:-len("_0000.nii.gz")]) for p in images],
+                                   num_processes_preprocessing=processes[0],
+                                   num_processes_segmentation_export=processes[1])
+        written[processes] = {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in out.glob("*.nii.gz")}
+    assert sorted(written[(0, 0)]) == sorted(written[(1, 1)]) and len(written[(0, 0)]) == 2
+    for name, labels in written[(0, 0)].items():
+        assert np.array_equal(labels, written[(1, 1)][name])
+
+
+def test_prediction_processes_follow_the_available_cores(monkeypatch):
+    from samnnu.config import prediction_processes
+
+    monkeypatch.setenv("SAMNNU_NUM_THREADS", "2")
+    assert prediction_processes() == (0, 0)  # all in this process
+    monkeypatch.setenv("SAMNNU_NUM_THREADS", "8")
+    monkeypatch.setenv("nnUNet_def_n_proc", "8")
+    assert prediction_processes() == (1, 2)
 
 
 def test_views_per_pass_follows_the_memory_model():
