@@ -225,7 +225,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     for key in ("samnnu_2d_batched", "samnnu_2d_student"):
         if key in processes:
             processes[key] = prediction_processes()
-    processes["nnunet_3d_fullres_in_process"] = (0, 0)
+    if "nnunet_3d_fullres_in_process" in processes:
+        processes["nnunet_3d_fullres_in_process"] = (0, 0)
     seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
     with tempfile.TemporaryDirectory() as tmp:
         def run(key: str, mirroring: bool, tag: str) -> float:

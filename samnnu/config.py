@@ -118,13 +118,14 @@ def num_processes() -> int:
 IN_PROCESS_PREDICTION_CORES = 2
 
 
-def prediction_processes() -> tuple[int, int]:
-    """Worker processes for nnU-Net's preprocessing and its export while predicting: (0, 0), everything in
-    this process, when at most :data:`IN_PROCESS_PREDICTION_CORES` cores are available
-    (:func:`available_cores`, so ``SAMNNU_NUM_THREADS`` decides on a shared machine). There a worker only
-    competes with torch's threads for the same cores, and starting one (a fresh interpreter that imports
-    torch and nnU-Net) costs more than the overlap saves (docs/benchmarks.md, "Prediction speed").
-    Otherwise one preprocessing worker and up to two export workers."""
-    if available_cores() <= IN_PROCESS_PREDICTION_CORES:
+def prediction_processes(device_type: str = "cpu") -> tuple[int, int]:
+    """Worker processes for nnU-Net's preprocessing and its export while predicting on ``device_type``:
+    (0, 0), everything in this process, when the network runs on the CPU and at most
+    :data:`IN_PROCESS_PREDICTION_CORES` cores are available (:func:`available_cores`, so
+    ``SAMNNU_NUM_THREADS`` decides on a shared machine). There a worker only competes with torch's threads
+    for the same cores, and starting one (a fresh interpreter that imports torch and nnU-Net) costs more
+    than the overlap saves (docs/benchmarks.md, "Prediction speed"). Otherwise (more cores, or a GPU that
+    the workers' CPU work can overlap) one preprocessing worker and up to two export workers."""
+    if device_type == "cpu" and available_cores() <= IN_PROCESS_PREDICTION_CORES:
         return 0, 0
     return 1, min(2, num_processes())

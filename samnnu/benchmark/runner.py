@@ -290,7 +290,7 @@ def _time_inference(spec: dict, name: str, fold_dir: Path) -> dict:
     if predictor.allowed_mirroring_axes is None:  # the benchmark trains with test-time mirroring off
         predictor.allowed_mirroring_axes = tuple(range(len(predictor.configuration_manager.patch_size)))
     # workers as samnnu_predict starts them for samnnu's models, as nnUNetv2_predict's one each for nnU-Net's
-    preprocessing, export = prediction_processes() if predictor_class is BatchedPredictor else (1, 1)
+    preprocessing, export = prediction_processes(dev.type) if predictor_class is BatchedPredictor else (1, 1)
     out = {"timing_cases": len(cases)}
     with tempfile.TemporaryDirectory() as tmp:
         # warm-up (untimed): the first call pays for worker start-up and first-touch allocations

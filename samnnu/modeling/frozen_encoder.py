@@ -95,17 +95,20 @@ class FrozenSAMEncoder(nn.Module):
     def _no_grad_encoder(self) -> nn.Module:
         """The folded channels-last copy of the image encoder (kept out of the state dict).
 
-        It is made anew only when the encoder's weights really changed. A changed version (see
+        It is made anew only when the encoder's weights really changed. On the CPU a changed version (see
         :meth:`_weights_version`) is checked against a digest of the values the copy was made from: nnU-Net's
         predictor loads a fold's state dict again for every volume, and the folds of an ensemble share their
-        frozen encoder's weights, so the same values come back again and again, and then the copy stays.
+        frozen encoder's weights, so the same values come back again and again, and then the copy stays. On
+        a GPU, where copying the weights to the host for the digest may cost more than a new copy, any
+        changed version makes a new copy.
         """
         version = self._weights_version()
         fast, made_from, digest = self.__dict__.get("_inference_encoder", (None, None, None))
         if fast is not None and made_from == version:
             return fast
-        new_digest = tensor_digest(self._encoder_state())
-        if fast is None or new_digest != digest:
+        state = self._encoder_state()
+        new_digest = tensor_digest(state) if all(t.device.type == "cpu" for t in state) else None
+        if fast is None or new_digest is None or new_digest != digest:
             with torch.inference_mode(False), torch.no_grad():
                 fast = inference_encoder(self.image_encoder)
         self.__dict__["_inference_encoder"] = (fast, version, new_digest)

@@ -103,7 +103,9 @@ class BatchedPredictor(nnUNetPredictor):
                 folder_with_segs_from_prev_stage, num_parts, part_id)
         if num_parts != 1:
             raise ValueError("in-process prediction takes the whole list (split it before: num_parts=1)")
-        n = len(list_of_lists_or_source_folder) if isinstance(list_of_lists_or_source_folder, list) else None
+        # the total is unknown when nnU-Net may skip cases it finds predicted (overwrite off) or reads a folder
+        n = len(list_of_lists_or_source_folder) if isinstance(list_of_lists_or_source_folder, list) and overwrite \
+            else None
         self._case_bar = tqdm(total=n, unit="case", desc="predicting") if self.case_progress else None
         try:
             return self.predict_from_files_sequential(
@@ -149,6 +151,7 @@ class BatchedPredictor(nnUNetPredictor):
     def _predict_logits(self, data: torch.Tensor) -> torch.Tensor:
         if isinstance(self.list_of_parameters, list) and len(self.list_of_parameters) == 1:
             return self._predict_one_fold(data)
+        self._loaded = None  # nnU-Net's loop below leaves the last fold's weights in the network
         cached = [m for m in self.network.modules() if hasattr(m, "use_embedding_cache")] \
             if len(self.list_of_parameters) > 1 else []
         for m in cached:

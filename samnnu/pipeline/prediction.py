@@ -297,7 +297,7 @@ def _run_model(model: _Model, cases: Mapping[str, list[Path]], work: Path, proba
         lists = [[str(p) for p in paths] for paths in todo.values()]
         truncated = [str(work / case) for case in todo]
         try:
-            preprocessing, export = prediction_processes()
+            preprocessing, export = prediction_processes(model.device.type)
             model.predictor().predict_from_files(lists, truncated, save_probabilities=probabilities,
                                                  overwrite=True, num_processes_preprocessing=preprocessing,
                                                  num_processes_segmentation_export=export)

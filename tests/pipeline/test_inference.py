@@ -69,6 +69,7 @@ def test_one_fold_is_loaded_into_the_network_once(trained_folds, data_root, monk
     of a model only, with the same numbers as nnU-Net's (bit for bit at one input per pass)."""
     torch.manual_seed(0)
     reference, batched = _predictors(trained_folds, 1, folds=(0,))
+    fold0 = batched.list_of_parameters[0]
     loads = []
     load = batched.network.load_state_dict
     monkeypatch.setattr(batched.network, "load_state_dict", lambda sd, *a, **k: loads.append(sd) or load(sd, *a, **k))
@@ -83,6 +84,11 @@ def test_one_fold_is_loaded_into_the_network_once(trained_folds, data_root, monk
     assert torch.equal(batched.predict_logits_from_preprocessed_data(data),
                        other.predict_logits_from_preprocessed_data(data))
     assert len(loads) == 2 and loads[1] is other.list_of_parameters[0]
+    batched.list_of_parameters = [fold0, other.list_of_parameters[0]]  # an ensemble leaves fold 1 loaded ...
+    batched.predict_logits_from_preprocessed_data(data)
+    batched.list_of_parameters = [fold0]  # ... so fold 0 alone is loaded again
+    assert torch.equal(batched.predict_logits_from_preprocessed_data(data),
+                       reference.predict_logits_from_preprocessed_data(data))
 
 
 def test_in_process_prediction_writes_what_the_workers_write(trained_folds, data_root, tmp_path):
@@ -115,6 +121,7 @@ def test_prediction_processes_follow_the_available_cores(monkeypatch):
 
     monkeypatch.setenv("SAMNNU_NUM_THREADS", "2")
     assert prediction_processes() == (0, 0)  # all in this process
+    assert prediction_processes("cuda") != (0, 0)  # workers overlap their CPU work with the GPU
     monkeypatch.setenv("SAMNNU_NUM_THREADS", "8")
     monkeypatch.setenv("nnUNet_def_n_proc", "8")
     assert prediction_processes() == (1, 2)

@@ -415,8 +415,8 @@ def test_predict_output_that_is_a_file(own_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------- processes
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _start(cmd: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env={**ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -462,11 +462,13 @@ def test_sigterm_during_a_workers_start_still_ends_it():
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "predict"])
 def test_workers_die_with_a_killed_command(own_root, tmp_path, command):
+    env = {}
     if command == "train":
         cmd = _train_command(own_root, "--epochs", "500", "--iters-per-epoch", "2")
     else:
         cmd = _predict_command(own_root, _many_cases(tmp_path / "in", 8), tmp_path / "out")
-    proc = _start(cmd)
+        env["SAMNNU_NUM_THREADS"] = "3"  # with 2 cores or fewer samnnu_predict starts no workers at all
+    proc = _start(cmd, **env)
     try:
         workers = wait_for(lambda: descendants(proc.pid), timeout=300, step=0.05)
         assert workers, "the command started no worker processes"
