@@ -86,11 +86,12 @@ class FrozenSAMEncoder(nn.Module):
                         if b is not None and name not in m._non_persistent_buffers_set]
         return tensors
 
-    def _weights_version(self) -> tuple:
-        """Changes whenever a tensor of the image encoder's state dict is replaced or modified in place
-        (loading a state dict, an optimiser step on LoRA, moving the module): the storage address, dtype and
-        version counter of each parameter and persistent buffer."""
-        return tuple(k for t in self._encoder_state() for k in (t.data_ptr(), t.dtype, t._version))
+    @staticmethod
+    def _weights_version(state: list[torch.Tensor]) -> tuple:
+        """Changes whenever a tensor of the image encoder's state (:meth:`_encoder_state`) is replaced or
+        modified in place (loading a state dict, an optimiser step on LoRA, moving the module): the storage
+        address, dtype and version counter of each parameter and persistent buffer."""
+        return tuple(k for t in state for k in (t.data_ptr(), t.dtype, t._version))
 
     def _no_grad_encoder(self) -> nn.Module:
         """The folded channels-last copy of the image encoder (kept out of the state dict).
@@ -102,11 +103,11 @@ class FrozenSAMEncoder(nn.Module):
         a GPU, where copying the weights to the host for the digest may cost more than a new copy, any
         changed version makes a new copy.
         """
-        version = self._weights_version()
+        state = self._encoder_state()
+        version = self._weights_version(state)
         fast, made_from, digest = self.__dict__.get("_inference_encoder", (None, None, None))
         if fast is not None and made_from == version:
             return fast
-        state = self._encoder_state()
         new_digest = tensor_digest(state) if all(t.device.type == "cpu" for t in state) else None
         if fast is None or new_digest is None or new_digest != digest:
             with torch.inference_mode(False), torch.no_grad():
