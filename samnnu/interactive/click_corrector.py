@@ -15,12 +15,16 @@ that sees the image, the current mask and the clicks, and answers the corrected 
   the crop, and every clicked voxel is set as its click says. Outside the crop nothing else changes.
 - **Network**: nnU-Net's plain 3D U-Net (``dynamic_network_architectures``), 4 stages of 8-64 features
   with instance norm (:func:`build_network`).
+- **Mirroring**: a corrector trained on mirrored crops (the record's ``mirror``) answers with the mean
+  probability over the crop and its mirror images along every axis (:func:`mirrored_probabilities`), as
+  nnU-Net's test-time mirroring does.
 - **Training** (:mod:`samnnu.interactive.corrector_training`, ``samnnu_train_prompts --corrector``): on the labels of a fold's
   training cases, never its validation cases. Each sample is one label of one case, starting from an
   imperfect copy of its mask (:func:`imperfect_volume`: the kinds of error a prediction makes, in 3D).
   A simulated user clicks ``rounds`` times on the largest connected error of the current answer (at its
   deepest voxel, or at a random voxel of it), each click is answered, and the answer becomes the next
-  current mask. Loss: binary cross-entropy plus soft Dice on the crop, averaged over the rounds.
+  current mask. Each crop is mirrored along randomly chosen axes. Loss: binary cross-entropy plus soft
+  Dice on the crop, averaged over the rounds.
 - The file, ``fold_F/click_corrector.pth`` beside the fold's checkpoints, holds the network's weights and
   a record (:data:`samnnu.defaults.CLICK_CORRECTOR_RECORD`); it loads with weights only.
 """
@@ -71,6 +75,23 @@ class CorrectorNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet(x) + MASK_PRIOR * (2 * x[:, 1:2] - 1)
+
+
+def mirror_sets(axes: int = 3) -> list[tuple[int, ...]]:
+    """Every subset of the crop's ``axes`` spatial axes (as axes of a (N, C, *crop) tensor), the empty one first."""
+    from itertools import combinations
+
+    return [tuple(a + 2 for a in c) for k in range(axes + 1) for c in combinations(range(axes), k)]
+
+
+def mirrored_probabilities(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, 4, *crop) inputs -> (N, 1, *crop) probabilities: the mean sigmoid of the network's logits over the
+    input and its mirror images along every subset of the spatial axes (each answer mirrored back), in one
+    batch of 8 N."""
+    sets = mirror_sets(x.ndim - 2)
+    logits = network(torch.cat([x.flip(s) if s else x for s in sets])).float()
+    answers = [chunk.flip(s) if s else chunk for chunk, s in zip(logits.split(len(x)), sets)]
+    return torch.stack([torch.sigmoid(a) for a in answers]).mean(0)
 
 
 def build_network(features: Sequence[int] = FEATURES) -> torch.nn.Module:
@@ -135,6 +156,8 @@ class ClickCorrector:
         self.network = network.to(device).eval()
         self.record = record
         self.crop = tuple(record.get("crop", CROP))
+        #: trained on mirrored crops, so it may answer with test-time mirroring
+        self.mirrored = bool(record.get("mirror", False))
         self.device = torch.device(device)
         self.stats = {"runs": 0, "seconds": 0.0}
         # {(image digest, starting mask digest, clicks so far): mask after them}, the newest last
@@ -146,35 +169,43 @@ class ClickCorrector:
         return (f"3D click corrector trained on this dataset ({r['file']}: {r['steps']} steps on fold "
                 f"{r['fold']}'s {r['cases']} training cases)")
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point]) -> np.ndarray:
+    def __call__(self, image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point],
+                 mirroring: bool = True) -> np.ndarray:
         """image: (Z, Y, X) normalized; mask: (Z, Y, X) bool; clicks: this label's clicks, newest last.
         Returns the corrected (Z, Y, X) bool mask: changed only inside the crop around the newest click, and
-        every clicked voxel as its click says."""
+        every clicked voxel as its click says. ``mirroring``: answer with test-time mirroring when the
+        corrector was trained on mirrored crops (8 network inputs in one batch), else one run."""
         start = time.perf_counter()
         x, window = corrector_input(image, mask, clicks, self.crop)
         with torch.inference_mode():
-            logits = self.network(torch.from_numpy(x)[None].to(self.device))[0, 0].float().cpu().numpy()
+            x = torch.from_numpy(x)[None].to(self.device)
+            if mirroring and self.mirrored:
+                inside = mirrored_probabilities(self.network, x)[0, 0].cpu().numpy() > 0.5
+            else:
+                inside = self.network(x)[0, 0].float().cpu().numpy() > 0
         out = np.array(mask, dtype=bool, copy=True)
-        out[window] = logits[tuple(slice(0, w.stop - w.start) for w in window)] > 0
+        out[window] = inside[tuple(slice(0, w.stop - w.start) for w in window)]
         for p in clicks:  # a click says what its voxel is
             out[tuple(p.index)] = p.positive
         self.stats["runs"] += 1
         self.stats["seconds"] += time.perf_counter() - start
         return out
 
-    def apply(self, image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point]) -> np.ndarray:
+    def apply(self, image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point],
+              mirroring: bool = True) -> np.ndarray:
         """The mask after each click in turn (each answer is the next click's current mask), as the
         corrector was trained and as a person clicks. The answers to the first clicks are remembered
         (:data:`REMEMBERED` of them), so adding a click to an object costs one network run, not one per click."""
         out = np.asarray(mask, dtype=bool)
-        start = (_digest(image), _digest(out))
+        mirroring = mirroring and self.mirrored
+        start = (_digest(image), _digest(out), mirroring)
         clicks = tuple(clicks)
         done = next((i for i in range(len(clicks), 0, -1) if start + (clicks[:i],) in self._answers), 0)
         if done:
             out = self._answers[start + (clicks[:done],)]
             self._answers.move_to_end(start + (clicks[:done],))
         for i in range(done, len(clicks)):
-            out = self(image, out, clicks[:i + 1])
+            out = self(image, out, clicks[:i + 1], mirroring)
             self._answers[start + (clicks[:i + 1],)] = out
             while len(self._answers) > REMEMBERED:
                 self._answers.popitem(last=False)

@@ -114,6 +114,9 @@ class CorrectorSettings:
     precision: str = "fp32"
     #: a trained corrector file whose weights the network starts from (None: random weights)
     init: str | None = None
+    #: mirror each crop along randomly chosen axes (each with probability 1/2); the corrector then answers
+    #: with test-time mirroring (:func:`samnnu.interactive.click_corrector.mirrored_probabilities`)
+    mirror: bool = True
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -197,17 +200,21 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
                     live.append(i)
             if not live:
                 break
-            inputs, windows, want = [], [], []
+            inputs, windows, want, flips = [], [], [], []
             for i in live:
                 x, window = corrector_input(normalized[batch[i][0]], current[i], clicks[i], settings.crop)
-                inputs.append(x)
+                y = padded(targets[i][window].astype(np.float32), settings.crop)[None]
+                axes = tuple(a for a in range(3) if settings.mirror and rng.random() < 0.5)  # spatial axes mirrored
+                channel_axes = tuple(a + 1 for a in axes)
+                inputs.append(np.flip(x, channel_axes).copy() if axes else x)
+                want.append(np.flip(y, channel_axes).copy() if axes else y)
                 windows.append(window)
-                want.append(padded(targets[i][window].astype(np.float32), settings.crop)[None])
+                flips.append(axes)
             logits = corrector_logits(network, torch.from_numpy(np.stack(inputs)), settings.precision)
             loss = _loss(logits, torch.from_numpy(np.stack(want)))
             (loss / settings.rounds).backward()
             losses.append(float(loss.detach()))
-            answers = (logits.detach()[:, 0] > 0).numpy()
+            answers = [np.flip(a, axes) if axes else a for a, axes in zip((logits.detach() > 0).numpy()[:, 0], flips)]
             for i, window, a in zip(live, windows, answers):
                 current[i] = current[i].copy()
                 current[i][window] = a[tuple(slice(0, w.stop - w.start) for w in window)]
@@ -270,7 +277,7 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
                           configuration: str | None = None, plans: str | None = None, steps: int = 2000,
                           batch_size: int = 4, rounds: int = 5, lr: float = 1e-3, seed: int = 0,
                           predicted_share: float = 0.5, features: tuple[int, ...] = FEATURES,
-                          precision: str | None = None, init: str | Path | None = None,
+                          precision: str | None = None, init: str | Path | None = None, mirror: bool = True,
                           output: str | Path | None = None,
                           progress: bool = True) -> dict:
     """Train the 3D click corrector on fold ``fold``'s training cases; write ``fold_F/click_corrector.pth``.
@@ -281,7 +288,8 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     does not predict again), and a share ``predicted_share`` of the samples starts from those predictions.
     ``features``: the U-Net's features per stage. ``precision``: "bf16" or "fp32" for the forward passes
     (default :func:`default_precision`). ``init``: a trained corrector file to start from instead of random
-    weights (its features must match; the file's path is recorded as ``init``). ``output`` overrides the
+    weights (its features must match; the file's path is recorded as ``init``). ``mirror``: train on crops
+    mirrored along random axes, and answer with test-time mirroring. ``output`` overrides the
     file written. Returns the record stored in the file.
     """
     # local: pull in nnU-Net
@@ -325,7 +333,8 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
             write_atomic(cache, lambda tmp: np.savez_compressed(tmp, **predictions), _check_npz)
     settings = CorrectorSettings(name, fold, steps, batch_size, rounds, lr, seed,
                                  features=tuple(int(f) for f in features), predicted_share=predicted_share,
-                                 precision=precision, init=str(init) if init is not None else None)
+                                 precision=precision, init=str(init) if init is not None else None,
+                                 mirror=bool(mirror))
     record = train_corrector(images, labels, settings, output, predictions=predictions, progress=progress)
     cache.unlink(missing_ok=True)
     if output.name == CLICK_CORRECTOR_FILE and (output.parent / "evaluation.json").is_file():

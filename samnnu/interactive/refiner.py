@@ -84,6 +84,8 @@ class RefineOptions:
     corrector: in edit mode, clicks go to the refiner's 3D click corrector when it has one
         (:mod:`samnnu.interactive.click_corrector`), which edits the whole 3D error region a click lands in;
         false: the 2D edit above even then.
+    corrector_mirroring: a corrector trained on mirrored crops answers with test-time mirroring (the mean over
+        the crop's 8 mirror images); false: one run of its network per click.
     """
 
     margin: int = 1
@@ -97,6 +99,7 @@ class RefineOptions:
     click_prompts: str = "points"
     stop_confidence: float = 0.0
     corrector: bool = True
+    corrector_mirroring: bool = True
 
     def __post_init__(self):
         if self.mask_prompt not in _MASK_PROMPTS:
@@ -567,7 +570,7 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
     box_pass = (box, mask.copy(), sorted(covered), dict(logits)) if edit and box is not None else None
     if edit and clicks and options.corrector and getattr(refiner, "corrector", None) is not None:
         ordered = prompt.points + tuple(p for st in prompt.strokes for p in st.sample())
-        mask, covered = _correct_in_3d(refiner, ordered, base_mask, mask, covered)
+        mask, covered = _correct_in_3d(refiner, ordered, base_mask, mask, covered, options.corrector_mirroring)
     elif edit and clicks:
         mask, covered = _edit_with_clicks(refiner, clicks, base_mask, mask, covered, options, mask_prompt, logits)
     for st in prompt.strokes:  # scribbled voxels are what the person said they are
@@ -646,12 +649,13 @@ def _current_mask(base_mask: np.ndarray, mask: np.ndarray, covered: Iterable[int
 
 
 def _correct_in_3d(refiner: SliceRefiner, clicks: Sequence[Point], base_mask: np.ndarray, mask: np.ndarray,
-                   covered: set[int]) -> tuple[np.ndarray, set[int]]:
+                   covered: set[int], mirroring: bool = True) -> tuple[np.ndarray, set[int]]:
     """Edit mode with a 3D click corrector: the clicks, in the order given, each correct the current mask
     (the object's mask on the slices it covers, the prompt-free mask elsewhere) around themselves in 3D.
-    The object then covers every slice the corrections changed."""
+    The object then covers every slice the corrections changed. ``mirroring``: test-time mirroring where
+    the corrector was trained for it."""
     current = _current_mask(base_mask, mask, covered)
-    corrected = refiner.corrector.apply(refiner.normalized_volume, current, clicks)
+    corrected = refiner.corrector.apply(refiner.normalized_volume, current, clicks, mirroring=mirroring)
     covered = set(covered) | {int(z) for z in np.flatnonzero((corrected != current).any(axis=(1, 2)))}
     out = np.zeros_like(mask)
     idx = sorted(covered)

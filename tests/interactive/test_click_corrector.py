@@ -127,6 +127,86 @@ def test_training_writes_a_corrector_that_loads_and_resumes(tmp_path, monkeypatc
     assert answer.shape == mask.shape and answer.dtype == bool
 
 
+def test_training_mirrors_crops_and_maps_the_answers_back(tmp_path, monkeypatch):
+    """With ``mirror`` (the default) each crop goes to the network mirrored along random axes and its answer
+    is mirrored back before it becomes the next current mask; the file says so and the corrector then
+    answers mirrored. The network is replaced by one that answers exactly the mask it is given, so an answer
+    mapped back wrongly would change the masks (and their Dice); the volumes are flatter than the crop, so
+    a crop mirrored in z shows its zero padding first."""
+    rng = np.random.default_rng(2)
+    images, labels = {}, {}
+    for i in range(2):
+        lab = ellipsoid(shape=(12, 30, 30), centre=(6, 13 + i, 15), radii=(4, 8, 7)).astype(np.int16)
+        images[f"c{i}"] = (lab * 60.0 + rng.normal(0, 10, lab.shape)).astype(np.float32)
+        labels[f"c{i}"] = lab
+    seen = []
+
+    def the_mask_it_was_given(network, x, precision):
+        seen.append(x.numpy().copy())
+        return network(x).float() * 0 + 50 * (2 * x[:, 1:2] - 1)
+
+    monkeypatch.setattr(ct, "corrector_logits", the_mask_it_was_given)
+    for mirror in (True, False):
+        seen.clear()
+        settings = ct.CorrectorSettings("toy", "0", 6, 2, 2, 1e-3, 0, crop=SMALL_CROP, features=SMALL_FEATURES,
+                                        mirror=mirror)
+        record = ct.train_corrector(images, labels, settings, tmp_path / f"m{mirror}.pth", progress=False)
+        assert record["mirror"] is mirror and cc.load_corrector(tmp_path / f"m{mirror}.pth").mirrored is mirror
+        assert all(h["dice_after"] == h["dice_before"] for h in record["history"])  # every answer mapped back
+        crops = [x for batch in seen for x in batch]
+        padding_first = [not x[0, 0].any() for x in crops]  # image channel, first slice of the crop
+        padding_last = [not x[0, -1].any() for x in crops]
+        assert all(a != b for a, b in zip(padding_first, padding_last))
+        assert any(padding_first) is mirror and any(padding_last)
+    assert ct.CorrectorSettings("toy", "0", 1, 1, 1, 1e-3, 0).mirror is True
+
+
+def test_mirrored_answers_average_every_mirror_image():
+    """Test-time mirroring: the mean probability over the crop and its 7 mirror images, each answer mirrored
+    back. The average makes the answer mirror-equivariant, which the network alone is not."""
+    torch.manual_seed(0)
+    net = cc.build_network(SMALL_FEATURES).eval()
+    x = torch.rand(1, 4, *SMALL_CROP)
+    assert len(cc.mirror_sets()) == 8 and cc.mirror_sets()[0] == ()
+    with torch.inference_mode():
+        p = cc.mirrored_probabilities(net, x)
+        assert p.shape == (1, 1, *SMALL_CROP) and 0 <= float(p.min()) <= float(p.max()) <= 1
+        for axes in [(2,), (3,), (4,), (2, 4), (2, 3, 4)]:
+            torch.testing.assert_close(cc.mirrored_probabilities(net, x.flip(axes)), p.flip(axes), atol=1e-5,
+                                       rtol=1e-4)
+        alone = torch.sigmoid(net(x))
+        assert not torch.allclose(torch.sigmoid(net(x.flip((3,)))), alone.flip((3,)), atol=1e-4)
+        assert not torch.allclose(p, alone, atol=1e-4)
+
+
+def test_a_corrector_trained_on_mirrored_crops_answers_mirrored():
+    """A corrector whose record says it was trained on mirrored crops answers a click with one batch of the
+    8 mirror images (the same as :func:`mirrored_probabilities`); ``mirroring=False`` and an unmirrored
+    corrector run the network once, and the remembered answers of the two ways are kept apart."""
+    target = ellipsoid()
+    image = cc.normalize_image(target * 100.0 + np.random.default_rng(0).normal(0, 5, target.shape))
+    torch.manual_seed(0)
+    net = cc.build_network(SMALL_FEATURES)
+    sizes = []
+    net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    record = {"crop": list(SMALL_CROP), "file": "x", "steps": 0, "fold": "0", "cases": 0}
+    mirrored = cc.ClickCorrector(net, dict(record, mirror=True))
+    click = [Point((10, 15, 15), True)]
+    answer = mirrored.apply(image, target, click)
+    assert sizes == [8]
+    assert mirrored.apply(image, target, click, mirroring=False).shape == target.shape and sizes == [8, 1]
+    mirrored.apply(image, target, click)
+    assert sizes == [8, 1]  # remembered
+    x, window = cc.corrector_input(image, target, click, SMALL_CROP)
+    with torch.inference_mode():
+        expected = cc.mirrored_probabilities(net, torch.from_numpy(x)[None])[0, 0].numpy() > 0.5
+    expected[tuple(i - w.start for i, w in zip(click[0].index, window))] = True
+    np.testing.assert_array_equal(answer[window], expected)
+    sizes.clear()
+    cc.ClickCorrector(net, record).apply(image, target, click)
+    assert sizes == [1]
+
+
 def test_training_in_bfloat16_writes_a_float32_corrector(tmp_path):
     """Forward passes under bfloat16 autocast (the default where the CPU computes bfloat16 natively): the
     weights stay float32, the file says how it was trained, and it loads and answers as any corrector."""
@@ -236,6 +316,7 @@ def test_session_clicks_go_to_the_corrector_in_3d():
     plain.click("A", (6, 15, 15), True)
     assert (plain.segmentation != seg).any(axis=(1, 2)).sum() <= 1 and refiner.corrector.stats["runs"] == 1
     assert RefineOptions.parse(["corrector=false"]).corrector is False
+    assert RefineOptions.parse(["corrector_mirroring=false"]).corrector_mirroring is False
 
 
 def test_apply_answers_clicks_in_turn_and_remembers_the_first_ones():
@@ -298,3 +379,7 @@ def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(mon
     assert cli.train_prompts_main(["4", "0", "--features", "4", "8", *root]) != 0  # a corrector option
     assert cli.train_prompts_main(["4", "0", "--corrector", "--init", "c.pth", *root]) == 0
     assert seen["corrector"]["init"] == "c.pth"
+    assert seen["corrector"]["mirror"] is True
+    assert cli.train_prompts_main(["4", "0", "--corrector", "--no-mirror", *root]) == 0
+    assert seen["corrector"]["mirror"] is False
+    assert cli.train_prompts_main(["4", "0", "--no-mirror", *root]) != 0  # a corrector option
