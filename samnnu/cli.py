@@ -304,9 +304,9 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--init", default=None, metavar="FILE",
                    help="with --corrector: start from this trained corrector's weights instead of random ones "
                         "(e.g. to train a finished corrector further)")
-    p.add_argument("--no-mirror", action="store_true",
-                   help="with --corrector: train on unmirrored crops only (by default each crop is mirrored along "
-                        "random axes and clicks are answered with test-time mirroring)")
+    p.add_argument("--mirror", action="store_true",
+                   help="with --corrector: mirror each training crop along random axes, and answer clicks with "
+                        "test-time mirroring (off by default; docs/interactive.md)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
                    help="labelled slices taken from each training case (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -335,8 +335,8 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                 given["precision"] = args.precision
             if args.init is not None:
                 given["init"] = args.init
-            if args.no_mirror:
-                given["mirror"] = False
+            if args.mirror:
+                given["mirror"] = True
             record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
                                            configuration=args.configuration, plans=args.plans, seed=args.seed,
                                            output=args.output, **given)
@@ -346,8 +346,8 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                   f"Dice of the last steps {last['dice_before']:.3f} before, {last['dice_after']:.3f} after "
                   f"{record['rounds']} clicks")
             return
-        if args.features is not None or args.precision is not None or args.init is not None or args.no_mirror:
-            raise SamnnuError("--features, --precision, --init and --no-mirror are options of --corrector")
+        if args.features is not None or args.precision is not None or args.init is not None or args.mirror:
+            raise SamnnuError("--features, --precision, --init and --mirror are options of --corrector")
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                                plans=args.plans, encoder=args.refiner_encoder, slices_per_case=args.slices_per_case,
                                seed=args.seed, output=args.output, **given)

@@ -23,7 +23,7 @@ that sees the image, the current mask and the clicks, and answers the corrected 
   imperfect copy of its mask (:func:`imperfect_volume`: the kinds of error a prediction makes, in 3D).
   A simulated user clicks ``rounds`` times on the largest connected error of the current answer (at its
   deepest voxel, or at a random voxel of it), each click is answered, and the answer becomes the next
-  current mask. Each crop is mirrored along randomly chosen axes. Loss: binary cross-entropy plus soft
+  current mask. With ``mirror``, each crop is mirrored along randomly chosen axes. Loss: binary cross-entropy plus soft
   Dice on the crop, averaged over the rounds.
 - The file, ``fold_F/click_corrector.pth`` beside the fold's checkpoints, holds the network's weights and
   a record (:data:`samnnu.defaults.CLICK_CORRECTOR_RECORD`); it loads with weights only.

@@ -115,8 +115,9 @@ class CorrectorSettings:
     #: a trained corrector file whose weights the network starts from (None: random weights)
     init: str | None = None
     #: mirror each crop along randomly chosen axes (each with probability 1/2); the corrector then answers
-    #: with test-time mirroring (:func:`samnnu.interactive.click_corrector.mirrored_probabilities`)
-    mirror: bool = True
+    #: with test-time mirroring (:func:`samnnu.interactive.click_corrector.mirrored_probabilities`). Off by
+    #: default: on the hippocampus it did not beat the unmirrored corrector (docs/benchmarks.md)
+    mirror: bool = False
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -277,7 +278,7 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
                           configuration: str | None = None, plans: str | None = None, steps: int = 2000,
                           batch_size: int = 4, rounds: int = 5, lr: float = 1e-3, seed: int = 0,
                           predicted_share: float = 0.5, features: tuple[int, ...] = FEATURES,
-                          precision: str | None = None, init: str | Path | None = None, mirror: bool = True,
+                          precision: str | None = None, init: str | Path | None = None, mirror: bool = False,
                           output: str | Path | None = None,
                           progress: bool = True) -> dict:
     """Train the 3D click corrector on fold ``fold``'s training cases; write ``fold_F/click_corrector.pth``.
