@@ -207,15 +207,15 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
                 y = padded(targets[i][window].astype(np.float32), settings.crop)[None]
                 axes = tuple(a for a in range(3) if settings.mirror and rng.random() < 0.5)  # spatial axes mirrored
                 channel_axes = tuple(a + 1 for a in axes)
-                inputs.append(np.flip(x, channel_axes).copy() if axes else x)
-                want.append(np.flip(y, channel_axes).copy() if axes else y)
+                inputs.append(np.flip(x, channel_axes))  # views: np.stack below copies
+                want.append(np.flip(y, channel_axes))
                 windows.append(window)
                 flips.append(axes)
             logits = corrector_logits(network, torch.from_numpy(np.stack(inputs)), settings.precision)
             loss = _loss(logits, torch.from_numpy(np.stack(want)))
             (loss / settings.rounds).backward()
             losses.append(float(loss.detach()))
-            answers = [np.flip(a, axes) if axes else a for a, axes in zip((logits.detach() > 0).numpy()[:, 0], flips)]
+            answers = [np.flip(a, axes) for a, axes in zip((logits.detach() > 0).numpy()[:, 0], flips)]
             for i, window, a in zip(live, windows, answers):
                 current[i] = current[i].copy()
                 current[i][window] = a[tuple(slice(0, w.stop - w.start) for w in window)]
