@@ -72,9 +72,24 @@ class FrozenSAMEncoder(nn.Module):
         self._weights_key = None
 
     def _weights_digest(self) -> bytes:
+        """A digest of the weights that make an embedding: the image encoder's state (:meth:`_state_digest`,
+        which the folded copy's check shares, so a loaded fold is digested once) and the intensity mapping."""
         if self._weights_key is None:
-            self._weights_key = tensor_digest(list(self.parameters()) + list(self.buffers()))
+            state = self._encoder_state()
+            rest = [t for name, t in [*self.named_parameters(), *self.named_buffers()]
+                    if not name.startswith("image_encoder.")]
+            encoder = self._state_digest(state, self._weights_version(state))
+            self._weights_key = hashlib.sha256(encoder + tensor_digest(rest)).digest()[:16]
         return self._weights_key
+
+    def _state_digest(self, state: list[torch.Tensor], version: tuple) -> bytes:
+        """:func:`tensor_digest` of the image encoder's ``state`` (:meth:`_encoder_state`), computed again only
+        when its ``version`` (:meth:`_weights_version`) changed."""
+        digested = self.__dict__.get("_digested")
+        if digested is None or digested[0] != version:
+            digested = (version, tensor_digest(state))
+            self.__dict__["_digested"] = digested
+        return digested[1]
 
     def _encoder_state(self) -> list[torch.Tensor]:
         """The image encoder's parameters and persistent buffers. Non-persistent buffers are derived or
@@ -108,7 +123,7 @@ class FrozenSAMEncoder(nn.Module):
         fast, made_from, digest = self.__dict__.get("_inference_encoder", (None, None, None))
         if fast is not None and made_from == version:
             return fast
-        new_digest = tensor_digest(state) if all(t.device.type == "cpu" for t in state) else None
+        new_digest = self._state_digest(state, version) if all(t.device.type == "cpu" for t in state) else None
         if fast is None or new_digest is None or new_digest != digest:
             with torch.inference_mode(False), torch.no_grad():
                 fast = inference_encoder(self.image_encoder)

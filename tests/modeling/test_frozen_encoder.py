@@ -52,6 +52,36 @@ def test_folds_with_other_frozen_weights_never_share_an_embedding():
     assert calls == [2, 2]
 
 
+def test_a_loaded_fold_is_digested_once_for_the_cache_key_and_the_folded_copy(monkeypatch):
+    """The embedding cache's key and the folded copy's check share one digest of the image encoder's state,
+    so a fold loaded for a volume costs one pass over its weights, not two; a change of weights is still seen."""
+    from samnnu.modeling import frozen_encoder
+
+    digested = []
+    real = frozen_encoder.tensor_digest
+    monkeypatch.setattr(frozen_encoder, "tensor_digest", lambda ts: digested.append(len(ts)) or real(ts))
+    torch.manual_seed(0)
+    fold0, fold1 = _encoder(), _encoder()
+    enc = _encoder()
+    calls = _counting(enc)
+    state = len(enc._encoder_state())
+    x = torch.randn(2, 1, 56, 40)
+    enc.use_embedding_cache(True)
+    with torch.no_grad():
+        for fold in (fold0, fold1, fold0):  # as the predictor loads the folds of an ensemble, volume after volume
+            digested.clear()
+            enc.load_state_dict(fold.state_dict())
+            enc.weights_loaded()
+            enc(x)
+            assert digested.count(state) == 1  # the encoder's state digested once (and the small rest once)
+            assert sum(digested) < 2 * state
+    assert calls == [2, 2]  # fold0's embeddings were remembered, fold1's weights differ
+    digested.clear()
+    with torch.no_grad():
+        enc(x)  # nothing loaded: nothing digested
+    assert digested == []
+
+
 def _litemedsam_unet():
     from samnnu.modeling.samunet import SAMUNet
     net = SAMUNet(encoder="litemedsam", input_size=56, in_channels=1, num_classes=3, intensity_windows=[(-2.0, 2.0)])
