@@ -307,6 +307,9 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mirror", action="store_true",
                    help="with --corrector: mirror each training crop along random axes, and answer clicks with "
                         "test-time mirroring (off by default; docs/interactive.md)")
+    p.add_argument("--predicted-share", type=float, default=None, metavar="SHARE",
+                   help="with --corrector: share of the training samples that start from the model's own "
+                        "prediction of the case, the rest from an imperfect copy of its label (default 0.5)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
                    help="labelled slices taken from each training case (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -337,6 +340,8 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                 given["init"] = args.init
             if args.mirror:
                 given["mirror"] = True
+            if args.predicted_share is not None:
+                given["predicted_share"] = args.predicted_share
             record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
                                            configuration=args.configuration, plans=args.plans, seed=args.seed,
                                            output=args.output, **given)
@@ -346,8 +351,10 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                   f"Dice of the last steps {last['dice_before']:.3f} before, {last['dice_after']:.3f} after "
                   f"{record['rounds']} clicks")
             return
-        if args.features is not None or args.precision is not None or args.init is not None or args.mirror:
-            raise SamnnuError("--features, --precision, --init and --mirror are options of --corrector")
+        if (args.features is not None or args.precision is not None or args.init is not None or args.mirror
+                or args.predicted_share is not None):
+            raise SamnnuError("--features, --precision, --init, --mirror and --predicted-share are options of "
+                              "--corrector")
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                                plans=args.plans, encoder=args.refiner_encoder, slices_per_case=args.slices_per_case,
                                seed=args.seed, output=args.output, **given)

@@ -383,3 +383,7 @@ def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(mon
     assert cli.train_prompts_main(["4", "0", "--corrector", "--mirror", *root]) == 0
     assert seen["corrector"]["mirror"] is True
     assert cli.train_prompts_main(["4", "0", "--mirror", *root]) != 0  # a corrector option
+    assert seen["corrector"]["predicted_share"] == 0.5
+    assert cli.train_prompts_main(["4", "0", "--corrector", "--predicted-share", "0.9", *root]) == 0
+    assert seen["corrector"]["predicted_share"] == 0.9
+    assert cli.train_prompts_main(["4", "0", "--predicted-share", "0.9", *root]) != 0  # a corrector option

@@ -1,0 +1,95 @@
+"""How much a trained click corrector adds on a fold's training cases, by kind of starting mask.
+
+The corrector trains on two kinds of starting mask (``samnnu.interactive.corrector_training``): the fold
+model's predictions of its training cases, and imperfect copies of the labels
+(:func:`~samnnu.interactive.corrector_training.imperfect_volume`). This script gives the simulated user of
+the interactive benchmark (:func:`samnnu.interactive.simulated_user.next_click`: the deepest voxel of the
+largest connected error) ``--clicks`` clicks on every ``--every``-th training case, each label on its own,
+answered by the corrector (one network run per click), from both kinds of start. When the gain from the
+predictions is about the gain on the validation cases and the gain from the imperfect copies is much
+larger, the copies are easier to correct than the model's own errors.
+
+    python benchmarks/corrector_starts.py --data-root ROOT -d 4 -f 0 -tr SAMUNetTrainer \\
+        --corrector ROOT/nnUNet_results/.../fold_0/click_corrector.pth --predictions preds.npz -o starts.json
+
+``--predictions``: an .npz of {case: (Z, Y, X) labels}, the model's predictions of the training cases (as
+``samnnu_train_prompts --corrector`` keeps them while it trains); when the file does not exist the fold's
+model predicts the cases (no mirroring, as the corrector's training does) and the file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", required=True)
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-f", "--fold", default="0")
+    p.add_argument("-tr", "--trainer", default=None)
+    p.add_argument("--corrector", required=True, help="the trained corrector file (.pth)")
+    p.add_argument("--predictions", required=True, help="npz of the training cases' predictions (read or written)")
+    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--every", type=int, default=3, help="use every N-th training case (sorted by name)")
+    p.add_argument("--seed", type=int, default=5, help="seed of the imperfect copies")
+    p.add_argument("-o", "--output", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+
+    from samnnu.config import setup_environment
+
+    setup_environment(args.data_root, quiet=True)
+    from samnnu.datasets import dataset_name
+    from samnnu.evaluation.metrics import dice
+    from samnnu.interactive.click_corrector import load_corrector, normalize_image
+    from samnnu.interactive.corrector_training import fold_volumes, imperfect_volume
+    from samnnu.interactive.simulated_user import next_click
+
+    name = dataset_name(args.dataset)
+    corrector = load_corrector(args.corrector)
+    images, labels, files = fold_volumes(name, str(args.fold))
+    predictions_file = Path(args.predictions)
+    if predictions_file.is_file():
+        with np.load(predictions_file) as saved:
+            predictions = {c: saved[c] for c in saved.files}
+    else:
+        from samnnu.pipeline.prediction import prompt_free_predictions
+
+        made, _ = prompt_free_predictions(files, name, folds=(int(args.fold),), trainer=args.trainer, mirroring=False)
+        predictions = {c: seg.astype(np.int16) for c, (seg, _) in made.items()}
+        np.savez_compressed(predictions_file, **predictions)
+    rng = np.random.default_rng(args.seed)
+    curves: dict[str, list[list[float]]] = {"prediction": [], "imperfect copy": []}
+    cases = sorted(labels)[::args.every]
+    for case in cases:
+        image = normalize_image(images[case])
+        for value in (int(v) for v in np.unique(labels[case]) if v > 0):
+            target = labels[case] == value
+            for kind, mask in (("prediction", predictions[case] == value),
+                               ("imperfect copy", imperfect_volume(target, rng))):
+                clicks, curve = [], [dice(mask, target)]
+                for _ in range(args.clicks):
+                    click = next_click(mask, target)
+                    if click is not None:
+                        clicks.append(click)
+                        mask = corrector(image, mask, clicks, mirroring=False)
+                    curve.append(dice(mask, target))
+                curves[kind].append(curve)
+    results = {"corrector": str(args.corrector), "cases": len(cases), "clicks": args.clicks, "starts": {}}
+    for kind, rows in curves.items():
+        mean = np.mean(rows, axis=0)
+        results["starts"][kind] = {"label_cases": len(rows), "mean_dice": [round(float(v), 4) for v in mean],
+                                   "gain_points": round(100 * float(mean[-1] - mean[0]), 2)}
+        print(f"{kind:15s} {len(rows)} label-cases: Dice {mean[0]:.4f} -> {mean[-1]:.4f} after {args.clicks} clicks "
+              f"({100 * (mean[-1] - mean[0]):+.2f} points)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
