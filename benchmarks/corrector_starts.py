@@ -13,8 +13,9 @@ larger, the copies are easier to correct than the model's own errors.
         --corrector ROOT/nnUNet_results/.../fold_0/click_corrector.pth --predictions preds.npz -o starts.json
 
 ``--predictions``: an .npz of {case: (Z, Y, X) labels}, the model's predictions of the training cases (as
-``samnnu_train_prompts --corrector`` keeps them while it trains); when the file does not exist the fold's
-model predicts the cases (no mirroring, as the corrector's training does) and the file is written.
+``samnnu_train_prompts --corrector`` keeps them while it trains); when the file does not hold every training
+case the fold's model predicts them (no mirroring, as the corrector's training does) and the file is
+written (:func:`~samnnu.interactive.corrector_training.training_predictions`, which the training uses too).
 """
 from __future__ import annotations
 
@@ -46,22 +47,13 @@ def main(argv=None) -> int:
     from samnnu.datasets import dataset_name
     from samnnu.evaluation.metrics import dice
     from samnnu.interactive.click_corrector import load_corrector, normalize_image
-    from samnnu.interactive.corrector_training import fold_volumes, imperfect_volume
+    from samnnu.interactive.corrector_training import fold_volumes, imperfect_volume, training_predictions
     from samnnu.interactive.simulated_user import next_click
 
     name = dataset_name(args.dataset)
     corrector = load_corrector(args.corrector)
     images, labels, files = fold_volumes(name, str(args.fold))
-    predictions_file = Path(args.predictions)
-    if predictions_file.is_file():
-        with np.load(predictions_file) as saved:
-            predictions = {c: saved[c] for c in saved.files}
-    else:
-        from samnnu.pipeline.prediction import prompt_free_predictions
-
-        made, _ = prompt_free_predictions(files, name, folds=(int(args.fold),), trainer=args.trainer, mirroring=False)
-        predictions = {c: seg.astype(np.int16) for c, (seg, _) in made.items()}
-        np.savez_compressed(predictions_file, **predictions)
+    predictions = training_predictions(name, str(args.fold), files, args.predictions, trainer=args.trainer)
     rng = np.random.default_rng(args.seed)
     curves: dict[str, list[list[float]]] = {"prediction": [], "imperfect copy": []}
     cases = sorted(labels)[::args.every]

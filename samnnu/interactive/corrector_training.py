@@ -295,7 +295,7 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     """
     # local: pull in nnU-Net
     from samnnu.datasets import dataset_name
-    from samnnu.pipeline.prediction import prompt_free_predictions, trained_model_folder
+    from samnnu.pipeline.prediction import trained_model_folder
 
     if steps < 1 or batch_size < 1 or rounds < 1 or not lr > 0 or not 0 <= predicted_share <= 1:
         raise SamnnuError("--steps, --batch-size and --rounds must be at least 1, --lr positive and the predicted "
@@ -320,18 +320,9 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     if output.suffix != ".pth":
         raise SamnnuError(f"{output}: the click corrector file must end in .pth")
     images, labels, files = fold_volumes(name, fold)
-    predictions: dict[str, np.ndarray] = {}
     cache = output.with_name(output.stem + ".predictions.npz")
-    if predicted_share > 0:
-        if cache.is_file():
-            with np.load(cache) as saved:
-                predictions = {c: saved[c] for c in saved.files if c in labels}
-        if set(predictions) != set(labels):
-            fold_arg = "all" if fold == "all" else int(fold)
-            made, _ = prompt_free_predictions(files, name, folds=(fold_arg,), trainer=trainer,
-                                              configuration=configuration, plans=plans, mirroring=False)
-            predictions = {c: seg.astype(np.int16) for c, (seg, _) in made.items()}
-            write_atomic(cache, lambda tmp: np.savez_compressed(tmp, **predictions), _check_npz)
+    predictions = training_predictions(name, fold, files, cache, trainer=trainer, configuration=configuration,
+                                       plans=plans) if predicted_share > 0 else {}
     settings = CorrectorSettings(name, fold, steps, batch_size, rounds, lr, seed,
                                  features=tuple(int(f) for f in features), predicted_share=predicted_share,
                                  precision=precision, init=str(init) if init is not None else None,
@@ -343,6 +334,28 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
 
         record["report"] = str(render_fold_report(output.parent))  # the fold report says it has one now
     return record
+
+
+def training_predictions(name: str, fold: str, files: dict[str, list[Path]], cache: str | Path, *,
+                         trainer: str | None = None, configuration: str | None = None,
+                         plans: str | None = None) -> dict[str, np.ndarray]:
+    """{case: (Z, Y, X) int16 labels}: the fold model's predictions (no mirroring) of the cases ``files``
+    ({case: [image file]}, e.g. from :func:`fold_volumes`), read from the .npz ``cache`` when it holds every
+    case, else predicted and written there (atomically)."""
+    # local: pull in nnU-Net
+    from samnnu.pipeline.prediction import prompt_free_predictions
+
+    cache = Path(cache)
+    if cache.is_file():
+        with np.load(cache) as saved:
+            predictions = {c: saved[c] for c in saved.files if c in files}
+        if set(predictions) == set(files):
+            return predictions
+    made, _ = prompt_free_predictions(files, name, folds=("all" if fold == "all" else int(fold),), trainer=trainer,
+                                      configuration=configuration, plans=plans, mirroring=False)
+    predictions = {c: seg.astype(np.int16) for c, (seg, _) in made.items()}
+    write_atomic(cache, lambda tmp: np.savez_compressed(tmp, **predictions), _check_npz)
+    return predictions
 
 
 def _check_npz(path: Path) -> None:
