@@ -58,10 +58,12 @@ def parse_variant(text: str):
     return name, RefineOptions.parse([o for o in opts.split(",") if o])
 
 
-def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, start, clicks, user="clicks"):
+def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, start, clicks, user="clicks",
+              timing=None):
     """One label of one case from one starting point: Dice after 0..clicks interactions of the simulated
     ``user`` ("clicks" or "scribbles"), the interactions made (a click: z, y, x, sign; a scribble: its first
-    voxel, sign and length) and each one's (seconds, decoder runs)."""
+    voxel, sign and length) and each one's (seconds, decoder runs). ``timing``: a dict that gets the seconds
+    the starting box took to answer (``box_seconds``), for the box starts."""
     from samnnu.evaluation.metrics import dice
     from samnnu.interactive.auto_prompts import auto_prompts
     from samnnu.interactive.refiner import InteractiveSession
@@ -80,7 +82,10 @@ def run_label(refiner, image, seg, probs, ref, label, labels, spacing, options, 
 
         z = int(np.argmax(target.sum(axis=(1, 2))))
         y0, x0, y1, x1 = bounding_rectangle(target[z])
+        began = time.perf_counter()
         session.box(label, (z, y0, x0), (z, y1, x1))
+        if timing is not None:
+            timing["box_seconds"] = time.perf_counter() - began
     dices = [dice(session.label_mask(label), target)]
     made, steps = [], []
     for _ in range(clicks):
@@ -174,7 +179,15 @@ def click_step_timing(records) -> dict:
             "click_step_seconds_median": float(np.median([t for t, _ in steps])) if steps else None,
             "click_step_seconds_max": float(np.max([t for t, _ in steps])) if steps else None,
             "click_step_seconds_per_decoded_slice_max": float(np.max(per_slice)) if per_slice else None,
-            "click_step_seconds_per_decoded_slice_median": float(np.median(per_slice)) if per_slice else None}
+            "click_step_seconds_per_decoded_slice_median": float(np.median(per_slice)) if per_slice else None,
+            **box_timing(records)}
+
+
+def box_timing(records) -> dict:
+    """How long the starting boxes took to answer (decoded and propagated, or answered by the corrector)."""
+    seconds = [r["box_seconds"] for r in records if "box_seconds" in r]
+    return {"boxes": len(seconds), "box_seconds_median": float(np.median(seconds)) if seconds else None,
+            "box_seconds_max": float(np.max(seconds)) if seconds else None}
 
 
 def summarize(records, clicks_at=(0, 1, 3, 5)):
@@ -246,6 +259,8 @@ def markdown(result) -> str:
                          f"; at most {t['click_step_seconds_per_decoded_slice_max']:.2f} s per slice it decoded, "
                          f"embeddings included when not yet computed" if t.get("click_step_seconds_per_decoded_slice_max")
                          is not None else "; no slice decoded") + "). " if t["click_steps"] else "")
+                  + (f"A starting box was answered in {t['box_seconds_median']:.2f} s (median; at most "
+                     f"{t['box_seconds_max']:.2f} s). " if t.get("boxes") else "")
                   + (f"The 3D click corrector ran {t['corrector_runs']} times, {t['corrector_seconds_per_run']:.3f} s "
                      f"each. " if "corrector_runs" in t else "")
                   + "Prompt-free prediction: "
@@ -367,10 +382,11 @@ def main(argv=None) -> int:
             for start_name in args.starts:
                 for user in args.users:
                     for label in sorted(names):
+                        took = {}
                         dices, made, steps = run_label(refiner, image, seg, probs, ref, label, labels, spacing,
-                                                       options, start_name, args.clicks, user)
+                                                       options, start_name, args.clicks, user, took)
                         records.append({"case": case, "label": names[label], "variant": vname, "start": start_name,
-                                        "user": user, "dice": dices, "clicks": made, "click_steps": steps})
+                                        "user": user, "dice": dices, "clicks": made, "click_steps": steps, **took})
                         print(f"{case} {names[label]:>10} {vname:>12} {start_name:>11} {user:>9}: "
                               + " ".join(f"{d:.3f}" for d in dices), flush=True)
         if args.prompt_probe:

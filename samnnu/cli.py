@@ -310,6 +310,9 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--predicted-share", type=float, default=None, metavar="SHARE",
                    help="with --corrector: share of the training samples that start from the model's own "
                         "prediction of the case, the rest from an imperfect copy of its label (default 0.5)")
+    p.add_argument("--box-share", type=float, default=None, metavar="SHARE",
+                   help="with --corrector: share of the training samples that start from a box on one slice and "
+                        "nothing else, so the corrector also answers such boxes in 3D (default 0: clicks only)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
                    help="labelled slices taken from each training case (default 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -342,19 +345,22 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                 given["mirror"] = True
             if args.predicted_share is not None:
                 given["predicted_share"] = args.predicted_share
+            if args.box_share is not None:
+                given["box_share"] = args.box_share
             record = train_click_corrector(args.dataset, args.fold, trainer=args.trainer,
                                            configuration=args.configuration, plans=args.plans, seed=args.seed,
                                            output=args.output, **given)
             last = record["history"][-1]
-            print(f"wrote {record['file']}: 3D click corrector trained {record['steps']} steps on {record['samples']} "
+            print(f"wrote {record['file']}: 3D click corrector{' (boxes too)' if record.get('box_share') else ''} "
+                  f"trained {record['steps']} steps on {record['samples']} "
                   f"labels of {record['cases']} cases ({record['predicted_cases']} predicted by the model); training "
                   f"Dice of the last steps {last['dice_before']:.3f} before, {last['dice_after']:.3f} after "
                   f"{record['rounds']} clicks")
             return
         if (args.features is not None or args.precision is not None or args.init is not None or args.mirror
-                or args.predicted_share is not None):
-            raise SamnnuError("--features, --precision, --init, --mirror and --predicted-share are options of "
-                              "--corrector")
+                or args.predicted_share is not None or args.box_share is not None):
+            raise SamnnuError("--features, --precision, --init, --mirror, --predicted-share and --box-share are "
+                              "options of --corrector")
         record = train_prompts(args.dataset, args.fold, trainer=args.trainer, configuration=args.configuration,
                                plans=args.plans, encoder=args.refiner_encoder, slices_per_case=args.slices_per_case,
                                seed=args.seed, output=args.output, **given)

@@ -25,6 +25,12 @@ that sees the image, the current mask and the clicks, and answers the corrected 
   deepest voxel, or at a random voxel of it), each click is answered, and the answer becomes the next
   current mask. With ``mirror``, each crop is mirrored along randomly chosen axes. Loss: binary cross-entropy plus soft
   Dice on the crop, averaged over the rounds.
+- **Boxes**: a corrector trained with a share of box starts (the record's ``box_share``) also answers a box
+  drawn on one slice, with no other input (:meth:`ClickCorrector.box`): the mask channel holds the filled
+  rectangle on its slice, the click channels are empty, and the answer is the structure in 3D. In training,
+  such a sample's first round is the box (on a slice holding at least half the label's largest slice area,
+  each side loosened by up to a voxel, the window's centre shifted by up to a quarter of the crop); its
+  later rounds are clicks on the answer's errors.
 - The file, ``fold_F/click_corrector.pth`` beside the fold's checkpoints, holds the network's weights and
   a record (:data:`samnnu.defaults.CLICK_CORRECTOR_RECORD`); it loads with weights only.
 """
@@ -149,6 +155,46 @@ def corrector_input(image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point]
     return np.stack([padded(c, crop) for c in channels]), window
 
 
+def box_input(image: np.ndarray, z: int, rect: Sequence[int], center: Sequence[int] | None = None,
+              crop: Sequence[int] = CROP) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The network's input for a box drawn on slice ``z``: (4, *crop) float32 and the window of the volume
+    it covers. image: (Z, Y, X) normalized; rect: (y0, x0, y1, x1) inclusive. The mask channel holds the
+    filled rectangle on slice z and nothing else, the click channels are empty (no other input has no
+    click). center: (z, y, x) the window's centre (default the box's centre)."""
+    y0, x0, y1, x1 = (int(v) for v in rect)
+    window = crop_window(box_center(z, rect) if center is None else center, image.shape, crop)
+    size = [w.stop - w.start for w in window]
+    drawn = np.zeros((1, *size), dtype=np.float32)
+    lz = int(z) - window[0].start
+    if 0 <= lz < size[0]:
+        (wy, wx) = window[1].start, window[2].start
+        drawn[0, lz, max(0, y0 - wy):max(0, y1 + 1 - wy), max(0, x0 - wx):max(0, x1 + 1 - wx)] = 1.0
+    channels = np.concatenate([image[window][None], drawn, np.zeros((2, *size), dtype=np.float32)])
+    return np.stack([padded(c, crop) for c in channels]), window
+
+
+def box_center(z: int, rect: Sequence[int]) -> tuple[int, int, int]:
+    """(z, y, x) the voxel at the centre of a box (y0, x0, y1, x1) on slice z."""
+    y0, x0, y1, x1 = (int(v) for v in rect)
+    return int(z), (y0 + y1) // 2, (x0 + x1) // 2
+
+
+def box_window_shifts(crop: Sequence[int] = CROP) -> tuple[int, ...]:
+    """How far (voxels, per axis) a box's window centre may lie from the box's centre: a quarter of the crop.
+    Training draws the shift within it; a second run (:meth:`ClickCorrector.box`) stays within it."""
+    return tuple(k // 4 for k in crop)
+
+
+def reaches_inner_face(inside: np.ndarray, window: tuple[slice, ...], shape: Sequence[int]) -> bool:
+    """Whether a (Z, Y, X) answer of the window ``window`` has voxels on a face of the window that is not the
+    volume's border (the structure may go on past the window)."""
+    for axis, w in enumerate(window):
+        along = inside.any(axis=tuple(a for a in range(inside.ndim) if a != axis))
+        if (along[0] and w.start > 0) or (along[-1] and w.stop < shape[axis]):
+            return True
+    return False
+
+
 class ClickCorrector:
     """A trained corrector: call it with a normalized image, a label's current mask and its clicks."""
 
@@ -164,10 +210,54 @@ class ClickCorrector:
         self._answers: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     @property
+    def boxes(self) -> bool:
+        """Trained on box starts too (the record's ``box_share``), so it may answer a box on one slice."""
+        return float(self.record.get("box_share", 0.0)) > 0
+
+    @property
     def description(self) -> str:
         r = self.record
         return (f"3D click corrector trained on this dataset ({r['file']}: {r['steps']} steps on fold "
                 f"{r['fold']}'s {r['cases']} training cases)")
+
+    def _inside(self, x: np.ndarray, window: tuple[slice, ...], mirroring: bool) -> np.ndarray:
+        """(4, *crop) input -> the window's (z, y, x) bool answer (positive logit, or mean probability over
+        the mirror images above 0.5)."""
+        with torch.inference_mode():
+            x = torch.from_numpy(x)[None].to(self.device)
+            if mirroring and self.mirrored:
+                inside = mirrored_probabilities(self.network, x)[0, 0].cpu().numpy() > 0.5
+            else:
+                inside = self.network(x)[0, 0].float().cpu().numpy() > 0
+        return inside[tuple(slice(0, w.stop - w.start) for w in window)]
+
+    def box(self, image: np.ndarray, z: int, rect: Sequence[int], mirroring: bool = True) -> np.ndarray:
+        """The (Z, Y, X) bool mask of the structure a box on slice ``z`` outlines, in 3D, with no other input.
+        image: (Z, Y, X) normalized; rect: (y0, x0, y1, x1) inclusive. The network runs on the window centred
+        on the box; when its answer reaches a face of the window inside the volume, it runs once more on the
+        window centred on the answer's extent (at most :func:`box_window_shifts` from the box's centre),
+        whose answer replaces the first inside that window. Only corrector files trained on box starts
+        (:attr:`boxes`) answer boxes."""
+        if not self.boxes:
+            raise SamnnuError(f"{self.record['file']}: this corrector was not trained on boxes")
+        start = time.perf_counter()
+        mirroring = mirroring and self.mirrored
+        out = np.zeros(image.shape, dtype=bool)
+        x, window = box_input(image, z, rect, crop=self.crop)
+        out[window] = inside = self._inside(x, window, mirroring)
+        self.stats["runs"] += 1
+        if inside.any() and reaches_inner_face(inside, window, image.shape):
+            found = np.argwhere(out)
+            middle = (found.min(0) + found.max(0) + 1) // 2  # a window's own middle gives that window back
+            centre = np.asarray(box_center(z, rect))
+            limit = np.asarray(box_window_shifts(self.crop))
+            moved = tuple(int(v) for v in np.clip(middle, centre - limit, centre + limit))
+            if crop_window(moved, image.shape, self.crop) != window:
+                x, window = box_input(image, z, rect, center=moved, crop=self.crop)
+                out[window] = self._inside(x, window, mirroring)
+                self.stats["runs"] += 1
+        self.stats["seconds"] += time.perf_counter() - start
+        return out
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point],
                  mirroring: bool = True) -> np.ndarray:
@@ -177,14 +267,8 @@ class ClickCorrector:
         corrector was trained on mirrored crops (8 network inputs in one batch), else one run."""
         start = time.perf_counter()
         x, window = corrector_input(image, mask, clicks, self.crop)
-        with torch.inference_mode():
-            x = torch.from_numpy(x)[None].to(self.device)
-            if mirroring and self.mirrored:
-                inside = mirrored_probabilities(self.network, x)[0, 0].cpu().numpy() > 0.5
-            else:
-                inside = self.network(x)[0, 0].float().cpu().numpy() > 0
         out = np.array(mask, dtype=bool, copy=True)
-        out[window] = inside[tuple(slice(0, w.stop - w.start) for w in window)]
+        out[window] = self._inside(x, window, mirroring)
         for p in clicks:  # a click says what its voxel is
             out[tuple(p.index)] = p.positive
         self.stats["runs"] += 1

@@ -22,10 +22,14 @@ from tqdm import tqdm
 from samnnu.defaults import CLICK_CORRECTOR_FILE, CLICK_CORRECTOR_RECORD
 from samnnu.errors import SamnnuError
 from samnnu.evaluation.metrics import dice
+from samnnu.interactive.auto_prompts import bounding_rectangle
 from samnnu.interactive.click_corrector import (
     CROP,
     FEATURES,
     ball,
+    box_center,
+    box_input,
+    box_window_shifts,
     build_network,
     corrector_input,
     load_corrector,
@@ -87,6 +91,18 @@ def imperfect_volume(target: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return m
 
 
+def training_box(target: np.ndarray, rng: np.random.Generator) -> tuple[int, tuple[int, int, int, int]]:
+    """A box a person might draw around a non-empty (Z, Y, X) label: (z, (y0, x0, y1, x1) inclusive) on a
+    slice drawn among those holding at least half the label's largest slice area, the label's tight
+    rectangle there with each side loosened by 0 or 1 voxel (within the slice)."""
+    areas = np.asarray(target, dtype=bool).sum(axis=(1, 2))
+    z = int(rng.choice(np.flatnonzero(areas >= 0.5 * areas.max())))
+    y0, x0, y1, x1 = bounding_rectangle(target[z])
+    g = rng.integers(0, 2, size=4)
+    h, w = target.shape[1:]
+    return z, (max(0, y0 - int(g[0])), max(0, x0 - int(g[1])), min(h - 1, y1 + int(g[2])), min(w - 1, x1 + int(g[3])))
+
+
 #: share of training clicks at the error's deepest voxel (the rest at a random voxel of it)
 DEEPEST = 0.6
 
@@ -118,6 +134,9 @@ class CorrectorSettings:
     #: with test-time mirroring (:func:`samnnu.interactive.click_corrector.mirrored_probabilities`). Off by
     #: default: on the hippocampus it did not beat the unmirrored corrector (docs/benchmarks.md)
     mirror: bool = False
+    #: share of the samples that start from a box on one slice and nothing else (:func:`training_box`); the
+    #: corrector then answers boxes too (:meth:`samnnu.interactive.click_corrector.ClickCorrector.box`)
+    box_share: float = 0.0
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -150,7 +169,8 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
 
     predictions: {case: (Z, Y, X) labels} the segmentation model's predictions of some of the cases; a
     share ``settings.predicted_share`` of the samples then starts from them (where they are not exact)
-    instead of from :func:`imperfect_volume`."""
+    instead of from :func:`imperfect_volume`. A share ``settings.box_share`` of the samples starts from a
+    box on one slice instead (:func:`training_box`; the shares above then apply to the rest)."""
     predictions = predictions or {}
     output = Path(output)
     samples = [(c, int(v)) for c in sorted(labels) for v in np.unique(labels[c]) if v > 0]
@@ -184,17 +204,26 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
         optimizer.zero_grad(set_to_none=True)
         batch = [samples[i] for i in rng.integers(len(samples), size=settings.batch_size)]
         targets = [labels[c] == v for c, v in batch]
-        current = []
+        current, boxes = [], []
         for (c, v), t in zip(batch, targets):
+            # no draw when no sample starts from a box, so such a run draws what it did before boxes existed
+            boxes.append(training_box(t, rng) if settings.box_share > 0 and rng.random() < settings.box_share
+                         else None)
+            if boxes[-1] is not None:
+                current.append(np.zeros_like(t))
+                continue
             start_mask = predictions[c] == v if c in predictions and rng.random() < settings.predicted_share else None
             current.append(start_mask if start_mask is not None and (start_mask != t).any()
                            else imperfect_volume(t, rng))
         clicks: list[list[Point]] = [[] for _ in batch]
         first_dice = [dice(m, t) for m, t in zip(current, targets)]
         losses = []
-        for _ in range(settings.rounds):
+        for r in range(settings.rounds):
             live = []
             for i, (m, t) in enumerate(zip(current, targets)):
+                if r == 0 and boxes[i] is not None:  # the first round of a box start answers the box
+                    live.append(i)
+                    continue
                 p = noisy_click(m, t, rng, DEEPEST)
                 if p is not None:
                     clicks[i].append(p)
@@ -203,7 +232,13 @@ def train_corrector(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]
                 break
             inputs, windows, want, flips = [], [], [], []
             for i in live:
-                x, window = corrector_input(normalized[batch[i][0]], current[i], clicks[i], settings.crop)
+                if r == 0 and boxes[i] is not None:
+                    z, rect = boxes[i]
+                    shift = [int(rng.integers(-k, k + 1)) for k in box_window_shifts(settings.crop)]
+                    x, window = box_input(normalized[batch[i][0]], z, rect,
+                                          [a + b for a, b in zip(box_center(z, rect), shift)], settings.crop)
+                else:
+                    x, window = corrector_input(normalized[batch[i][0]], current[i], clicks[i], settings.crop)
                 y = padded(targets[i][window].astype(np.float32), settings.crop)[None]
                 axes = tuple(a for a in range(3) if settings.mirror and rng.random() < 0.5)  # spatial axes mirrored
                 channel_axes = tuple(a + 1 for a in axes)
@@ -277,7 +312,7 @@ def corrector_logits(network: torch.nn.Module, x: torch.Tensor, precision: str) 
 def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str | None = None,
                           configuration: str | None = None, plans: str | None = None, steps: int = 2000,
                           batch_size: int = 4, rounds: int = 5, lr: float = 1e-3, seed: int = 0,
-                          predicted_share: float = 0.5, features: tuple[int, ...] = FEATURES,
+                          predicted_share: float = 0.5, box_share: float = 0.0, features: tuple[int, ...] = FEATURES,
                           precision: str | None = None, init: str | Path | None = None, mirror: bool = False,
                           output: str | Path | None = None,
                           progress: bool = True) -> dict:
@@ -290,16 +325,19 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     ``features``: the U-Net's features per stage. ``precision``: "bf16" or "fp32" for the forward passes
     (default :func:`default_precision`). ``init``: a trained corrector file to start from instead of random
     weights (its features must match; the file's path is recorded as ``init``). ``mirror``: train on crops
-    mirrored along random axes, and answer with test-time mirroring. ``output`` overrides the
+    mirrored along random axes, and answer with test-time mirroring. ``box_share``: the share of samples
+    that start from a box on one slice (:func:`training_box`), so the corrector answers boxes too (0: clicks
+    only). ``output`` overrides the
     file written. Returns the record stored in the file.
     """
     # local: pull in nnU-Net
     from samnnu.datasets import dataset_name
     from samnnu.pipeline.prediction import trained_model_folder
 
-    if steps < 1 or batch_size < 1 or rounds < 1 or not lr > 0 or not 0 <= predicted_share <= 1:
+    if (steps < 1 or batch_size < 1 or rounds < 1 or not lr > 0 or not 0 <= predicted_share <= 1
+            or not 0 <= box_share <= 1):
         raise SamnnuError("--steps, --batch-size and --rounds must be at least 1, --lr positive and the predicted "
-                          "share within [0, 1]")
+                          "and box shares within [0, 1]")
     if len(features) < 2 or any(int(f) < 1 for f in features):
         raise SamnnuError(f"--features: at least two stages of at least one feature each, got {list(features)}")
     precision = precision or default_precision()
@@ -326,7 +364,7 @@ def train_click_corrector(dataset: str | int, fold: int | str, *, trainer: str |
     settings = CorrectorSettings(name, fold, steps, batch_size, rounds, lr, seed,
                                  features=tuple(int(f) for f in features), predicted_share=predicted_share,
                                  precision=precision, init=str(init) if init is not None else None,
-                                 mirror=bool(mirror))
+                                 mirror=bool(mirror), box_share=float(box_share))
     record = train_corrector(images, labels, settings, output, predictions=predictions, progress=progress)
     cache.unlink(missing_ok=True)
     if output.name == CLICK_CORRECTOR_FILE and (output.parent / "evaluation.json").is_file():

@@ -15,7 +15,9 @@ How prompts become a mask (one label, one :class:`~samnnu.interactive.prompts.Ob
    box drawn on one slice, the prompt-free prediction has no voxel of the label on the next slice. Every
    decode also gets a mask prompt (``mask_prompt``: none, the prompt-free probabilities, or the object's
    previous logits on that slice). Masks of automatic prompts are fused with the prompt-free
-   probabilities (``fuse_base``); a box drawn by the user is followed as the refiner answers it.
+   probabilities (``fuse_base``); a box drawn by the user is followed as the refiner answers it. A box
+   drawn on one slice goes instead to the refiner's 3D click corrector when that was trained on boxes
+   (``corrector_boxes``), which answers the structure in 3D at once.
 2. Clicks (``clicks="edit"``, the default) are local edits of the current mask (the box's result, or the
    prompt-free mask): the click's slice is decoded with a box around the current mask (and the positive
    clicks) and the clicks themselves (``click_prompts``: as SAM points, or as changes of the box); a
@@ -84,6 +86,9 @@ class RefineOptions:
     corrector: in edit mode, clicks go to the refiner's 3D click corrector when it has one
         (:mod:`samnnu.interactive.click_corrector`), which edits the whole 3D error region a click lands in;
         false: the 2D edit above even then.
+    corrector_boxes: in edit mode, a box drawn on one slice (not a lasso) goes to the 3D click corrector when
+        it was trained on box starts (:meth:`samnnu.interactive.click_corrector.ClickCorrector.box`), which
+        answers the structure in 3D at once; false: the refiner decodes and propagates it even then.
     corrector_mirroring: a corrector trained on mirrored crops answers with test-time mirroring (the mean over
         the crop's 8 mirror images); false: one run of its network per click.
     """
@@ -99,6 +104,7 @@ class RefineOptions:
     click_prompts: str = "points"
     stop_confidence: float = 0.0
     corrector: bool = True
+    corrector_boxes: bool = True
     corrector_mirroring: bool = True
 
     def __post_init__(self):
@@ -181,7 +187,9 @@ class SliceRefiner:
             t = self.trained
             text = (f"{self.encoder} refiner with its prompt path trained on this dataset ({t['file']}: "
                     f"{t['steps']} steps on {t['slices']} slices of fold {t['fold']}'s training cases)")
-        return text if self.corrector is None else f"{text}; clicks by the {self.corrector.description}"
+        if self.corrector is None:
+            return text
+        return f"{text}; {'clicks and boxes' if self.corrector.boxes else 'clicks'} by the {self.corrector.description}"
 
     @classmethod
     def create(cls, encoder: str = "litemedsam", *, device: str | None = None,
@@ -542,13 +550,19 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
 
     reusable = (edit and last is not None and last.box_pass is not None and last.box_pass[0] == box
                 and options.mask_prompt != "previous")
+    corrector = getattr(refiner, "corrector", None)
+    by_corrector = (edit and not reusable and box is not None and box.lo[0] == box.hi[0] and lasso_mask is None
+                    and options.corrector and options.corrector_boxes and corrector is not None and corrector.boxes)
     if reusable:
         _, kept, kept_covered, kept_logits = last.box_pass
         mask, seeds = kept.copy(), []
         logits.update(kept_logits)
+    elif by_corrector:  # the corrector answers the box in 3D: it covers its slice and every slice it reached
+        mask = corrector.box(refiner.normalized_volume, box.lo[0], box.in_plane(), options.corrector_mirroring)
+        kept_covered, seeds = {box.lo[0], *(int(z) for z in np.flatnonzero(mask.any(axis=(1, 2))))}, []
     for z in seeds:
         seed(z)
-    covered = set(kept_covered) if reusable else set(seeds)
+    covered = set(kept_covered) if reusable or by_corrector else set(seeds)
     if seeds and (box is not None or options.propagate_clicks):
         for a, b in zip(seeds, seeds[1:]):
             for z in range(a + 1, b):

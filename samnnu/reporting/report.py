@@ -626,7 +626,8 @@ def describe_corrector(path: Path) -> str:
     return _describe_trained(path, CLICK_CORRECTOR_RECORD, lambda record, last: (
         f"trained on this fold's training cases ({path.name}: {record['steps']} steps; training Dice "
         f"{last['dice_before']:.3f} before and {last['dice_after']:.3f} after {record['rounds']} clicks); "
-        f"answers the clicks of samnnu_predict --prompts and samnnu_refine"))
+        f"answers the clicks{' and one-slice boxes' if record.get('box_share') else ''} of samnnu_predict "
+        f"--prompts and samnnu_refine"))
 
 
 def describe_prompt_path(path: Path) -> str:

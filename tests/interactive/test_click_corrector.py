@@ -387,3 +387,126 @@ def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(mon
     assert cli.train_prompts_main(["4", "0", "--corrector", "--predicted-share", "0.9", *root]) == 0
     assert seen["corrector"]["predicted_share"] == 0.9
     assert cli.train_prompts_main(["4", "0", "--predicted-share", "0.9", *root]) != 0  # a corrector option
+    assert seen["corrector"]["box_share"] == 0.0
+    assert cli.train_prompts_main(["4", "0", "--corrector", "--box-share", "0.3", *root]) == 0
+    assert seen["corrector"]["box_share"] == 0.3
+    assert cli.train_prompts_main(["4", "0", "--box-share", "0.3", *root]) != 0  # a corrector option
+
+
+def test_box_input_draws_the_filled_box_on_its_slice_and_no_click():
+    image = np.random.default_rng(0).random((20, 30, 30)).astype(np.float32)
+    x, window = cc.box_input(image, 12, (10, 11, 14, 20), crop=SMALL_CROP)
+    assert x.shape == (4, *SMALL_CROP)
+    assert window == cc.crop_window((12, 12, 15), image.shape, SMALL_CROP)
+    np.testing.assert_array_equal(x[0, :, :, :], image[window])
+    drawn = np.zeros(image.shape, dtype=bool)
+    drawn[12, 10:15, 11:21] = True
+    np.testing.assert_array_equal(x[1] > 0, drawn[window])
+    assert not x[2:].any()  # no click
+    moved, shifted = cc.box_input(image, 12, (10, 11, 14, 20), center=(8, 12, 15), crop=SMALL_CROP)
+    assert shifted != window and np.array_equal(moved[1] > 0, drawn[shifted])
+
+
+def test_training_boxes_are_drawn_on_large_slices_of_the_label():
+    target = ellipsoid()
+    areas = target.sum(axis=(1, 2))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        z, (y0, x0, y1, x1) = ct.training_box(target, rng)
+        assert areas[z] >= 0.5 * areas.max()
+        ys, xs = np.nonzero(target[z])
+        assert ys.min() - 1 <= y0 <= ys.min() and xs.min() - 1 <= x0 <= xs.min()  # tight, or a voxel loose
+        assert ys.max() <= y1 <= ys.max() + 1 and xs.max() <= x1 <= xs.max() + 1
+
+
+def test_training_with_box_starts_writes_a_corrector_that_answers_boxes(tmp_path, monkeypatch):
+    """box_share 1: every sample's first round is a box (with empty click channels), and the corrector
+    written says it answers boxes; one trained without box starts refuses them in one line."""
+    images, labels = _toy_cases(2)
+    boxes = []
+    real = ct.box_input
+
+    def record_boxes(image, z, rect, center=None, crop=cc.CROP):
+        boxes.append((z, rect))
+        return real(image, z, rect, center, crop)
+
+    monkeypatch.setattr(ct, "box_input", record_boxes)
+    settings = ct.CorrectorSettings("toy", "0", 2, 3, 2, 1e-3, 0, crop=SMALL_CROP, features=SMALL_FEATURES,
+                                    box_share=1.0)
+    record = ct.train_corrector(images, labels, settings, tmp_path / "c.pth", progress=False)
+    assert len(boxes) == 2 * 3  # one box per sample, in the first round only
+    assert record["box_share"] == 1.0
+    loaded = cc.load_corrector(tmp_path / "c.pth")
+    assert loaded.boxes
+    answer = loaded.box(cc.normalize_image(images["c0"]), 10, (8, 9, 20, 21))
+    assert answer.shape == labels["c0"].shape and answer.dtype == bool and loaded.stats["runs"] in (1, 2)
+    plain = ct.train_corrector(images, labels, ct.CorrectorSettings("toy", "0", 1, 2, 1, 1e-3, 0, crop=SMALL_CROP,
+                                                                    features=SMALL_FEATURES), tmp_path / "p.pth",
+                               progress=False)
+    assert plain["box_share"] == 0.0 and len(boxes) == 6
+    with pytest.raises(SamnnuError, match="not trained on boxes"):
+        cc.load_corrector(tmp_path / "p.pth").box(cc.normalize_image(images["c0"]), 10, (8, 9, 20, 21))
+    from samnnu.reporting.report import describe_corrector  # the fold report says what it answers
+
+    assert "answers the clicks and one-slice boxes" in describe_corrector(tmp_path / "c.pth")
+    assert "answers the clicks of" in describe_corrector(tmp_path / "p.pth")
+
+
+class _Bright(torch.nn.Module):
+    """A network answering the bright voxels of its image channel: (N, 4, *crop) -> (N, 1, *crop) logits."""
+
+    def forward(self, x):
+        return 100.0 * (x[:, :1] - 0.5)
+
+
+def test_a_box_answer_reaching_the_crop_edge_runs_again_centred_on_it():
+    """A structure longer than the crop: the first answer reaches the window's inner face, so the corrector
+    runs again on the window centred on that answer, and both answers make the mask; a structure inside the
+    first window gets one run."""
+    corrector = cc.ClickCorrector(_Bright(), {"crop": list(SMALL_CROP), "box_share": 0.5, "file": "x"})
+    image = np.zeros((40, 30, 30), dtype=np.float32)
+    image[14:36, 5:20, 5:20] = 1.0
+    out = corrector.box(image, 20, (5, 5, 19, 19))
+    assert corrector.stats["runs"] == 2
+    first = cc.crop_window((20, 12, 12), image.shape, SMALL_CROP)
+    second = cc.crop_window((21, 12, 12), image.shape, SMALL_CROP)  # the middle of the first answer (z 14..27)
+    assert (first[0].start, second[0].start) == (12, 13)
+    expected = np.zeros(image.shape, dtype=bool)
+    expected[first] = expected[second] = True
+    np.testing.assert_array_equal(out, expected & (image > 0))
+    small = np.zeros_like(image)
+    small[2:10, 5:20, 5:20] = 1.0
+    once = cc.ClickCorrector(_Bright(), {"crop": list(SMALL_CROP), "box_share": 0.5, "file": "x"})
+    np.testing.assert_array_equal(once.box(small, 5, (5, 5, 19, 19)), small > 0)
+    assert once.stats["runs"] == 1
+
+
+def test_a_one_slice_box_goes_to_a_corrector_trained_on_boxes():
+    """A box on one slice is answered by a box-trained corrector in 3D (no slice decoded); with
+    corrector_boxes=false, or a corrector trained on clicks only, the refiner decodes and propagates it."""
+    from samnnu.interactive.refiner import InteractiveSession, RefineOptions, SliceRefiner
+
+    target = ellipsoid()
+    image = target * 100.0 + np.random.default_rng(0).normal(0, 5, target.shape)
+    empty = np.zeros(target.shape, dtype=np.int16)
+    refiner = SliceRefiner.create("tiny")
+    refiner.corrector = corrector_answering(50.0)
+    refiner.corrector.record["box_share"] = 0.3
+    assert "clicks and boxes by the 3D click corrector" in refiner.description
+    session = InteractiveSession(refiner, image, empty, None, {"A": 1})
+    decodes = refiner.stats["decodes"]
+    session.box("A", (10, 9, 9), (10, 21, 21))
+    assert refiner.corrector.stats["runs"] == 1 and refiner.stats["decodes"] == decodes
+    window = cc.crop_window((10, 15, 15), target.shape, SMALL_CROP)
+    assert (session.segmentation[window] == 1).all() and session.segmentation.sum() == np.prod(SMALL_CROP)
+    session.click("A", (10, 15, 15), False)  # a click then edits the box's answer with the corrector
+    assert refiner.corrector.stats["runs"] == 2 and refiner.stats["decodes"] == decodes
+    plain = InteractiveSession(refiner, image, empty, None, {"A": 1}, options=RefineOptions(corrector_boxes=False))
+    plain.box("A", (10, 9, 9), (10, 21, 21))
+    assert refiner.corrector.stats["runs"] == 2 and refiner.stats["decodes"] > decodes
+    refiner.corrector.record["box_share"] = 0.0
+    assert "clicks by the 3D click corrector" in refiner.description
+    clicks_only = InteractiveSession(refiner, image, empty, None, {"A": 1})
+    clicks_only.box("A", (10, 9, 9), (10, 21, 21))
+    assert refiner.corrector.stats["runs"] == 2
+    assert RefineOptions.parse(["corrector_boxes=false"]).corrector_boxes is False

@@ -1043,6 +1043,12 @@ def test_interactive_benchmark_scribbling_user_improves_the_mask():
         assert len(made) == len(steps) == 3 and all(m[3] == "+" for m in made)
         if user == "scribbles":
             assert all(m[4] > 1 for m in made)  # strokes, not single voxels
+    took = {}
+    dices, _, _ = bench.run_label(CountingRefiner(image), image, seg, None, reference, 1, {"Thing": 1},
+                                  (1.0, 1.0, 1.0), options, "box", 1, "clicks", took)
+    assert dices[0] > 0 and took["box_seconds"] > 0  # the starting box is timed
+    assert bench.box_timing([{"box_seconds": 0.2}, {"box_seconds": 0.4}, {}]) == pytest.approx(
+        {"boxes": 2, "box_seconds_median": 0.3, "box_seconds_max": 0.4})
     summary = bench.summarize([{"variant": "default", "start": "prompt-free", "user": u, "label": "Thing",
                                 "dice": [0.5, 0.6, 0.7, 0.8]} for u in ("clicks", "scribbles")])
     assert sorted(r["user"] for r in summary) == ["clicks", "scribbles"]
