@@ -312,7 +312,7 @@ def train_prompts_main(argv: Sequence[str] | None = None) -> int:
                         "prediction of the case, the rest from an imperfect copy of its label (default 0.5)")
     p.add_argument("--box-share", type=float, default=None, metavar="SHARE",
                    help="with --corrector: share of the training samples that start from a box on one slice and "
-                        "nothing else, so the corrector also answers such boxes in 3D (default 0: clicks only)")
+                        "nothing else, so the corrector also answers such boxes in 3D (default 0.3; 0: clicks only)")
     p.add_argument("--slices-per-case", type=_positive_int, default=4,
                    help="labelled slices taken from each training case (default 4)")
     p.add_argument("--seed", type=int, default=0)

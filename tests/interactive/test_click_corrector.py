@@ -387,9 +387,9 @@ def test_train_prompts_defaults_differ_for_the_corrector_and_the_prompt_path(mon
     assert cli.train_prompts_main(["4", "0", "--corrector", "--predicted-share", "0.9", *root]) == 0
     assert seen["corrector"]["predicted_share"] == 0.9
     assert cli.train_prompts_main(["4", "0", "--predicted-share", "0.9", *root]) != 0  # a corrector option
+    assert seen["corrector"]["box_share"] == 0.3  # boxes too, unless told otherwise
+    assert cli.train_prompts_main(["4", "0", "--corrector", "--box-share", "0", *root]) == 0
     assert seen["corrector"]["box_share"] == 0.0
-    assert cli.train_prompts_main(["4", "0", "--corrector", "--box-share", "0.3", *root]) == 0
-    assert seen["corrector"]["box_share"] == 0.3
     assert cli.train_prompts_main(["4", "0", "--box-share", "0.3", *root]) != 0  # a corrector option
 
 

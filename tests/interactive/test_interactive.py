@@ -993,14 +993,15 @@ def test_prediction_and_refine_use_the_trained_click_corrector_and_say_so(traine
         prompts.write_text(json.dumps({"cases": {case: [
             {"label": "Posterior", "coordinates": "voxel", "negative": [[z, y, x]]}]}}))
         args = ["-i", str(images), "--prompts", str(prompts), *PREDICT]
-        assert f"wrote {corrector}" in out and "3D click corrector trained 2 steps" in out
+        assert f"wrote {corrector}" in out and "3D click corrector (boxes too) trained 2 steps" in out  # box share 0.3
         assert "predicted by the model" in out
         assert not corrector.with_name("click_corrector.predictions.npz").exists()  # removed once written
         report = json.loads((corrector.parent / "report.json").read_text())["extra"]
         assert report["3D click corrector"].startswith("trained on this fold's training cases (click_corrector.pth")
+        assert "answers the clicks and one-slice boxes" in report["3D click corrector"]
         assert predict_main(["-o", str(tmp_path / "corrected"), *args]) == 0
         err = capsys.readouterr().err
-        assert "clicks by the 3D click corrector trained on this dataset" in err and str(corrector) in err
+        assert "clicks and boxes by the 3D click corrector trained on this dataset" in err and str(corrector) in err
         assert predict_main(["-o", str(tmp_path / "plain"), "--refiner-weights", "pretrained", *args]) == 0
         err = capsys.readouterr().err
         assert "3D click corrector" not in err
@@ -1009,7 +1010,7 @@ def test_prediction_and_refine_use_the_trained_click_corrector_and_say_so(traine
         text = io.StringIO()
         assert refine_main(["-i", str(images / f"{case}.nii.gz"), *PREDICT], stdin=io.StringIO("quit\n"),
                            stdout=text) == 0
-        assert "clicks by the 3D click corrector" in text.getvalue()
+        assert "clicks and boxes by the 3D click corrector" in text.getvalue()
     finally:  # the session's other tests use the refiner alone, and a report without the corrector
         corrector.unlink(missing_ok=True)
         render_fold_report(corrector.parent)
