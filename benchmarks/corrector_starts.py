@@ -20,9 +20,7 @@ written (:func:`~samnnu.interactive.corrector_training.training_predictions`, wh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +47,7 @@ def main(argv=None) -> int:
     from samnnu.interactive.click_corrector import load_corrector, normalize_image
     from samnnu.interactive.corrector_training import fold_volumes, imperfect_volume, training_predictions
     from samnnu.interactive.simulated_user import next_click
+    from samnnu.safe_io import write_json_atomic
 
     name = dataset_name(args.dataset)
     corrector = load_corrector(args.corrector)
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
         print(f"{kind:15s} {len(rows)} label-cases: Dice {mean[0]:.4f} -> {mean[-1]:.4f} after {args.clicks} clicks "
               f"({100 * (mean[-1] - mean[0]):+.2f} points)")
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(args.output, results)
     return 0
 
 

@@ -150,9 +150,15 @@ def corrector_input(image: np.ndarray, mask: np.ndarray, clicks: Sequence[Point]
     """The network's input for the newest of ``clicks`` (last in the list): (4, *crop) float32 and the
     window of the volume it covers. image: (Z, Y, X) normalized (:func:`normalize_image`); mask: (Z, Y, X)."""
     window = crop_window(clicks[-1].index, image.shape, crop)
-    channels = np.concatenate([image[window][None], np.asarray(mask[window], dtype=np.float32)[None],
-                               click_channels(image.shape, window, clicks)])
-    return np.stack([padded(c, crop) for c in channels]), window
+    return window_input(image, window, mask[window], click_channels(image.shape, window, clicks), crop), window
+
+
+def window_input(image: np.ndarray, window: tuple[slice, ...], mask: np.ndarray, clicks: np.ndarray,
+                 crop: Sequence[int] = CROP) -> np.ndarray:
+    """(4, *crop) float32, zero-padded where the window is smaller than the crop: the (Z, Y, X) ``image``
+    inside ``window``, then ``mask`` (the window's size) and the (2, *window size) ``clicks`` channels."""
+    channels = np.concatenate([image[window][None], np.asarray(mask, dtype=np.float32)[None], clicks])
+    return np.stack([padded(c, crop) for c in channels])
 
 
 def box_input(image: np.ndarray, z: int, rect: Sequence[int], center: Sequence[int] | None = None,
@@ -164,13 +170,12 @@ def box_input(image: np.ndarray, z: int, rect: Sequence[int], center: Sequence[i
     y0, x0, y1, x1 = (int(v) for v in rect)
     window = crop_window(box_center(z, rect) if center is None else center, image.shape, crop)
     size = [w.stop - w.start for w in window]
-    drawn = np.zeros((1, *size), dtype=np.float32)
+    drawn = np.zeros(size, dtype=np.float32)
     lz = int(z) - window[0].start
     if 0 <= lz < size[0]:
         (wy, wx) = window[1].start, window[2].start
-        drawn[0, lz, max(0, y0 - wy):max(0, y1 + 1 - wy), max(0, x0 - wx):max(0, x1 + 1 - wx)] = 1.0
-    channels = np.concatenate([image[window][None], drawn, np.zeros((2, *size), dtype=np.float32)])
-    return np.stack([padded(c, crop) for c in channels]), window
+        drawn[lz, max(0, y0 - wy):max(0, y1 + 1 - wy), max(0, x0 - wx):max(0, x1 + 1 - wx)] = 1.0
+    return window_input(image, window, drawn, np.zeros((2, *size), dtype=np.float32), crop), window
 
 
 def box_center(z: int, rect: Sequence[int]) -> tuple[int, int, int]:
@@ -241,7 +246,6 @@ class ClickCorrector:
         if not self.boxes:
             raise SamnnuError(f"{self.record['file']}: this corrector was not trained on boxes")
         start = time.perf_counter()
-        mirroring = mirroring and self.mirrored
         out = np.zeros(image.shape, dtype=bool)
         x, window = box_input(image, z, rect, crop=self.crop)
         out[window] = inside = self._inside(x, window, mirroring)

@@ -582,7 +582,7 @@ def refine_object(refiner: SliceRefiner, prompt: ObjectPrompt, base_mask: np.nda
                 covered.add(z)
                 z += step
     box_pass = (box, mask.copy(), sorted(covered), dict(logits)) if edit and box is not None else None
-    if edit and clicks and options.corrector and getattr(refiner, "corrector", None) is not None:
+    if edit and clicks and options.corrector and corrector is not None:
         ordered = prompt.points + tuple(p for st in prompt.strokes for p in st.sample())
         mask, covered = _correct_in_3d(refiner, ordered, base_mask, mask, covered, options.corrector_mirroring)
     elif edit and clicks:
