@@ -25,6 +25,14 @@ after an untimed warm-up; the median is reported:
 - ``samnnu_2d_student`` with ``--also-sam-checkpoint FILE``: samnnu's default trainer on the same cases
   planned with that encoder checkpoint (a ``samnnu_distill`` student; the cases converted a second time,
   as dataset ``STUDENT_DATASET_ID``), predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``.
+- ``samnnu_2d_bf16`` with ``--also-bf16``: ``samnnu_predict --precision bf16``, the batched predictor with the
+  network under bfloat16 autocast (on a CPU that computes bfloat16 natively);
+- ``samnnu_encoder_floor`` (and ``samnnu_encoder_floor_bf16`` where bfloat16 is native) with ``--also-floor``:
+  samnnu's frozen encoder alone on exactly the inputs the batched predictor gives the network for the timed
+  volumes (every slice, and with mirroring every mirrored copy, in its passes), the volumes preprocessed
+  beforehand. No reading, preprocessing, conv branch, decoder or export: the least time any predictor of this
+  model can take. The run also counts the floating-point operations per timed volume without mirroring
+  (``torch.utils.flop_counter``) of nnU-Net 3d_fullres, samnnu's default and its encoder alone.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
     python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
@@ -39,6 +47,7 @@ Run it alone on the machine (it sets torch's threads to the available cores, see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -169,9 +178,77 @@ def unfold_encoders(network) -> None:
             object.__setattr__(m, "_run_encoder", m.image_encoder)  # shadows the method
 
 
+def preprocess_cases(p, lists: list[list[str]]) -> list:
+    """The cases ``lists`` preprocessed for predictor ``p`` (its plans and configuration): [(C, *image) tensors]."""
+    import torch
+
+    pre = p.configuration_manager.preprocessor_class(verbose=False)
+    volumes = []
+    for files in lists:
+        data, _, _ = pre.run_case(files, None, p.plans_manager, p.configuration_manager, p.dataset_json)
+        volumes.append(torch.from_numpy(data).float())
+    return volumes
+
+
+@contextlib.contextmanager
+def encoder_only(p):
+    """Within: predictor ``p``'s network is replaced by its frozen encoder (``network.sam``) alone, which
+    returns zero logits, so that ``p``'s sliding window, mirroring and passes feed the encoder exactly what
+    they feed the network."""
+    import torch
+
+    network, classes = p.network, p.label_manager.num_segmentation_heads
+
+    class EncoderOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sam = network.sam
+
+        def forward(self, x):
+            self.sam(x)
+            return x.new_zeros((x.shape[0], classes, *x.shape[2:]))
+
+    p.network = EncoderOnly()
+    try:
+        yield p
+    finally:
+        p.network = network
+
+
+def encoder_floor(p, volumes: list, mirroring: bool, precision: str) -> float:
+    """Seconds per volume of the frozen encoder of ``p``'s network alone (:func:`encoder_only`) on ``volumes``
+    (preprocessed), with or without mirroring, in ``precision``."""
+    precision_before, mirroring_before = p.precision, p.use_mirroring
+    p.precision, p.use_mirroring = precision, mirroring
+    try:
+        with encoder_only(p):
+            start = time.perf_counter()
+            for data in volumes:
+                p.predict_sliding_window_return_logits(data)
+            return (time.perf_counter() - start) / len(volumes)
+    finally:
+        p.precision, p.use_mirroring = precision_before, mirroring_before
+
+
+def flops_per_volume(p, volumes: list) -> float:
+    """Floating-point operations (a multiply-add counts 2) of predictor ``p`` per preprocessed volume of
+    ``volumes``, without mirroring, as counted by ``torch.utils.flop_counter`` (mean over the volumes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mirroring, p.use_mirroring = p.use_mirroring, False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            for data in volumes:
+                p.predict_sliding_window_return_logits(data)
+        return counter.get_total_flops() / len(volumes)
+    finally:
+        p.use_mirroring = mirroring
+
+
 def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int | None,
                     other_input_size: int | None = None, unfolded: bool = False,
-                    student: Path | None = None, workers_too: bool = False, only: list[str] | None = None) -> dict:
+                    student: Path | None = None, workers_too: bool = False, only: list[str] | None = None,
+                    bf16: bool = False, floor: bool = False) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -202,6 +279,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         setups["samnnu_2d_unfolded_encoder"] = (nnUNetPredictor, samnnu_model)
     if student is not None:
         setups["samnnu_2d_student"] = (BatchedPredictor, student)
+    if bf16:
+        setups["samnnu_2d_bf16"] = (BatchedPredictor, samnnu_model)
     if only:
         unknown = set(only) - set(setups)
         if unknown:
@@ -210,6 +289,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     predictors = {}
     for key, (cls, folder) in setups.items():
         extra = {"views_per_pass": views or None} if cls is BatchedPredictor else {}
+        if key == "samnnu_2d_bf16":
+            extra["precision"] = "bf16"
         p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
                 device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False, **extra)
         with weights_only_loading():
@@ -222,14 +303,42 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     # BatchedPredictor (prediction_processes: none on a machine of 2 cores); the *_workers / *_in_process rows
     # time the other choice
     processes = {key: (1, 1) for key in predictors}
-    for key in ("samnnu_2d_batched", "samnnu_2d_student"):
+    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16"):
         if key in processes:
             processes[key] = prediction_processes()
     if "nnunet_3d_fullres_in_process" in processes:
         processes["nnunet_3d_fullres_in_process"] = (0, 0)
-    seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in predictors for m in ("", "_mirroring")}
+    floors, flops = {}, {}
+    if floor:
+        from samnnu.modeling.common import cpu_computes_bf16
+
+        batched = predictors.get("samnnu_2d_batched") or BatchedPredictor(
+            tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
+            device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+            views_per_pass=views or None)
+        if "samnnu_2d_batched" not in predictors:
+            with weights_only_loading():
+                batched.initialize_from_trained_model_folder(str(samnnu_model), use_folds=(0,),
+                                                             checkpoint_name=FINAL_CHECKPOINT)
+            batched.allowed_mirroring_axes = (0, 1)
+        batched.network.load_state_dict(batched.list_of_parameters[0])
+        volumes = preprocess_cases(batched, lists)
+        for precision in ("fp32", "bf16") if cpu_computes_bf16() else ("fp32",):
+            floors["samnnu_encoder_floor" + ("_bf16" if precision == "bf16" else "")] = (
+                lambda mirroring, precision=precision: encoder_floor(batched, volumes, mirroring, precision))
+        flops["samnnu_2d_batched"] = flops_per_volume(batched, volumes)
+        with encoder_only(batched):
+            flops["samnnu_encoder"] = flops_per_volume(batched, volumes)
+        reference = next((predictors[k] for k in ("nnunet_3d_fullres", "nnunet_3d_fullres_in_process")
+                          if k in predictors), None)
+        if reference is not None:
+            reference.network.load_state_dict(reference.list_of_parameters[0])
+            flops["nnunet_3d_fullres"] = flops_per_volume(reference, preprocess_cases(reference, lists))
+    seconds: dict[str, list[float]] = {f"{k}{m}": [] for k in [*predictors, *floors] for m in ("", "_mirroring")}
     with tempfile.TemporaryDirectory() as tmp:
         def run(key: str, mirroring: bool, tag: str) -> float:
+            if key in floors:
+                return floors[key](mirroring)
             p = predictors[key]
             p.use_mirroring = mirroring
             targets = [os.path.join(tmp, f"{c}_{tag}") for c in timed]
@@ -242,14 +351,14 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
                                      num_processes_segmentation_export=processes[key][1])
             return (time.perf_counter() - start) / len(timed)
 
-        for key in predictors:  # warm-up, untimed
+        for key in [*predictors, *floors]:  # warm-up, untimed
             run(key, False, "warmup")
         for r in range(repeats):
             for mirroring in (False, True):
-                for key in predictors:
+                for key in [*predictors, *floors]:
                     seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(key, mirroring, f"{key}{r}"))
     return {"seconds_per_volume_median": {k: statistics.median(v) for k, v in seconds.items()},
-            "seconds_per_volume_all": seconds, "timing_cases": timed,
+            "seconds_per_volume_all": seconds, "timing_cases": timed, "flops_per_volume": flops,
             "worker_processes": {k: list(v) for k, v in processes.items()},
             "views_per_pass": next((p._views_per_pass() for p in predictors.values() if hasattr(p, "_views_per_pass")),
                                    None),
@@ -279,6 +388,11 @@ def main() -> int:
                              "3d_fullres in one process (nnU-Net's predict_from_files_sequential)")
     parser.add_argument("--only", nargs="+", default=None, metavar="PREDICTOR",
                         help="time only these predictors of the run (e.g. samnnu_2d_batched samnnu_2d_batched_workers)")
+    parser.add_argument("--also-bf16", action="store_true",
+                        help="also time samnnu_predict --precision bf16 (a CPU that computes bfloat16 natively)")
+    parser.add_argument("--also-floor", action="store_true",
+                        help="also time samnnu's frozen encoder alone on the timed volumes' network inputs (the "
+                             "least time its predictor can take) and count each model's operations per volume")
     parser.add_argument("--also-unfolded-encoder", action="store_true",
                         help="also time samnnu's model with its frozen encoder unfolded (no inference copy)")
     args = parser.parse_args()
@@ -299,7 +413,8 @@ def main() -> int:
         result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
                                                                 args.views_per_pass, args.also_input_size,
                                                                 args.also_unfolded_encoder, student,
-                                                                args.also_other_processes, args.only)
+                                                                args.also_other_processes, args.only,
+                                                                args.also_bf16, args.also_floor)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
     result.update({"torch_threads": threads, "prepare_seconds": prepared,
@@ -307,11 +422,13 @@ def main() -> int:
     if "seconds_per_volume_median" in result:
         med = result["seconds_per_volume_median"]
         ratios = {}
-        base = "nnunet_3d_fullres" if "nnunet_3d_fullres" in med else None
-        for key in [k for k in med if base and k != base and not k.endswith("_mirroring")]:
-            ratios[f"{key}_over_nnunet_3d"] = med[key] / med[base]
-            ratios[f"{key}_over_nnunet_3d_mirroring"] = med[f"{key}_mirroring"] / med[f"{base}_mirroring"]
+        for base, tag in (("nnunet_3d_fullres", "nnunet_3d"), ("nnunet_3d_fullres_in_process", "nnunet_3d_in_process")):
+            for key in [k for k in med if base in med and k.startswith("samnnu") and not k.endswith("_mirroring")]:
+                ratios[f"{key}_over_{tag}"] = med[key] / med[base]
+                ratios[f"{key}_over_{tag}_mirroring"] = med[f"{key}_mirroring"] / med[f"{base}_mirroring"]
         result["ratios"] = ratios
+        for k, v in result.get("flops_per_volume", {}).items():
+            print(f"{k:36s} {v / 1e9:8.1f} GFLOP per volume (no mirroring, mean of the timed volumes)")
         for k, v in list(med.items()) + list(result["ratios"].items()):
             print(f"{k:36s} {v:6.2f}")
     if "ensemble" in result:

@@ -222,6 +222,17 @@ def test_mirroring_switch_in_train_predict_and_refine(flags, mirroring, monkeypa
     assert [c[0]["mirroring"] for c in (trained, predicted, opened)] == [mirroring] * 3
 
 
+def test_predict_precision_reaches_the_api(monkeypatch, tmp_path):
+    import samnnu.pipeline.prediction as prediction
+
+    use_data_root(monkeypatch, tmp_path)
+    root = ["--data-root", str(tmp_path)]
+    predicted = recorder(monkeypatch, prediction, "predict")
+    for flags in ([], ["--precision", "bf16"], ["--precision", "fp32"]):
+        assert cli.predict_main(["-i", "in", "-o", "out", "-d", "4", *flags, *root]) == 1
+    assert [c["precision"] for c in predicted] == ["fp32", "bf16", "fp32"]
+
+
 @pytest.mark.parametrize("flag", ["--verify-dataset-integrity", "--verify_dataset_integrity"])
 def test_verify_dataset_integrity_both_spellings(flag, monkeypatch, tmp_path):
     import samnnu.pipeline.planning as planning

@@ -39,6 +39,7 @@ from samnnu.interactive.click_corrector import (
 from samnnu.interactive.prompt_training import fold_cases, segmentation_loss
 from samnnu.interactive.prompts import Point
 from samnnu.interactive.simulated_user import noisy_click
+from samnnu.modeling.common import cpu_computes_bf16
 from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
 from samnnu.trainers.schedules import set_cosine_lr
 
@@ -145,10 +146,7 @@ PRECISIONS = ("bf16", "fp32")
 def default_precision() -> str:
     """"bf16" where this CPU computes bfloat16 natively (AVX512-BF16 or AMX: the corrector's forward and
     backward passes ran 1.9x faster on such a CPU, docs/benchmarks.md), else "fp32"."""
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):
-        return "fp32"
+    return "bf16" if cpu_computes_bf16() else "fp32"
 
 
 def starting_weights(path: str | Path, features: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -107,6 +107,15 @@ def decode_prompt_free(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
     return (hyper @ upscaled.view(bu, cu, hu * wu)).view(bu, n, hu, wu)
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bfloat16 autocast is
+    emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -15,6 +15,10 @@ weights are loaded into the network once, not again for every volume, and with n
 asked for (``num_processes_preprocessing=0``) nnU-Net's in-process path reads, preprocesses and exports
 the cases, which on a machine of 2 cores is faster than starting workers
 (:func:`samnnu.config.prediction_processes`).
+
+``precision="bf16"`` (``samnnu_predict --precision bf16``) runs every forward pass under bfloat16 autocast on a
+CPU that computes bfloat16 natively: faster, with probabilities that move a little (measured in
+docs/benchmarks.md, "Prediction speed"); the default, "fp32", is nnU-Net's computation.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
+from samnnu.modeling.common import cpu_computes_bf16
 from samnnu.modeling.context import with_context
 from samnnu.modeling.encoders import get_encoder_spec
 
@@ -38,6 +43,23 @@ MAX_VIEWS_PER_PASS = 256
 #: against 3.34 (8.18) one at a time; the encoder alone takes 30 ms per slice at batch 4, 39 at batch 1 and
 #: 44 at batch 13 (larger batches leave the caches). A GPU takes as many as fit (views_in_budget).
 CPU_VIEWS_PER_PASS = 4
+#: what the network computes in: "fp32", nnU-Net's own computation on a CPU, or "bf16", its forward passes under
+#: bfloat16 autocast (a CPU that computes bfloat16 natively only; logits accumulated in float32 as before)
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """ValueError unless ``precision`` is one of :data:`PRECISIONS` and can run on ``device``: "bf16" needs a CPU
+    that computes bfloat16 natively (:func:`~samnnu.modeling.common.cpu_computes_bf16`); a GPU already predicts
+    under nnU-Net's float16 autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type != "cpu":
+        raise ValueError(f"precision bf16 is for prediction on a CPU (on {device.type} nnU-Net's predictor already "
+                         f"runs float16 autocast)")
+    if precision == "bf16" and not cpu_computes_bf16():
+        raise ValueError("precision bf16 needs a CPU that computes bfloat16 natively (AVX512-BF16 or AMX); this one "
+                         "would emulate it, slower than fp32")
 
 
 def views_in_budget(sam: dict, budget_gb: float) -> int:
@@ -77,10 +99,14 @@ def mirror_combinations(mirror_axes, ndim: int) -> list[tuple[int, ...]]:
 class BatchedPredictor(nnUNetPredictor):
     """nnU-Net's predictor with tiles and their mirrored copies batched (everything else is nnU-Net's)."""
 
-    def __init__(self, *args, views_per_pass: int | None = None, case_progress: bool = False, **kwargs):
+    def __init__(self, *args, views_per_pass: int | None = None, case_progress: bool = False,
+                 precision: str = "fp32", **kwargs):
         """``case_progress``: one progress bar over the cases of :meth:`predict_from_files` (with time left),
-        for commands that set nnU-Net's ``allow_tqdm`` off (its per-volume tile and export bars)."""
+        for commands that set nnU-Net's ``allow_tqdm`` off (its per-volume tile and export bars).
+        ``precision``: one of :data:`PRECISIONS` (checked by :func:`check_precision`)."""
         super().__init__(*args, **kwargs)
+        check_precision(precision, self.device)
+        self.precision = precision
         self.views_per_pass = views_per_pass
         self.case_progress = case_progress
         self._n_cases: int | None = None
@@ -203,25 +229,32 @@ class BatchedPredictor(nnUNetPredictor):
             return self.views_per_pass
         return views_per_pass(self.configuration_manager.configuration.get("sam"), self.device)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on a batch of inputs, in :attr:`precision`; float32 logits (N, K, *patch)."""
+        if self.precision == "fp32":
+            return self.network(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.network(x).float()
+
     @torch.inference_mode()
     def predict_tiles(self, tiles: torch.Tensor, combos: list[tuple[int, ...]], views: int | None = None) -> torch.Tensor:
         """Logits of a batch of tiles, averaged over the mirrored copies.
 
-        tiles: (N, C, *patch) -> (N, K, *patch). The N tiles and their ``len(combos)`` mirrored copies go
-        through the network in one pass when they fit ``views`` network inputs (default
-        :meth:`_views_per_pass`), else in one pass per copy (with one tile per pass that is exactly nnU-Net's
-        computation).
+        tiles: (N, C, *patch) -> (N, K, *patch) float32. The N tiles and their ``len(combos)`` mirrored copies
+        go through the network in one pass when they fit ``views`` network inputs (default
+        :meth:`_views_per_pass`), else in one pass per copy (with one tile per pass and precision "fp32" that
+        is exactly nnU-Net's computation).
         """
         if not combos:
-            return self.network(tiles)
+            return self._forward(tiles)
         views = self._views_per_pass() if views is None else views
         if tiles.shape[0] * (len(combos) + 1) > views:  # one pass per mirrored copy
-            prediction = self.network(tiles)
+            prediction = self._forward(tiles)
             for axes in combos:
-                prediction += torch.flip(self.network(torch.flip(tiles, axes)), axes)
+                prediction += torch.flip(self._forward(torch.flip(tiles, axes)), axes)
         else:
             views = torch.cat([tiles] + [torch.flip(tiles, axes) for axes in combos])
-            out = self.network(views).split(tiles.shape[0])
+            out = self._forward(views).split(tiles.shape[0])
             prediction = out[0].clone()
             for o, axes in zip(out[1:], combos):
                 prediction += torch.flip(o, axes)

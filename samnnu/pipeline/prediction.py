@@ -185,6 +185,7 @@ class _Model:
     checkpoint: str
     device: object
     mirroring: bool
+    precision: str = "fp32"
     _predictor: object = None
 
     @property
@@ -205,7 +206,7 @@ class _Model:
             self._predictor = BatchedPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.mirroring,
                                                perform_everything_on_device=dev.type == "cuda", device=dev,
                                                verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-                                               case_progress=True)
+                                               case_progress=True, precision=self.precision)
             with weights_only_loading():  # nnU-Net would unpickle the checkpoints with weights_only=False
                 self._predictor.initialize_from_trained_model_folder(str(self.folder), use_folds=self.folds,
                                                                      checkpoint_name=self.checkpoint)
@@ -242,8 +243,10 @@ def trained_model_folder(dataset: str | int, trainer: str | None = None, configu
 
 def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, configuration: str | None,
                 plans: str | None,
-                device: str | None, checkpoint: str, mirroring: bool, postprocess: bool) -> _Model:
-    """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing."""
+                device: str | None, checkpoint: str, mirroring: bool, postprocess: bool,
+                precision: str = "fp32") -> _Model:
+    """Find and check a trained model (folds loaded later); one-line SamnnuError when something is missing
+    or ``precision`` cannot run on the device (:func:`samnnu.pipeline.inference.check_precision`)."""
     setup_environment()
     configure_threads()
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # local: pulls in torch (slow to import)
@@ -256,6 +259,12 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, config
             raise SamnnuError(f"{ckpt}: checkpoint missing (is fold {f} trained?)")
     dataset_json = read_json(mfolder / "dataset.json", "dataset.json of the model")
     dev = pick_device(device)
+    from samnnu.pipeline.inference import check_precision  # local: pulls in nnU-Net's predictor
+
+    try:
+        check_precision(precision, dev)
+    except ValueError as e:
+        raise SamnnuError(str(e)) from None
 
     pp_folder = (mfolder / f"fold_{folds[0]}" / "validation") if len(folds) == 1 else mfolder
     pp = load_postprocessing(pp_folder) if postprocess else None
@@ -263,7 +272,7 @@ def _open_model(dataset: str | int, *, folds: tuple, trainer: str | None, config
         print(f"samnnu: {pp_folder / 'postprocessing.pkl'} is not used (pickles can run code and are never "
               f"loaded; samnnu reads postprocessing.json)", file=sys.stderr)
     rw = PlansManager(str(mfolder / "plans.json")).image_reader_writer_class()
-    return _Model(mfolder, dataset_json, pp, rw, folds, checkpoint, dev, mirroring)
+    return _Model(mfolder, dataset_json, pp, rw, folds, checkpoint, dev, mirroring, precision)
 
 
 def _intact_raw_prediction(work: Path, case: str, ending: str, probabilities: bool) -> bool:
@@ -441,7 +450,7 @@ def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, ref
         prompt_id = hashlib.sha256(Path(prompts).read_bytes()).hexdigest() if Path(prompts).is_file() else str(prompts)
     return {"model": str(model.folder), "folds": [str(f) for f in model.folds], "checkpoint": model.checkpoint,
             "checkpoints": [_file_stamp(model.folder / f"fold_{f}" / model.checkpoint) for f in model.folds],
-            "mirroring": model.mirroring, "postprocessing": _describe_postprocessing(model.postprocessing),
+            "mirroring": model.mirroring, "precision": model.precision, "postprocessing": _describe_postprocessing(model.postprocessing),
             "prompts": prompt_id,
             "auto_prompts": auto_prompts, "refiner": refiner if (prompts is not None or auto_prompts) else None,
             "refine_options": repr(refine_options),
@@ -472,7 +481,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             mirroring: bool = True, postprocess: bool = True, prompts: str | os.PathLike | Mapping | None = None,
             auto_prompts: bool = False, refiner: str = "litemedsam", refine_options=None,
             refiner_weights: str = "auto", write_prompts: str | os.PathLike | None = None, overwrite: bool = False, num_parts: int = 1,
-            part_id: int = 0, overlay: bool = False) -> list[Path]:
+            part_id: int = 0, overlay: bool = False, precision: str = "fp32") -> list[Path]:
     """Segment every case in ``input_folder`` into ``output_folder`` (one ``CASE<ending>`` per case).
 
     Output label maps have exactly the inputs' size, spacing, origin and direction (nnU-Net restores
@@ -496,6 +505,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     every case. Every output is re-read before it takes its final name: a full disk is a SamnnuError,
     never a silently empty file.
 
+    precision: "fp32" (default: nnU-Net's computation) or "bf16": the network's forward passes under bfloat16
+    autocast, on a CPU that computes bfloat16 natively (measured faster, with slightly different probabilities:
+    docs/benchmarks.md, "Prediction in bfloat16"). Prompted refinement is not affected.
+
     overlay: for 2D images, also write ``OUTPUT/overlays/CASE.png``: the image with each predicted label
     laid over it in colour, to look at.
 
@@ -517,7 +530,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if out.exists() and not out.is_dir():
         raise SamnnuError(f"{out}: is a file, not a folder (-o names the output folder)")
     model = _open_model(dataset, folds=folds, trainer=trainer, configuration=configuration, plans=plans,
-                        device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess)
+                        device=device, checkpoint=checkpoint, mirroring=mirroring, postprocess=postprocess,
+                        precision=precision)
     ending = model.file_ending
     n_channels = len(model.dataset_json["channel_names"])
     images_2d = is_natural_image_dataset(model.dataset_json)

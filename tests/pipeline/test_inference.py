@@ -5,14 +5,14 @@ import pytest
 import torch
 
 
-def _predictors(model_dir, views: int, folds=(0, 1)):
+def _predictors(model_dir, views: int, folds=(0, 1), precision: str = "fp32"):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from samnnu.pipeline.inference import BatchedPredictor
     from samnnu.safe_io import weights_only_loading
 
     made = []
-    for cls, extra in ((nnUNetPredictor, {}), (BatchedPredictor, {"views_per_pass": views})):
+    for cls, extra in ((nnUNetPredictor, {}), (BatchedPredictor, {"views_per_pass": views, "precision": precision})):
         p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
                 device=torch.device("cpu"), verbose=False, allow_tqdm=False, **extra)
         with weights_only_loading():
@@ -161,3 +161,52 @@ def test_frozen_encoder_ensemble_equals_nnunets(prepared_root, tmp_path, monkeyp
     data = torch.randn(1, 4, 40, 36)
     assert torch.equal(batched.predict_logits_from_preprocessed_data(data),
                        reference.predict_logits_from_preprocessed_data(data))
+
+
+def test_precision_is_checked(monkeypatch):
+    """bf16 runs only on a CPU that computes bfloat16 natively (elsewhere it is slower than fp32); a GPU already
+    predicts under nnU-Net's float16 autocast."""
+    import samnnu.pipeline.inference as inference
+
+    cpu = torch.device("cpu")
+    inference.check_precision("fp32", cpu)
+    with pytest.raises(ValueError, match="one of fp32, bf16"):
+        inference.check_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="for prediction on a CPU"):
+        inference.check_precision("bf16", torch.device("cuda"))
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: False)
+    with pytest.raises(ValueError, match="natively"):
+        inference.check_precision("bf16", cpu)
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: True)
+    inference.check_precision("bf16", cpu)
+
+
+def test_bf16_runs_every_forward_pass_in_bfloat16_autocast(trained_folds, data_root, monkeypatch):
+    """samnnu_predict --precision bf16: each forward pass (tiles and mirrored copies) under the CPU's bfloat16
+    autocast, its logits back in float32; the probabilities move a little from fp32's, not more. fp32 runs no
+    autocast."""
+    import samnnu.pipeline.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: True)  # autocast itself runs on any CPU
+    torch.manual_seed(0)
+    _, fp32 = _predictors(trained_folds, 4, folds=(0,))
+    _, bf16 = _predictors(trained_folds, 4, folds=(0,), precision="bf16")
+    seen = {}
+    for name, p in (("fp32", fp32), ("bf16", bf16)):
+        forward, seen[name] = p.network.forward, []
+
+        def recording(x, forward=forward, calls=seen[name]):
+            calls.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return forward(x)
+
+        monkeypatch.setattr(p.network, "forward", recording)
+    data = torch.randn(1, 5, 40, 36)
+    probabilities = {name: torch.softmax(p.predict_logits_from_preprocessed_data(data).float(), 0)
+                     for name, p in (("fp32", fp32), ("bf16", bf16))}
+    assert seen["fp32"] and set(seen["fp32"]) == {None}
+    assert seen["bf16"] and set(seen["bf16"]) == {torch.bfloat16}
+    assert len(seen["bf16"]) == len(seen["fp32"])  # the same passes
+    tiles = torch.randn(3, 1, *bf16.configuration_manager.patch_size)
+    assert bf16.predict_tiles(tiles, [(2,), (3,)]).dtype == torch.float32
+    difference = torch.max(torch.abs(probabilities["bf16"] - probabilities["fp32"])).item()
+    assert 0 < difference < 0.05

@@ -90,3 +90,31 @@ def test_2d_inputs_group_channel_files_only_when_they_run_from_0000(tmp_path):
     assert [p.name for p in collect_2d_cases(grey, 3)["g"]] == ["g_0000.png", "g_0001.png", "g_0002.png"]
     with pytest.raises(SamnnuError, match="case 'g' holds 3 channel"):
         collect_2d_cases(grey, 1)
+
+
+def test_bf16_prediction_without_native_bfloat16_is_refused(trained_folds, data_root, tmp_path, monkeypatch, capsys):
+    """samnnu_predict --precision bf16 on a CPU that would emulate bfloat16: a one-line error naming the problem,
+    before anything is predicted or written."""
+    import samnnu.pipeline.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: False)
+    _cases(tmp_path / "in", 1)
+    argv = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "4", "-tr", DEFAULT_TRAINER, "-c", "2d",
+            "--precision", "bf16", "--data-root", str(data_root)]
+    assert predict_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bfloat16 natively" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_resumes_only_with_the_same_precision(trained_folds, data_root, monkeypatch):
+    """The resume record tells fp32 and bf16 runs apart: their probabilities differ, so one never completes the other."""
+    import samnnu.pipeline.inference as inference
+    from samnnu.pipeline.prediction import _open_model, _run_signature
+
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: True)
+    signatures = [_run_signature(_open_model(4, folds=(0,), trainer=DEFAULT_TRAINER, configuration="2d", plans=None,
+                                             device="cpu", checkpoint="checkpoint_final.pth", mirroring=False,
+                                             postprocess=False, precision=precision), None, False, "litemedsam", None)
+                  for precision in ("fp32", "fp32", "bf16")]
+    assert signatures[0] == signatures[1] != signatures[2]
