@@ -57,7 +57,8 @@ def compare(cases: list[str], labels_dir: Path, a_dir: Path, b_dir: Path, ending
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(b_dir / f"{case}{ending}")))
         with np.load(a_dir / f"{case}.npz") as pa, np.load(b_dir / f"{case}.npz") as pb:
             prob_diff = float(np.abs(pa["probabilities"].astype(np.float64) - pb["probabilities"]).max())
-        rows.append({"case": case, "voxels_changed": int((a != b).sum()), "max_probability_difference": prob_diff,
+        rows.append({"case": case, "voxels_changed": int((a != b).sum()), "reference_foreground_voxels": int((ref > 0).sum()),
+                     "max_probability_difference": prob_diff,
                      "dice_fp32": {n: dice(a == v, ref == v) for n, v in classes.items()},
                      "dice_bf16": {n: dice(b == v, ref == v) for n, v in classes.items()}})
     return rows
@@ -116,15 +117,18 @@ def main() -> int:
                                                 precision, args.mirroring)
         rows = compare(cases, paths.raw / name / "labelsTr", folders["fp32"], folders["bf16"], ending, classes)
     summary = summarise(rows, classes)
+    from samnnu.modeling.common import cpu_computes_bf16
+
     result = {"model": str(args.model), "fold": args.fold, "mirroring": args.mirroring, "torch_threads": threads,
-              "machine": platform.processor() or platform.machine(), "seconds_per_case_one_pass": seconds,
+              "machine": platform.processor() or platform.machine(), "cpu_computes_bf16": cpu_computes_bf16(),
+              "seconds_per_case_one_pass_fp32_first": seconds,
               "summary": summary, "cases": rows}
     write_json_atomic(args.output / "prediction_precision.json", result)
     print(f"{summary['cases']} cases: mean Dice fp32 {summary['mean_dice_fp32']:.4f}, bf16 {summary['mean_dice_bf16']:.4f} "
           f"(paired {summary['paired_difference_mean']:+.5f} +- {summary['paired_difference_standard_error']:.5f}); "
           f"{summary['voxels_changed']} voxels changed in {summary['cases_with_changed_voxels']} cases; largest "
           f"probability difference {summary['max_probability_difference']:.4f}; s/case {seconds['fp32']:.2f} fp32, "
-          f"{seconds['bf16']:.2f} bf16")
+          f"{seconds['bf16']:.2f} bf16 (one pass each, fp32 first)")
     return 0
 
 

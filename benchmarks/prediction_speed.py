@@ -30,8 +30,8 @@ after an untimed warm-up; the median is reported:
 - ``samnnu_encoder_floor`` (and ``samnnu_encoder_floor_bf16`` where bfloat16 is native) with ``--also-floor``:
   samnnu's frozen encoder alone on exactly the inputs the batched predictor gives the network for the timed
   volumes (every slice, and with mirroring every mirrored copy, in its passes), the volumes preprocessed
-  beforehand. No reading, preprocessing, conv branch, decoder or export: the least time any predictor of this
-  model can take. The run also counts the floating-point operations per timed volume without mirroring
+  beforehand. No reading, preprocessing, conv branch, decoder or export: the least time a predictor of this
+  model can take with these passes, threads and precision. The run also counts the floating-point operations per timed volume without mirroring
   (``torch.utils.flop_counter``) of nnU-Net 3d_fullres, samnnu's default and its encoder alone.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
@@ -203,6 +203,7 @@ def encoder_only(p):
         def __init__(self):
             super().__init__()
             self.sam = network.sam
+            self.context_slices = getattr(network, "context_slices", 0)  # the predictor adds 2.5D neighbours
 
         def forward(self, x):
             self.sam(x)
@@ -392,7 +393,7 @@ def main() -> int:
                         help="also time samnnu_predict --precision bf16 (a CPU that computes bfloat16 natively)")
     parser.add_argument("--also-floor", action="store_true",
                         help="also time samnnu's frozen encoder alone on the timed volumes' network inputs (the "
-                             "least time its predictor can take) and count each model's operations per volume")
+                             "least time its predictor can take at these passes and precision) and count each model's operations per volume")
     parser.add_argument("--also-unfolded-encoder", action="store_true",
                         help="also time samnnu's model with its frozen encoder unfolded (no inference copy)")
     args = parser.parse_args()
@@ -417,8 +418,10 @@ def main() -> int:
                                                                 args.also_bf16, args.also_floor)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
+    from samnnu.modeling.common import cpu_computes_bf16
+
     result.update({"torch_threads": threads, "prepare_seconds": prepared,
-                   "machine": platform.processor() or platform.machine()})
+                   "machine": platform.processor() or platform.machine(), "cpu_computes_bf16": cpu_computes_bf16()})
     if "seconds_per_volume_median" in result:
         med = result["seconds_per_volume_median"]
         ratios = {}

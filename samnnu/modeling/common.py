@@ -1,6 +1,8 @@
 """Pieces every samnnu network shares: SAM-range inputs, square encoder inputs, prompt-free decoding."""
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,9 +110,12 @@ def decode_prompt_free(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
 
 
 def cpu_computes_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere bfloat16 autocast is
-    emulated and slower than float32."""
+    """Whether this CPU computes bfloat16 natively: on x86 AVX512-BF16 or AMX (oneDNN's own check also
+    accepts plain AVX-512, which only emulates it), elsewhere oneDNN's check. Where bfloat16 is emulated,
+    autocast to it is slower than float32."""
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

@@ -44,7 +44,8 @@ MAX_VIEWS_PER_PASS = 256
 #: 44 at batch 13 (larger batches leave the caches). A GPU takes as many as fit (views_in_budget).
 CPU_VIEWS_PER_PASS = 4
 #: what the network computes in: "fp32", nnU-Net's own computation on a CPU, or "bf16", its forward passes under
-#: bfloat16 autocast (a CPU that computes bfloat16 natively only; logits accumulated in float32 as before)
+#: bfloat16 autocast (a CPU that computes bfloat16 natively only; each pass's logits returned in float32, then
+#: accumulated in float16 as nnU-Net does)
 PRECISIONS = ("fp32", "bf16")
 
 

@@ -450,11 +450,13 @@ def _run_signature(model: _Model, prompts, auto_prompts: bool, refiner: str, ref
         prompt_id = hashlib.sha256(Path(prompts).read_bytes()).hexdigest() if Path(prompts).is_file() else str(prompts)
     return {"model": str(model.folder), "folds": [str(f) for f in model.folds], "checkpoint": model.checkpoint,
             "checkpoints": [_file_stamp(model.folder / f"fold_{f}" / model.checkpoint) for f in model.folds],
-            "mirroring": model.mirroring, "precision": model.precision, "postprocessing": _describe_postprocessing(model.postprocessing),
+            "mirroring": model.mirroring, "postprocessing": _describe_postprocessing(model.postprocessing),
             "prompts": prompt_id,
             "auto_prompts": auto_prompts, "refiner": refiner if (prompts is not None or auto_prompts) else None,
             "refine_options": repr(refine_options),
-            "prompt_path": [str(prompt_path), *_file_stamp(prompt_path)] if prompt_path is not None else None}
+            "prompt_path": [str(prompt_path), *_file_stamp(prompt_path)] if prompt_path is not None else None,
+            # only when not fp32, so that a record written before the option existed still resumes
+            **({"precision": model.precision} if model.precision != "fp32" else {})}
 
 
 def _describe_postprocessing(postprocessing: tuple | None) -> str | None:
@@ -507,7 +509,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
 
     precision: "fp32" (default: nnU-Net's computation) or "bf16": the network's forward passes under bfloat16
     autocast, on a CPU that computes bfloat16 natively (measured faster, with slightly different probabilities:
-    docs/benchmarks.md, "Prediction in bfloat16"). Prompted refinement is not affected.
+    docs/benchmarks.md, "Prediction speed", "What bfloat16 changes"). Prompted refinement is not affected.
 
     overlay: for 2D images, also write ``OUTPUT/overlays/CASE.png``: the image with each predicted label
     laid over it in colour, to look at.

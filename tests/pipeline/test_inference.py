@@ -181,32 +181,35 @@ def test_precision_is_checked(monkeypatch):
     inference.check_precision("bf16", cpu)
 
 
-def test_bf16_runs_every_forward_pass_in_bfloat16_autocast(trained_folds, data_root, monkeypatch):
-    """samnnu_predict --precision bf16: each forward pass (tiles and mirrored copies) under the CPU's bfloat16
-    autocast, its logits back in float32; the probabilities move a little from fp32's, not more. fp32 runs no
-    autocast."""
+@pytest.mark.parametrize("folds", [(0,), (0, 1)])
+def test_bf16_runs_every_forward_pass_in_bfloat16_autocast(trained_folds, data_root, monkeypatch, folds):
+    """samnnu_predict --precision bf16, one fold and an ensemble: each forward pass (tiles and mirrored copies, every
+    fold) under the CPU's bfloat16 autocast, its bfloat16 logits returned in float32; the probabilities move a
+    little from fp32's, not more. fp32 runs no autocast."""
     import samnnu.pipeline.inference as inference
 
     monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: True)  # autocast itself runs on any CPU
     torch.manual_seed(0)
-    _, fp32 = _predictors(trained_folds, 4, folds=(0,))
-    _, bf16 = _predictors(trained_folds, 4, folds=(0,), precision="bf16")
+    _, fp32 = _predictors(trained_folds, 4, folds=folds)
+    _, bf16 = _predictors(trained_folds, 4, folds=folds, precision="bf16")
     seen = {}
     for name, p in (("fp32", fp32), ("bf16", bf16)):
         forward, seen[name] = p.network.forward, []
 
         def recording(x, forward=forward, calls=seen[name]):
-            calls.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
-            return forward(x)
+            out = forward(x)
+            calls.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None, out.dtype))
+            return out
 
         monkeypatch.setattr(p.network, "forward", recording)
     data = torch.randn(1, 5, 40, 36)
     probabilities = {name: torch.softmax(p.predict_logits_from_preprocessed_data(data).float(), 0)
                      for name, p in (("fp32", fp32), ("bf16", bf16))}
-    assert seen["fp32"] and set(seen["fp32"]) == {None}
-    assert seen["bf16"] and set(seen["bf16"]) == {torch.bfloat16}
+    assert seen["fp32"] and set(seen["fp32"]) == {(None, torch.float32)}
+    assert seen["bf16"] and set(seen["bf16"]) == {(torch.bfloat16, torch.bfloat16)}
     assert len(seen["bf16"]) == len(seen["fp32"])  # the same passes
-    tiles = torch.randn(3, 1, *bf16.configuration_manager.patch_size)
-    assert bf16.predict_tiles(tiles, [(2,), (3,)]).dtype == torch.float32
+    if len(folds) == 1:
+        tiles = torch.randn(3, 1, *bf16.configuration_manager.patch_size)
+        assert bf16.predict_tiles(tiles, [(2,), (3,)]).dtype == torch.float32
     difference = torch.max(torch.abs(probabilities["bf16"] - probabilities["fp32"])).item()
     assert 0 < difference < 0.05

@@ -100,7 +100,7 @@ def test_bf16_prediction_without_native_bfloat16_is_refused(trained_folds, data_
     monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: False)
     _cases(tmp_path / "in", 1)
     argv = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "4", "-tr", DEFAULT_TRAINER, "-c", "2d",
-            "--precision", "bf16", "--data-root", str(data_root)]
+            "--device", "cpu", "--precision", "bf16", "--data-root", str(data_root)]
     assert predict_main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bfloat16 natively" in err, err
