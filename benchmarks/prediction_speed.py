@@ -100,8 +100,9 @@ def prepare_student(root: Path, checkpoint: Path) -> Path:
     return model_folder(dataset_name(STUDENT_DATASET_ID), DEFAULT_TRAINER, PLANS_NAME, "2d")
 
 
-def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
-    """Seconds per volume of SAMUNetTrainer: fold 0 alone against the 5-fold ensemble (trained here)."""
+def time_ensemble(cases: list[str], timing_cases: int, repeats: int, bf16: bool = False) -> dict:
+    """Seconds per volume of SAMUNetTrainer: fold 0 alone against the 5-fold ensemble (trained here); with
+    ``bf16`` both again with ``--precision bf16``."""
     import torch
 
     from samnnu.config import current_paths, prediction_processes
@@ -119,10 +120,13 @@ def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
     timed = cases[-timing_cases:]
     lists = [[str(images / f"{c}_0000.nii.gz")] for c in timed]
     predictors = {}
-    for key, folds in (("one_fold", (0,)), ("five_folds", (0, 1, 2, 3, 4))):
+    setups = [("one_fold", (0,), "fp32"), ("five_folds", (0, 1, 2, 3, 4), "fp32")]
+    if bf16:
+        setups += [("one_fold_bf16", (0,), "bf16"), ("five_folds_bf16", (0, 1, 2, 3, 4), "bf16")]
+    for key, folds, precision in setups:
         p = BatchedPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                              perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
-                             verbose_preprocessing=False, allow_tqdm=False)
+                             verbose_preprocessing=False, allow_tqdm=False, precision=precision)
         with weights_only_loading():
             p.initialize_from_trained_model_folder(str(model_folder(name, "SAMUNetTrainer", PLANS_NAME, "2d")),
                                                    use_folds=folds, checkpoint_name=FINAL_CHECKPOINT)
@@ -147,9 +151,13 @@ def time_ensemble(cases: list[str], timing_cases: int, repeats: int) -> dict:
                 for key, p in predictors.items():
                     seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(p, mirroring, f"{key}{r}"))
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"seconds_per_volume_median": med, "seconds_per_volume_all": seconds,
-            "five_over_one": med["five_folds"] / med["one_fold"],
-            "five_over_one_mirroring": med["five_folds_mirroring"] / med["one_fold_mirroring"]}
+    result = {"seconds_per_volume_median": med, "seconds_per_volume_all": seconds,
+              "five_over_one": med["five_folds"] / med["one_fold"],
+              "five_over_one_mirroring": med["five_folds_mirroring"] / med["one_fold_mirroring"]}
+    if bf16:
+        result["five_over_one_bf16"] = med["five_folds_bf16"] / med["one_fold_bf16"]
+        result["five_over_one_bf16_mirroring"] = med["five_folds_bf16_mirroring"] / med["one_fold_bf16_mirroring"]
+    return result
 
 
 def copy_with_input_size(folder: Path, size: int, dst: Path) -> Path:
@@ -390,7 +398,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="PREDICTOR",
                         help="time only these predictors of the run (e.g. samnnu_2d_batched samnnu_2d_batched_workers)")
     parser.add_argument("--also-bf16", action="store_true",
-                        help="also time samnnu_predict --precision bf16 (a CPU that computes bfloat16 natively)")
+                        help="also time samnnu_predict --precision bf16 (a CPU that computes bfloat16 natively; "
+                             "with --ensemble, the ensemble and one fold in bf16 too)")
     parser.add_argument("--also-floor", action="store_true",
                         help="also time samnnu's frozen encoder alone on the timed volumes' network inputs (the "
                              "least time its predictor can take at these passes and precision) and count each model's operations per volume")
@@ -417,7 +426,7 @@ def main() -> int:
                                                                 args.also_other_processes, args.only,
                                                                 args.also_bf16, args.also_floor)
         if args.ensemble or args.ensemble_only:
-            result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats)
+            result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats, args.also_bf16)
     from samnnu.modeling.common import cpu_computes_bf16
 
     result.update({"torch_threads": threads, "prepare_seconds": prepared,
@@ -439,6 +448,9 @@ def main() -> int:
             print(f"SAMUNetTrainer {k:26s} {v:6.2f} s/volume")
         print(f"five folds / one fold: {result['ensemble']['five_over_one']:.2f} "
               f"(mirroring {result['ensemble']['five_over_one_mirroring']:.2f})")
+        if "five_over_one_bf16" in result["ensemble"]:
+            print(f"five folds / one fold, bf16: {result['ensemble']['five_over_one_bf16']:.2f} "
+                  f"(mirroring {result['ensemble']['five_over_one_bf16_mirroring']:.2f})")
     write_json_atomic(out / "prediction_speed.json", result)
     return 0
 
