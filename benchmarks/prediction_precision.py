@@ -28,6 +28,7 @@ def predict_folder(model: Path, fold: int, lists: list[list[str]], targets: list
     """Predict ``lists`` into ``targets`` (label maps and probabilities); seconds per case."""
     import torch
 
+    from samnnu.defaults import FINAL_CHECKPOINT
     from samnnu.pipeline.inference import BatchedPredictor
     from samnnu.safe_io import weights_only_loading
 
@@ -35,7 +36,7 @@ def predict_folder(model: Path, fold: int, lists: list[list[str]], targets: list
                          perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                          verbose_preprocessing=False, allow_tqdm=False, case_progress=True, precision=precision)
     with weights_only_loading():
-        p.initialize_from_trained_model_folder(str(model), use_folds=(fold,), checkpoint_name="checkpoint_final.pth")
+        p.initialize_from_trained_model_folder(str(model), use_folds=(fold,), checkpoint_name=FINAL_CHECKPOINT)
     start = time.perf_counter()
     p.predict_from_files(lists, targets, save_probabilities=True, overwrite=True, num_processes_preprocessing=0,
                          num_processes_segmentation_export=0)
@@ -46,15 +47,13 @@ def compare(cases: list[str], labels_dir: Path, a_dir: Path, b_dir: Path, ending
             classes: dict[str, int]) -> list[dict]:
     """Per case: Dice of each label for both predictions, voxels whose label differs, largest probability difference."""
     import numpy as np
-    import SimpleITK as sitk
 
     from samnnu.evaluation.metrics import dice
+    from samnnu.pipeline.prediction import read_image
 
     rows = []
     for case in cases:
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_dir / f"{case}{ending}")))
-        a = sitk.GetArrayFromImage(sitk.ReadImage(str(a_dir / f"{case}{ending}")))
-        b = sitk.GetArrayFromImage(sitk.ReadImage(str(b_dir / f"{case}{ending}")))
+        ref, a, b = (read_image(folder / f"{case}{ending}")[0] for folder in (labels_dir, a_dir, b_dir))
         with np.load(a_dir / f"{case}.npz") as pa, np.load(b_dir / f"{case}.npz") as pb:
             prob_diff = float(np.abs(pa["probabilities"].astype(np.float64) - pb["probabilities"]).max())
         rows.append({"case": case, "voxels_changed": int((a != b).sum()), "reference_foreground_voxels": int((ref > 0).sum()),

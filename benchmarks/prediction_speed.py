@@ -31,8 +31,9 @@ after an untimed warm-up; the median is reported:
   samnnu's frozen encoder alone on exactly the inputs the batched predictor gives the network for the timed
   volumes (every slice, and with mirroring every mirrored copy, in its passes), the volumes preprocessed
   beforehand. No reading, preprocessing, conv branch, decoder or export: the least time a predictor of this
-  model can take with these passes, threads and precision. The run also counts the floating-point operations per timed volume without mirroring
-  (``torch.utils.flop_counter``) of nnU-Net 3d_fullres, samnnu's default and its encoder alone.
+  model can take with these passes, threads and precision. The run also counts the floating-point
+  operations per timed volume without mirroring (``torch.utils.flop_counter``) of nnU-Net 3d_fullres,
+  samnnu's default and its encoder alone.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
     python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
@@ -151,12 +152,10 @@ def time_ensemble(cases: list[str], timing_cases: int, repeats: int, bf16: bool 
                 for key, p in predictors.items():
                     seconds[f"{key}{'_mirroring' if mirroring else ''}"].append(run(p, mirroring, f"{key}{r}"))
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    result = {"seconds_per_volume_median": med, "seconds_per_volume_all": seconds,
-              "five_over_one": med["five_folds"] / med["one_fold"],
-              "five_over_one_mirroring": med["five_folds_mirroring"] / med["one_fold_mirroring"]}
-    if bf16:
-        result["five_over_one_bf16"] = med["five_folds_bf16"] / med["one_fold_bf16"]
-        result["five_over_one_bf16_mirroring"] = med["five_folds_bf16_mirroring"] / med["one_fold_bf16_mirroring"]
+    result = {"seconds_per_volume_median": med, "seconds_per_volume_all": seconds}
+    for tag in ("", "_bf16") if bf16 else ("",):
+        for m in ("", "_mirroring"):
+            result[f"five_over_one{tag}{m}"] = med[f"five_folds{tag}{m}"] / med[f"one_fold{tag}{m}"]
     return result
 
 
@@ -295,19 +294,22 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         if unknown:
             raise SystemExit(f"--only: no predictor {sorted(unknown)} in this run (there are {sorted(setups)})")
         setups = {k: v for k, v in setups.items() if k in only}
-    predictors = {}
-    for key, (cls, folder) in setups.items():
-        extra = {"views_per_pass": views or None} if cls is BatchedPredictor else {}
-        if key == "samnnu_2d_bf16":
-            extra["precision"] = "bf16"
+    def load(cls, folder: Path, **extra):
+        """Fold 0 of the model in ``folder`` loaded into a ``cls`` predictor on the CPU, mirroring every axis."""
+        if cls is BatchedPredictor:
+            extra = {"views_per_pass": views or None, **extra}
         p = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
                 device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False, **extra)
         with weights_only_loading():
             p.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name=FINAL_CHECKPOINT)
         p.allowed_mirroring_axes = tuple(range(len(p.configuration_manager.patch_size)))
+        return p
+
+    predictors = {}
+    for key, (cls, folder) in setups.items():
+        predictors[key] = load(cls, folder, **({"precision": "bf16"} if key == "samnnu_2d_bf16" else {}))
         if key == "samnnu_2d_unfolded_encoder":
-            unfold_encoders(p.network)
-        predictors[key] = p
+            unfold_encoders(predictors[key].network)
     # worker processes (preprocessing, export): nnUNetv2_predict's one each; samnnu_predict's own choice for
     # BatchedPredictor (prediction_processes: none on a machine of 2 cores); the *_workers / *_in_process rows
     # time the other choice
@@ -321,15 +323,7 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     if floor:
         from samnnu.modeling.common import cpu_computes_bf16
 
-        batched = predictors.get("samnnu_2d_batched") or BatchedPredictor(
-            tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=False,
-            device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-            views_per_pass=views or None)
-        if "samnnu_2d_batched" not in predictors:
-            with weights_only_loading():
-                batched.initialize_from_trained_model_folder(str(samnnu_model), use_folds=(0,),
-                                                             checkpoint_name=FINAL_CHECKPOINT)
-            batched.allowed_mirroring_axes = (0, 1)
+        batched = predictors.get("samnnu_2d_batched") or load(BatchedPredictor, samnnu_model)
         batched.network.load_state_dict(batched.list_of_parameters[0])
         volumes = preprocess_cases(batched, lists)
         for precision in ("fp32", "bf16") if cpu_computes_bf16() else ("fp32",):
@@ -402,7 +396,8 @@ def main() -> int:
                              "with --ensemble, the ensemble and one fold in bf16 too)")
     parser.add_argument("--also-floor", action="store_true",
                         help="also time samnnu's frozen encoder alone on the timed volumes' network inputs (the "
-                             "least time its predictor can take at these passes and precision) and count each model's operations per volume")
+                             "least time its predictor can take at these passes and precision) and count each "
+                             "model's operations per volume")
     parser.add_argument("--also-unfolded-encoder", action="store_true",
                         help="also time samnnu's model with its frozen encoder unfolded (no inference copy)")
     args = parser.parse_args()
@@ -446,11 +441,10 @@ def main() -> int:
     if "ensemble" in result:
         for k, v in list(result["ensemble"]["seconds_per_volume_median"].items()):
             print(f"SAMUNetTrainer {k:26s} {v:6.2f} s/volume")
-        print(f"five folds / one fold: {result['ensemble']['five_over_one']:.2f} "
-              f"(mirroring {result['ensemble']['five_over_one_mirroring']:.2f})")
-        if "five_over_one_bf16" in result["ensemble"]:
-            print(f"five folds / one fold, bf16: {result['ensemble']['five_over_one_bf16']:.2f} "
-                  f"(mirroring {result['ensemble']['five_over_one_bf16_mirroring']:.2f})")
+        for tag in ("", "_bf16"):
+            if f"five_over_one{tag}" in result["ensemble"]:
+                print(f"five folds / one fold{tag.replace('_', ', ')}: {result['ensemble'][f'five_over_one{tag}']:.2f} "
+                      f"(mirroring {result['ensemble'][f'five_over_one{tag}_mirroring']:.2f})")
     write_json_atomic(out / "prediction_speed.json", result)
     return 0
 

@@ -39,7 +39,7 @@ from samnnu.interactive.click_corrector import (
 from samnnu.interactive.prompt_training import fold_cases, segmentation_loss
 from samnnu.interactive.prompts import Point
 from samnnu.interactive.simulated_user import noisy_click
-from samnnu.modeling.common import cpu_computes_bf16
+from samnnu.modeling.common import PRECISIONS, cpu_computes_bf16
 from samnnu.safe_io import check_torch_archive, load_torch_safely, write_atomic
 from samnnu.trainers.schedules import set_cosine_lr
 
@@ -138,9 +138,6 @@ class CorrectorSettings:
     #: share of the samples that start from a box on one slice and nothing else (:func:`training_box`); the
     #: corrector then answers boxes too (:meth:`samnnu.interactive.click_corrector.ClickCorrector.box`)
     box_share: float = 0.0
-
-
-PRECISIONS = ("bf16", "fp32")
 
 
 def default_precision() -> str:

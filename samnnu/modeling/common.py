@@ -109,6 +109,10 @@ def decode_prompt_free(prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
     return (hyper @ upscaled.view(bu, cu, hu * wu)).view(bu, n, hu, wu)
 
 
+#: what a forward pass computes in: float32, or bfloat16 autocast (on a CPU that computes it natively)
+PRECISIONS = ("fp32", "bf16")
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively: on x86 AVX512-BF16 or AMX (oneDNN's own check also
     accepts plain AVX-512, which only emulates it), elsewhere oneDNN's check. Where bfloat16 is emulated,

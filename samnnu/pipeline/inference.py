@@ -31,7 +31,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.helpers import empty_cache
 from tqdm import tqdm
 
-from samnnu.modeling.common import cpu_computes_bf16
+from samnnu.modeling.common import PRECISIONS, cpu_computes_bf16
 from samnnu.modeling.context import with_context
 from samnnu.modeling.encoders import get_encoder_spec
 
@@ -43,10 +43,9 @@ MAX_VIEWS_PER_PASS = 256
 #: against 3.34 (8.18) one at a time; the encoder alone takes 30 ms per slice at batch 4, 39 at batch 1 and
 #: 44 at batch 13 (larger batches leave the caches). A GPU takes as many as fit (views_in_budget).
 CPU_VIEWS_PER_PASS = 4
-#: what the network computes in: "fp32", nnU-Net's own computation on a CPU, or "bf16", its forward passes under
-#: bfloat16 autocast (a CPU that computes bfloat16 natively only; each pass's logits returned in float32, then
-#: accumulated in float16 as nnU-Net does)
-PRECISIONS = ("fp32", "bf16")
+# PRECISIONS: "fp32", nnU-Net's own computation on a CPU, or "bf16", the network's forward passes under bfloat16
+# autocast (a CPU that computes bfloat16 natively only; each pass's logits returned in float32, then accumulated
+# in float16 as nnU-Net does)
 
 
 def check_precision(precision: str, device: torch.device) -> None:
