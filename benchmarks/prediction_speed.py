@@ -18,7 +18,8 @@ after an untimed warm-up; the median is reported:
   ``predict_from_files_sequential``), so the worker choice is timed on its own for both models;
 - ``samnnu_2d_input{N}`` with ``--also-input-size N``: the same model and weights with the encoder's square
   input set to N instead of the planned size (a copy of the model folder whose plans say N), to time
-  the planner's choice of input size against another one;
+  the planner's choice of input size against another one; predicted like ``samnnu_2d_batched`` (with
+  ``--views-per-pass 0``, by nnU-Net's per-tile predictor, as in the runs before batching);
 - ``samnnu_2d_unfolded_encoder`` with ``--also-unfolded-encoder``: the same model, its frozen encoder run as
   the module itself instead of its inference copy (BatchNorm folded, channels-last; see
   :func:`samnnu.modeling.encoders.inference_encoder`), i.e. samnnu before that copy;
@@ -281,8 +282,11 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         setups["samnnu_2d_batched_workers"] = (BatchedPredictor, samnnu_model)
         setups["nnunet_3d_fullres_in_process"] = setups["nnunet_3d_fullres"]
     if other_input_size:
-        setups[f"samnnu_2d_input{other_input_size}"] = (nnUNetPredictor, copy_with_input_size(
-            samnnu_model, other_input_size, samnnu_model.parent / f"{samnnu_model.name}_input{other_input_size}"))
+        # predicted as samnnu_predict predicts (batched), unless batching is left out (--views-per-pass 0)
+        setups[f"samnnu_2d_input{other_input_size}"] = (
+            BatchedPredictor if views != 0 else nnUNetPredictor,
+            copy_with_input_size(samnnu_model, other_input_size,
+                                 samnnu_model.parent / f"{samnnu_model.name}_input{other_input_size}"))
     if unfolded:
         setups["samnnu_2d_unfolded_encoder"] = (nnUNetPredictor, samnnu_model)
     if student is not None:
@@ -314,7 +318,7 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     # BatchedPredictor (prediction_processes: none on a machine of 2 cores); the *_workers / *_in_process rows
     # time the other choice
     processes = {key: (1, 1) for key in predictors}
-    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16"):
+    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16", f"samnnu_2d_input{other_input_size}"):
         if key in processes:
             processes[key] = prediction_processes()
     if "nnunet_3d_fullres_in_process" in processes:
@@ -332,6 +336,12 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         flops["samnnu_2d_batched"] = flops_per_volume(batched, volumes)
         with encoder_only(batched):
             flops["samnnu_encoder"] = flops_per_volume(batched, volumes)
+        other = predictors.get(f"samnnu_2d_input{other_input_size}")
+        if isinstance(other, BatchedPredictor):  # the same preprocessing: only the plans' sam block differs
+            other.network.load_state_dict(other.list_of_parameters[0])
+            flops[f"samnnu_2d_input{other_input_size}"] = flops_per_volume(other, volumes)
+            with encoder_only(other):
+                flops[f"samnnu_encoder_input{other_input_size}"] = flops_per_volume(other, volumes)
         reference = next((predictors[k] for k in ("nnunet_3d_fullres", "nnunet_3d_fullres_in_process")
                           if k in predictors), None)
         if reference is not None:

@@ -135,7 +135,8 @@ def test_every_trainer_module_is_found_by_the_registry():
     trainers = samnnu_trainers()
     expected = {"SAMedLoRATrainer", "SAMMed2DAdapterTrainer", "SAMUNetTrainer", "nnSAMTrainer",
                 "SAM3DAdapterTrainer", "SelfPromptTrainer", "ImplicitDecoderTrainer", "SAMUNetContextTrainer",
-                "SAMUNetDeepSupervisionTrainer", "SAMUNetLoRATrainer", "SAMUNetInput2xTrainer"}
+                "SAMUNetDeepSupervisionTrainer", "SAMUNetLoRATrainer", "SAMUNetInput2xTrainer",
+                "SAMUNetHalfEncoderTrainer"}
     assert set(trainers) == expected
     from samnnu.trainers.base import SAMTrainerBase
 

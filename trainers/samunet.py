@@ -27,6 +27,9 @@ class SAMUNetTrainer(SAMTrainerBase):
     lora_rank = 0
     #: the encoder's square input is the planned ``sam.input_size`` times this
     input_size_factor = 1
+    #: the encoder alone sees the input at the network's input size divided by this (the conv branch and
+    #: decoder keep the full size)
+    encoder_size_divisor = 1
     weight_average_gamma = 7.0
 
     @classmethod
@@ -38,6 +41,7 @@ class SAMUNetTrainer(SAMTrainerBase):
                       in_channels=num_input_channels, num_classes=num_output_channels,
                       intensity_windows=sam["intensity_windows"], base_width=cls.base_width, max_width=cls.max_width,
                       context_slices=cls.context_slices, lora_rank=cls.lora_rank,
-                      deep_supervision_heads=cls.deep_supervision)
+                      deep_supervision_heads=cls.deep_supervision,
+                      encoder_input_size=sam["input_size"] * cls.input_size_factor // cls.encoder_size_divisor)
         net.deep_supervision = enable_deep_supervision
         return net

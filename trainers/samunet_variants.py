@@ -24,3 +24,10 @@ class SAMUNetInput2xTrainer(SAMUNetTrainer):
     """The SAM encoder's input at twice the planned size (a finer embedding grid, four times the encoder cost)."""
 
     input_size_factor = 2
+
+
+class SAMUNetHalfEncoderTrainer(SAMUNetTrainer):
+    """The SAM encoder alone at half the planned input (a coarser embedding grid, about a third of the encoder
+    cost); the conv branch and decoder keep the planned size and gain one stage down to the encoder's grid."""
+
+    encoder_size_divisor = 2

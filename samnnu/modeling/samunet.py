@@ -21,6 +21,12 @@ class SAMUNet(nn.Module):
     the input has C * (2k + 1); the conv branch sees all of them, and the encoder's RGB channels start as
     the slices z - 1, z, z + 1 (k = 1). The predictor adds the neighbours (it reads ``context_slices``).
 
+    ``encoder_input_size`` (default ``input_size``) lets the encoder see the patch at another square size
+    than the conv branch and decoder: at ``input_size`` / 2 the encoder costs about a third, its embedding
+    grid is half as fine, and the conv branch gets one more stage so that its coarsest features meet that
+    grid (the embedding's grid then covers the same image as the branch's coarsest map, both padded at the
+    bottom and right).
+
     ``lora_rank`` > 0 adds LoRA to the SAM encoder's attention (trainable; the rest stays frozen).
     ``deep_supervision_heads`` adds a segmentation head at every coarser decoder level; while
     ``deep_supervision`` is on, the network returns one output per level, each cropped and resized to
@@ -33,19 +39,24 @@ class SAMUNet(nn.Module):
     def __init__(self, *, encoder: str, input_size: int, in_channels: int, num_classes: int,
                  intensity_windows: list[tuple[float, float]], base_width: int = 32, max_width: int = 256,
                  blocks_per_stage: int = 1, context_slices: int = 0, lora_rank: int = 0,
-                 deep_supervision_heads: bool = False):
+                 deep_supervision_heads: bool = False, encoder_input_size: int | None = None):
         super().__init__()
         if context_slices not in (0, 1):
             raise ValueError(f"context_slices must be 0 or 1 (three slices fill SAM's RGB), not {context_slices}")
         self.context_slices = context_slices
         views = 2 * context_slices + 1
         in_channels, intensity_windows = in_channels * views, list(intensity_windows) * views
-        self.sam = FrozenSAMEncoder(encoder=encoder, input_size=input_size, in_channels=in_channels,
+        encoder_input_size = input_size if encoder_input_size is None else encoder_input_size
+        if input_size % encoder_input_size:
+            raise ValueError(f"the encoder's input {encoder_input_size} must divide the network's input {input_size}")
+        self.sam = FrozenSAMEncoder(encoder=encoder, input_size=encoder_input_size, in_channels=in_channels,
                                     intensity_windows=intensity_windows, rgb_groups=context_slices > 0,
                                     lora_rank=lora_rank)
         self.encoder_name = encoder
         self.input_size = input_size
-        widths = branch_widths(self.sam.stride, base_width, max_width)
+        self.encoder_input_size = encoder_input_size
+        # the embedding grid's stride relative to the network's input
+        widths = branch_widths(self.sam.stride * input_size // encoder_input_size, base_width, max_width)
         self.conv_branch = ConvBranch(in_channels, widths, blocks_per_stage)
         self.decoder = FusionDecoder(self.sam.embed_dim, widths, num_classes, deep_supervision_heads)
 
