@@ -26,6 +26,8 @@ after an untimed warm-up; the median is reported:
 - ``samnnu_2d_student`` with ``--also-sam-checkpoint FILE``: samnnu's default trainer on the same cases
   planned with that encoder checkpoint (a ``samnnu_distill`` student; the cases converted a second time,
   as dataset ``STUDENT_DATASET_ID``), predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``.
+- ``samnnu_2d_{NAME}`` with ``--also-trainer NAME``: another trainer of samnnu on the same plans (e.g. a
+  recipe variant), trained for one iteration too, predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``;
 - ``samnnu_2d_bf16`` with ``--also-bf16``: ``samnnu_predict --precision bf16``, the batched predictor with the
   network under bfloat16 autocast (on a CPU that computes bfloat16 natively);
 - ``samnnu_encoder_floor`` (and ``samnnu_encoder_floor_bf16`` where bfloat16 is native) with ``--also-floor``:
@@ -257,7 +259,7 @@ def flops_per_volume(p, volumes: list) -> float:
 def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: int | None,
                     other_input_size: int | None = None, unfolded: bool = False,
                     student: Path | None = None, workers_too: bool = False, only: list[str] | None = None,
-                    bf16: bool = False, floor: bool = False) -> dict:
+                    bf16: bool = False, floor: bool = False, other_trainer: str | None = None) -> dict:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -291,6 +293,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         setups["samnnu_2d_unfolded_encoder"] = (nnUNetPredictor, samnnu_model)
     if student is not None:
         setups["samnnu_2d_student"] = (BatchedPredictor, student)
+    if other_trainer:
+        setups[f"samnnu_2d_{other_trainer}"] = (BatchedPredictor, model_folder(name, other_trainer, PLANS_NAME, "2d"))
     if bf16:
         setups["samnnu_2d_bf16"] = (BatchedPredictor, samnnu_model)
     if only:
@@ -318,7 +322,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     # BatchedPredictor (prediction_processes: none on a machine of 2 cores); the *_workers / *_in_process rows
     # time the other choice
     processes = {key: (1, 1) for key in predictors}
-    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16", f"samnnu_2d_input{other_input_size}"):
+    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16", f"samnnu_2d_input{other_input_size}",
+                f"samnnu_2d_{other_trainer}"):
         if key in processes:
             processes[key] = prediction_processes()
     if "nnunet_3d_fullres_in_process" in processes:
@@ -336,12 +341,14 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         flops["samnnu_2d_batched"] = flops_per_volume(batched, volumes)
         with encoder_only(batched):
             flops["samnnu_encoder"] = flops_per_volume(batched, volumes)
-        other = predictors.get(f"samnnu_2d_input{other_input_size}")
-        if isinstance(other, BatchedPredictor):  # the same preprocessing: only the plans' sam block differs
-            other.network.load_state_dict(other.list_of_parameters[0])
-            flops[f"samnnu_2d_input{other_input_size}"] = flops_per_volume(other, volumes)
-            with encoder_only(other):
-                flops[f"samnnu_encoder_input{other_input_size}"] = flops_per_volume(other, volumes)
+        # the same preprocessing as the default's: the same plans but for the sam block's input size
+        for tag in (f"input{other_input_size}", other_trainer):
+            other = predictors.get(f"samnnu_2d_{tag}")
+            if isinstance(other, BatchedPredictor):
+                other.network.load_state_dict(other.list_of_parameters[0])
+                flops[f"samnnu_2d_{tag}"] = flops_per_volume(other, volumes)
+                with encoder_only(other):
+                    flops[f"samnnu_encoder_{tag}"] = flops_per_volume(other, volumes)
         reference = next((predictors[k] for k in ("nnunet_3d_fullres", "nnunet_3d_fullres_in_process")
                           if k in predictors), None)
         if reference is not None:
@@ -399,6 +406,9 @@ def main() -> int:
     parser.add_argument("--also-other-processes", action="store_true",
                         help="also time samnnu's batched predictor with nnU-Net's worker processes and nnU-Net "
                              "3d_fullres in one process (nnU-Net's predict_from_files_sequential)")
+    parser.add_argument("--also-trainer", default=None, metavar="NAME",
+                        help="also time this samnnu trainer's model (trained for one iteration on the same plans), "
+                             "e.g. SAMUNetHalfEncoderTrainer")
     parser.add_argument("--only", nargs="+", default=None, metavar="PREDICTOR",
                         help="time only these predictors of the run (e.g. samnnu_2d_batched samnnu_2d_batched_workers)")
     parser.add_argument("--also-bf16", action="store_true",
@@ -424,12 +434,17 @@ def main() -> int:
         cases = prepare(Path(args.src), args.cases, Path(tmp))
         student = (prepare_student(Path(tmp), args.also_sam_checkpoint.resolve())
                    if args.also_sam_checkpoint and not args.ensemble_only else None)
+        if args.also_trainer and not args.ensemble_only:
+            from samnnu.pipeline.training import train
+
+            train(DATASET_ID, 0, trainer=args.also_trainer, configuration="2d", epochs=1, iters_per_epoch=1,
+                  run_chain=False, device="cpu")
         prepared = time.perf_counter() - t0
         result = {} if args.ensemble_only else time_predictors(cases, args.timing_cases, args.repeats,
                                                                 args.views_per_pass, args.also_input_size,
                                                                 args.also_unfolded_encoder, student,
                                                                 args.also_other_processes, args.only,
-                                                                args.also_bf16, args.also_floor)
+                                                                args.also_bf16, args.also_floor, args.also_trainer)
         if args.ensemble or args.ensemble_only:
             result["ensemble"] = time_ensemble(cases, args.timing_cases, args.repeats, args.also_bf16)
     from samnnu.modeling.common import cpu_computes_bf16
