@@ -12,8 +12,9 @@ from samnnu.modeling.frozen_encoder import FrozenSAMEncoder
 class SAMUNet(nn.Module):
     """Frozen SAM encoder + :class:`~samnnu.modeling.conv_branch.ConvBranch` + :class:`~samnnu.modeling.conv_branch.FusionDecoder`.
 
-    Both paths see the patch fitted into the encoder's square input (size S): the encoder through its
-    fixed [0, 1] intensity mapping, the conv branch on the nnU-Net-normalised channels themselves.
+    Both paths see the patch fitted into a square (size S = ``input_size``; the encoder's may be smaller,
+    below): the encoder through its fixed [0, 1] intensity mapping, the conv branch on the
+    nnU-Net-normalised channels themselves.
     Trainable: the conv branch and the decoder. Frozen: the whole SAM encoder (run without autograd).
 
     With ``context_slices`` = k > 0 (2.5D, :mod:`samnnu.modeling.context`) the network takes each slice
@@ -24,8 +25,8 @@ class SAMUNet(nn.Module):
     ``encoder_input_size`` (default ``input_size``) lets the encoder see the patch at another square size
     than the conv branch and decoder: at ``input_size`` / 2 the encoder costs about a third, its embedding
     grid is half as fine, and the conv branch gets one more stage so that its coarsest features meet that
-    grid (the embedding's grid then covers the same image as the branch's coarsest map, both padded at the
-    bottom and right).
+    grid (both squares hold the patch at the top left, padded at the bottom and right, so the grids cover
+    the same image up to the rounding of the content's size in each).
 
     ``lora_rank`` > 0 adds LoRA to the SAM encoder's attention (trainable; the rest stays frozen).
     ``deep_supervision_heads`` adds a segmentation head at every coarser decoder level; while
@@ -79,8 +80,9 @@ class SAMUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         h, w = x.shape[-2:]
-        embedding, content = self.sam(x)
-        square, _ = fit_square(x, self.input_size)
+        embedding, _ = self.sam(x)
+        # the content's size in the network's square (the encoder's own square may be smaller)
+        square, content = fit_square(x, self.input_size)
         logits = self.decoder(embedding, self.conv_branch(square))
         if not isinstance(logits, list):
             return unfit_square(logits, content, self.input_size, (h, w))

@@ -10,7 +10,7 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 from test_trainers_adapters import build, numel
 
 from conftest import train_validate_and_predict
-from samnnu.modeling.common import fit_square
+from samnnu.modeling.common import fit_square, unfit_square
 from samnnu.modeling.frozen_encoder import FrozenSAMEncoder
 from samnnu.modeling.samed import is_lora_parameter
 from samnnu.pipeline.training import get_trainer_class
@@ -88,24 +88,24 @@ def test_half_encoder_sees_the_patch_at_half_size_and_the_branch_meets_its_grid(
     assert net.input_size == plain.input_size and net.sam.input_size == plain.input_size // 2
     # one more conv stage, whose coarsest map has the encoder's (coarser) grid
     assert len(net.conv_branch.stages) == len(plain.conv_branch.stages) + 1
-    x = torch.rand(2, 1, *patch) * 3.0 - 1.5  # inside the window (-2, 2): resizing commutes with the mapping
+    x = torch.randn(2, 1, *patch)
     with torch.no_grad():
-        features = net.conv_branch(fit_square(x, net.input_size)[0])
-        embedding, content = net.sam(x)
+        square, content = fit_square(x, net.input_size)
+        features = net.conv_branch(square)
+        embedding, _ = net.sam(x)
         assert features[-1].shape[-2:] == embedding.shape[-2:] == (net.sam.input_size // net.sam.stride,) * 2
-        # the encoder encodes the half-size image: the same as a full-size encoder given it directly
-        half = torch.nn.functional.interpolate(x, size=content, mode="bilinear", align_corners=False)
-        assert torch.allclose(embedding, net.sam(half)[0], atol=1e-5)
-        assert net(x).shape == (2, 3, *patch)
+        # the output is the decoder's map cut to the patch's place in the network's square, not the encoder's
+        expected = unfit_square(net.decoder(embedding, features), content, net.input_size, patch)
+        assert torch.allclose(net(x), expected, atol=1e-6) and expected.shape == (2, 3, *patch)
     net.train()(x).mean().backward()
     assert all(p.grad is None for p in net.sam.parameters())
     assert all(p.grad is not None for p in net.conv_branch.parameters())
 
 
 def test_encoder_input_must_divide_the_network_input():
-    with pytest.raises(ValueError, match="must divide"):
-        from samnnu.modeling.samunet import SAMUNet
+    from samnnu.modeling.samunet import SAMUNet
 
+    with pytest.raises(ValueError, match="must divide"):
         SAMUNet(encoder="tiny", input_size=64, encoder_input_size=40, in_channels=1, num_classes=3,
                 intensity_windows=[(-2.0, 2.0)])
 
