@@ -25,7 +25,7 @@ after an untimed warm-up; the median is reported:
   :func:`samnnu.modeling.encoders.inference_encoder`), i.e. samnnu before that copy;
 - ``samnnu_2d_student`` with ``--also-sam-checkpoint FILE``: samnnu's default trainer on the same cases
   planned with that encoder checkpoint (a ``samnnu_distill`` student; the cases converted a second time,
-  as dataset ``STUDENT_DATASET_ID``), predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``.
+  as dataset ``STUDENT_DATASET_ID``), predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``;
 - ``samnnu_2d_{NAME}`` with ``--also-trainer NAME``: another trainer of samnnu on the same plans (e.g. a
   recipe variant), trained for one iteration too, predicted by ``BatchedPredictor`` like ``samnnu_2d_batched``;
 - ``samnnu_2d_bf16`` with ``--also-bf16``: ``samnnu_predict --precision bf16``, the batched predictor with the
@@ -36,7 +36,8 @@ after an untimed warm-up; the median is reported:
   beforehand. No reading, preprocessing, conv branch, decoder or export: the least time a predictor of this
   model can take with these passes, threads and precision. The run also counts the floating-point
   operations per timed volume without mirroring (``torch.utils.flop_counter``) of nnU-Net 3d_fullres,
-  samnnu's default and its encoder alone.
+  samnnu's default and its encoder alone, and of the ``--also-input-size`` and ``--also-trainer`` models and
+  their encoders alone.
 
     python benchmarks/prediction_speed.py -o speed_out        # writes speed_out/prediction_speed.json
     python benchmarks/prediction_speed.py -o speed_out --ensemble-only   # 5-fold SAMUNetTrainer vs one fold
@@ -294,7 +295,8 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     if student is not None:
         setups["samnnu_2d_student"] = (BatchedPredictor, student)
     if other_trainer:
-        setups[f"samnnu_2d_{other_trainer}"] = (BatchedPredictor, model_folder(name, other_trainer, PLANS_NAME, "2d"))
+        setups[f"samnnu_2d_{other_trainer}"] = (BatchedPredictor if views != 0 else nnUNetPredictor,
+                                                model_folder(name, other_trainer, PLANS_NAME, "2d"))
     if bf16:
         setups["samnnu_2d_bf16"] = (BatchedPredictor, samnnu_model)
     if only:
@@ -322,9 +324,9 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
     # BatchedPredictor (prediction_processes: none on a machine of 2 cores); the *_workers / *_in_process rows
     # time the other choice
     processes = {key: (1, 1) for key in predictors}
-    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16", f"samnnu_2d_input{other_input_size}",
-                f"samnnu_2d_{other_trainer}"):
-        if key in processes:
+    others = ([f"input{other_input_size}"] if other_input_size else []) + ([other_trainer] if other_trainer else [])
+    for key in ("samnnu_2d_batched", "samnnu_2d_student", "samnnu_2d_bf16", *(f"samnnu_2d_{t}" for t in others)):
+        if key in processes and isinstance(predictors[key], BatchedPredictor):
             processes[key] = prediction_processes()
     if "nnunet_3d_fullres_in_process" in processes:
         processes["nnunet_3d_fullres_in_process"] = (0, 0)
@@ -342,7 +344,7 @@ def time_predictors(cases: list[str], timing_cases: int, repeats: int, views: in
         with encoder_only(batched):
             flops["samnnu_encoder"] = flops_per_volume(batched, volumes)
         # the same preprocessing as the default's: the same plans but for the sam block's input size
-        for tag in (f"input{other_input_size}", other_trainer):
+        for tag in others:
             other = predictors.get(f"samnnu_2d_{tag}")
             if isinstance(other, BatchedPredictor):
                 other.network.load_state_dict(other.list_of_parameters[0])
@@ -434,7 +436,8 @@ def main() -> int:
         cases = prepare(Path(args.src), args.cases, Path(tmp))
         student = (prepare_student(Path(tmp), args.also_sam_checkpoint.resolve())
                    if args.also_sam_checkpoint and not args.ensemble_only else None)
-        if args.also_trainer and not args.ensemble_only:
+        if (args.also_trainer and not args.ensemble_only
+                and (not args.only or f"samnnu_2d_{args.also_trainer}" in args.only)):
             from samnnu.pipeline.training import train
 
             train(DATASET_ID, 0, trainer=args.also_trainer, configuration="2d", epochs=1, iters_per_epoch=1,
