@@ -55,7 +55,6 @@ class SAMUNet(nn.Module):
                                     lora_rank=lora_rank)
         self.encoder_name = encoder
         self.input_size = input_size
-        self.encoder_input_size = encoder_input_size
         # the embedding grid's stride relative to the network's input
         widths = branch_widths(self.sam.stride * input_size // encoder_input_size, base_width, max_width)
         self.conv_branch = ConvBranch(in_channels, widths, blocks_per_stage)
